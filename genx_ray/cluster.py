@@ -1,0 +1,54 @@
+"""Ray bootstrap: connect to ``GENX_RAY_ADDRESS`` or start a quiet local Ray, once per process.
+
+Ray is imported here lazily: the gateway imports genx_ray (events, runs, workflow definitions)
+and must never import Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+from genx_ray.settings import Settings
+
+NAMESPACE = "genx"
+_lock = threading.Lock()
+
+
+def ensure_ray(address: str | None = None, *, redis_url: str | None = None) -> None:
+    """Connect this process to Ray unless it already is. Safe to call any number of times.
+
+    ``address``: ``local`` starts a private local Ray (no dashboard, Ray's own logs kept at
+    WARNING); ``auto`` or ``host:port`` joins a running cluster. ``redis_url`` is passed to every
+    Ray worker of this job, so tasks and actors use the same Redis as the caller.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    with _lock:
+        if ray.is_initialized():
+            return
+        address = address or Settings.from_env().ray_address
+        # No usage-stats prompt or upload (there is no internet here, and it is not ours to send).
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        env_vars = {"GENX_REDIS_URL": redis_url} if redis_url else {}
+        for name in ("OPENAI_BASE_URL", "OPENAI_API_KEY", "GENX_LLM_LIMITS"):
+            if name in os.environ:
+                env_vars[name] = os.environ[name]
+        ray.init(
+            address=None if address == "auto" else address,
+            namespace=NAMESPACE,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            log_to_driver=True,
+            runtime_env={"env_vars": env_vars} if env_vars else None,
+        )
+
+
+def shutdown_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()

@@ -1,0 +1,84 @@
+"""Redis connections: one factory for async and sync clients, and the embedded fallback.
+
+Resolution (:func:`resolve_redis_url`): an explicit ``GENX_REDIS_URL`` is used as given and must
+answer; with nothing set, the default URL is tried and, where nothing answers there, a private
+Redis is started for this process (see :mod:`genx_ray.embedded`). The URL chosen is exported as
+``GENX_REDIS_URL`` so every process started afterwards (Ray workers, a gateway) uses the same one.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+
+import redis
+import redis.asyncio
+
+from genx_ray.embedded import EmbeddedRedis
+from genx_ray.errors import RedisUnavailable
+from genx_ray.settings import EMBEDDED, Settings
+
+log = logging.getLogger("genx_ray")
+
+AsyncRedis = redis.asyncio.Redis
+SyncRedis = redis.Redis
+
+_lock = threading.Lock()
+_embedded: EmbeddedRedis | None = None  # owned by this process, stopped at exit
+
+
+def ping(url: str, timeout: float = 1.0) -> str | None:
+    """None when Redis answers at ``url``, else why not."""
+    client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+    try:
+        client.ping()
+        return None
+    except (redis.RedisError, OSError) as exc:
+        return str(exc) or type(exc).__name__
+    finally:
+        client.close()
+
+
+def resolve_redis_url(settings: Settings | None = None) -> str:
+    """The Redis URL this process should use, starting an embedded Redis if that is the rule."""
+    settings = settings or Settings.from_env()
+    if settings.redis_url == EMBEDDED:
+        return _start_embedded(reason="GENX_REDIS_URL=embedded")
+    reason = ping(settings.redis_url)
+    if reason is None:
+        return settings.redis_url
+    if settings.redis_url_explicit:
+        raise RedisUnavailable(settings.redis_url, reason)
+    return _start_embedded(reason=f"nothing answers at {settings.redis_url}")
+
+
+def _start_embedded(reason: str) -> str:
+    global _embedded
+    with _lock:
+        if _embedded is None:
+            server = EmbeddedRedis()
+            server.start()
+            atexit.register(server.stop)
+            _embedded = server
+            log.warning(
+                "genx: %s; started a private Redis at %s (it stops with this process)",
+                reason,
+                server.url,
+            )
+        os.environ["GENX_REDIS_URL"] = _embedded.url
+        return _embedded.url
+
+
+def async_redis(url: str) -> redis.asyncio.Redis:
+    """An asyncio client (a connection pool); close it with ``await client.aclose()``."""
+    return redis.asyncio.Redis.from_url(
+        url, decode_responses=True, socket_keepalive=True, health_check_interval=30
+    )
+
+
+def sync_redis(url: str) -> redis.Redis:
+    return redis.Redis.from_url(
+        url, decode_responses=True, socket_keepalive=True, health_check_interval=30
+    )

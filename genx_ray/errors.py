@@ -1,0 +1,168 @@
+"""All genx-ray exceptions.
+
+    GenxError                      root: catch this to catch anything genx-ray raises
+    ├── UserError                  misuse: fix the code or the configuration, retrying won't help
+    │   ├── ConfigError            a setting is missing or malformed (names the setting)
+    │   ├── NondeterminismError    a restarted run took another path than its journal recorded
+    │   └── InputInvalid           a workflow input fails the workflow's schema (HTTP 422)
+    ├── NotFound                   HTTP 404
+    │   ├── RunNotFound
+    │   └── WorkflowNotFound
+    ├── Conflict                   HTTP 409: the request contradicts the current state
+    │   └── InvalidTransition      a run status change that is not allowed (e.g. out of terminal)
+    ├── RedisUnavailable           nothing answers at the Redis URL
+    ├── StepError                  a step failed for good (after retries); raised into the workflow
+    │   └── StepTimeout            ... its last attempt timed out
+    ├── RunFailed                  ``handle.result()`` of a run that failed
+    ├── RunCancelled               a run stopped because it was cancelled
+    └── Fenced                     a superseded attempt tried to write (it must stop)
+
+Signals a component raises to steer its retries (not errors of genx-ray itself):
+``RetryAfter(delay)`` sets the next retry delay; ``NonRetryable(...)`` stops retrying now.
+
+Each error carries ``status_code`` and ``code``: the gateway turns any ``GenxError`` into
+``{"error": {"code", "message"}}`` with that status in one handler.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class GenxError(Exception):
+    status_code: ClassVar[int] = 500
+    code: ClassVar[str] = "internal"
+
+    def __init__(self, message: str, **fields: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        for name, value in fields.items():
+            setattr(self, name, value)
+
+
+class UserError(GenxError):
+    status_code = 400
+    code = "invalid_request"
+
+
+class ConfigError(UserError):
+    code = "config_error"
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(f"{setting}: {message}", setting=setting)
+        self.setting = setting
+
+
+class NondeterminismError(UserError):
+    code = "nondeterminism"
+
+    def __init__(self, step_id: str, message: str) -> None:
+        super().__init__(f"step {step_id}: {message}", step_id=step_id)
+        self.step_id = step_id
+
+
+class InputInvalid(UserError):
+    status_code = 422
+    code = "invalid_input"
+
+    def __init__(self, message: str, errors: list[Any] | None = None) -> None:
+        super().__init__(message)
+        self.errors = errors or []
+
+
+class NotFound(GenxError):
+    status_code = 404
+    code = "not_found"
+
+
+class RunNotFound(NotFound):
+    code = "run_not_found"
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"no run {run_id!r}")
+        self.run_id = run_id
+
+
+class WorkflowNotFound(NotFound):
+    code = "workflow_not_found"
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"no workflow {name!r}")
+        self.name = name
+
+
+class Conflict(GenxError):
+    status_code = 409
+    code = "conflict"
+
+
+class InvalidTransition(Conflict):
+    code = "invalid_transition"
+
+    def __init__(self, run_id: str, current: str, target: str) -> None:
+        super().__init__(f"run {run_id} is {current}; it cannot become {target}")
+        self.run_id, self.current, self.target = run_id, current, target
+
+
+class RedisUnavailable(GenxError):
+    status_code = 503
+    code = "redis_unavailable"
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(f"Redis at {url} does not answer: {reason}")
+        self.url = url
+
+
+class StepError(GenxError):
+    """A step failed after its retries. The workflow may catch it and fall back."""
+
+    code = "step_failed"
+
+    def __init__(
+        self, step_id: str, component: str, attempt: int, error_type: str, message: str
+    ) -> None:
+        super().__init__(
+            f"step {step_id} failed after {attempt} attempt(s): {error_type}: {message}"
+        )
+        self.step_id, self.component, self.attempt = step_id, component, attempt
+        self.error_type, self.error_message = error_type, message
+
+
+class StepTimeout(StepError):
+    code = "step_timeout"
+
+
+class RunFailed(GenxError):
+    code = "run_failed"
+
+    def __init__(self, run_id: str, error_type: str, message: str) -> None:
+        super().__init__(f"run {run_id} failed: {error_type}: {message}")
+        self.run_id, self.error_type, self.error_message = run_id, error_type, message
+
+
+class RunCancelled(GenxError):
+    code = "run_cancelled"
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"run {run_id} was cancelled")
+        self.run_id = run_id
+
+
+class Fenced(GenxError):
+    code = "fenced"
+
+    def __init__(self, run_id: str, attempt: int) -> None:
+        super().__init__(f"run {run_id}: attempt {attempt} was superseded; it may write nothing")
+        self.run_id, self.attempt = run_id, attempt
+
+
+class RetryAfter(Exception):
+    """Raise from a component to retry after ``delay`` seconds (e.g. an LLM ``Retry-After``)."""
+
+    def __init__(self, delay: float, message: str = "") -> None:
+        super().__init__(message or f"retry after {delay:.3g}s")
+        self.delay = delay
+
+
+class NonRetryable(Exception):
+    """Raise from a component (or wrap an error in it) to fail the step without more attempts."""

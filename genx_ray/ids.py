@@ -1,0 +1,43 @@
+"""Identifiers: run ids that sort by creation time yet cannot be guessed, and step ids."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import NewType
+
+RunId = NewType("RunId", str)
+"""A run's id: ``run_`` + 26 Crockford base32 characters (48-bit ms timestamp, 80 random bits).
+
+Ids sort lexicographically by creation time, which the run index uses for cursor pagination,
+and 80 bits from :mod:`secrets` make them unguessable (the API relies on that for links)."""
+
+StepId = NewType("StepId", str)
+"""A step's id within its run: ``<parent>/<position>:<component>``, deterministic for the same code
+path, so a restarted run finds each completed step in its journal."""
+
+_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+RUN_PREFIX = "run_"
+
+
+def _b32(value: int, length: int) -> str:
+    out = []
+    for _ in range(length):
+        value, rem = divmod(value, 32)
+        out.append(_ALPHABET[rem])
+    return "".join(reversed(out))
+
+
+def new_run_id(now: float | None = None) -> RunId:
+    ms = int((time.time() if now is None else now) * 1000)
+    return RunId(RUN_PREFIX + _b32(ms, 10) + _b32(secrets.randbits(80), 16))
+
+
+def run_id_floor(ts: float) -> str:
+    """The smallest possible id created at ``ts``: a lexicographic bound for index trimming."""
+    return RUN_PREFIX + _b32(int(ts * 1000), 10)
+
+
+def is_run_id(value: str) -> bool:
+    body = value[len(RUN_PREFIX) :]
+    return value.startswith(RUN_PREFIX) and len(body) == 26 and all(c in _ALPHABET for c in body)

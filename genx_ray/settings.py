@@ -1,0 +1,139 @@
+"""Configuration from the environment (CONTRACT.md section 2), validated once at start-up.
+
+A malformed value raises :class:`~genx_ray.errors.ConfigError` naming the variable, so a typo
+is a clear message when a process starts rather than a stack trace an hour into a run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from urllib.parse import urlparse
+
+from genx_ray.errors import ConfigError
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+EMBEDDED = "embedded"  # GENX_REDIS_URL=embedded: always start a private Redis
+DEFAULT_WORKFLOWS = ("genx_ray.examples",)
+_LIMIT_FIELDS = ("concurrency", "rpm", "tpm")
+
+
+@dataclass(frozen=True, slots=True)
+class LLMLimit:
+    """Cluster-wide budget for the models matching one glob; ``None`` means unlimited."""
+
+    concurrency: int | None = None
+    rpm: int | None = None
+    tpm: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    redis_url: str = DEFAULT_REDIS_URL
+    # True when the user named a Redis: then we never silently start our own instead.
+    redis_url_explicit: bool = False
+    ray_address: str = "local"
+    workflows: tuple[str, ...] = DEFAULT_WORKFLOWS
+    api_keys: Mapping[str, str] = field(default_factory=dict)  # bearer key -> tenant
+    llm_limits: Mapping[str, LLMLimit] = field(default_factory=dict)
+    # How long a finished run's record, events and journal stay in Redis.
+    retention_seconds: int = 7 * 24 * 3600
+    # Cap on one run's event stream (approximate MAXLEN); a run that emits more drops its oldest.
+    stream_maxlen: int = 100_000
+    max_body_bytes: int = 1024 * 1024
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        redis_url = env.get("GENX_REDIS_URL", "").strip()
+        return cls(
+            redis_url=_redis_url(redis_url) if redis_url else DEFAULT_REDIS_URL,
+            redis_url_explicit=bool(redis_url),
+            ray_address=_ray_address(env.get("GENX_RAY_ADDRESS", "local").strip() or "local"),
+            workflows=_modules(env.get("GENX_WORKFLOWS", "")) or DEFAULT_WORKFLOWS,
+            api_keys=_api_keys(env.get("GENX_API_KEYS", "")),
+            llm_limits=_llm_limits(env.get("GENX_LLM_LIMITS", "")),
+            retention_seconds=_positive_int(env, "GENX_RETENTION_SECONDS", 7 * 24 * 3600),
+            stream_maxlen=_positive_int(env, "GENX_STREAM_MAXLEN", 100_000),
+            max_body_bytes=_positive_int(env, "GENX_MAX_BODY_BYTES", 1024 * 1024),
+        )
+
+
+def _redis_url(value: str) -> str:
+    if value == EMBEDDED:
+        return value
+    parsed = urlparse(value)
+    if parsed.scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(
+            "GENX_REDIS_URL",
+            f"{value!r} is not a redis://, rediss:// or unix:// URL (or 'embedded')",
+        )
+    return value
+
+
+def _ray_address(value: str) -> str:
+    if value in ("local", "auto") or value.startswith("ray://"):
+        return value
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ConfigError("GENX_RAY_ADDRESS", f"{value!r}: expected 'local', 'auto' or host:port")
+    return value
+
+
+def _modules(value: str) -> tuple[str, ...]:
+    mods = tuple(m.strip() for m in value.split(",") if m.strip())
+    for mod in mods:
+        if not all(part.isidentifier() for part in mod.split(".")):
+            raise ConfigError("GENX_WORKFLOWS", f"{mod!r} is not a module name")
+    return mods
+
+
+def _api_keys(value: str) -> dict[str, str]:
+    keys: dict[str, str] = {}
+    for item in filter(None, (p.strip() for p in value.split(","))):
+        key, sep, tenant = item.partition(":")
+        if not sep or not key.strip() or not tenant.strip():
+            raise ConfigError("GENX_API_KEYS", f"{item!r}: expected key:tenant")
+        keys[key.strip()] = tenant.strip()
+    return keys
+
+
+def _llm_limits(value: str) -> dict[str, LLMLimit]:
+    if not value.strip():
+        return {}
+    try:
+        raw = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise ConfigError("GENX_LLM_LIMITS", f"not JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError("GENX_LLM_LIMITS", "expected an object of model glob -> limits")
+    limits: dict[str, LLMLimit] = {}
+    for glob, spec in raw.items():
+        if not isinstance(spec, dict) or not spec:
+            raise ConfigError(
+                "GENX_LLM_LIMITS", f"{glob!r}: expected an object like {{'rpm': 600}}"
+            )
+        unknown = set(spec) - set(_LIMIT_FIELDS)
+        if unknown:
+            raise ConfigError(
+                "GENX_LLM_LIMITS",
+                f"{glob!r}: unknown field(s) {sorted(unknown)}; use {_LIMIT_FIELDS}",
+            )
+        for name, number in spec.items():
+            if isinstance(number, bool) or not isinstance(number, int) or number <= 0:
+                raise ConfigError(
+                    "GENX_LLM_LIMITS", f"{glob!r}.{name}: expected a positive integer"
+                )
+        limits[glob] = LLMLimit(**spec)
+    return limits
+
+
+def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit() or int(raw) <= 0:
+        raise ConfigError(name, f"{raw!r}: expected a positive integer")
+    return int(raw)

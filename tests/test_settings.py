@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+import pytest
+
+from genx_ray.errors import ConfigError
+from genx_ray.settings import DEFAULT_REDIS_URL, LLMLimit, Settings
+
+
+def test_defaults() -> None:
+    s = Settings.from_env({})
+    assert s.redis_url == DEFAULT_REDIS_URL and not s.redis_url_explicit
+    assert s.ray_address == "local" and s.api_keys == {} and s.llm_limits == {}
+
+
+def test_values_are_parsed() -> None:
+    s = Settings.from_env({
+        "GENX_REDIS_URL": "redis://h:1/2",
+        "GENX_RAY_ADDRESS": "10.0.0.1:6380",
+        "GENX_WORKFLOWS": "a.b, c",
+        "GENX_API_KEYS": "k1:acme, k2:globex",
+        "GENX_LLM_LIMITS": '{"gpt-4o*": {"concurrency": 64, "rpm": 5000}, "*": {"tpm": 9}}',
+    })  # fmt: skip
+    assert s.redis_url_explicit and s.workflows == ("a.b", "c")
+    assert s.api_keys == {"k1": "acme", "k2": "globex"}
+    assert s.llm_limits == {"gpt-4o*": LLMLimit(64, 5000, None), "*": LLMLimit(tpm=9)}
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("GENX_REDIS_URL", "http://nope"),
+        ("GENX_RAY_ADDRESS", "somewhere"),
+        ("GENX_WORKFLOWS", "not a module"),
+        ("GENX_API_KEYS", "justakey"),
+        ("GENX_LLM_LIMITS", "{not json"),
+        ("GENX_LLM_LIMITS", '{"*": {"rpm": -1}}'),
+        ("GENX_LLM_LIMITS", '{"*": {"rpn": 5}}'),
+        ("GENX_LLM_LIMITS", "[1]"),
+        ("GENX_MAX_BODY_BYTES", "lots"),
+    ],
+)
+def test_bad_values_name_the_setting(name: str, value: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({name: value})
+    assert info.value.setting == name and name in str(info.value)
