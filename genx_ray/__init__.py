@@ -1,0 +1,42 @@
+"""genx-ray: durable, resumable LLM and agent workflows on Ray.
+
+Importing this package never imports Ray: the gateway depends on it and must stay Ray-free.
+"""
+
+from genx_ray.component import Component, component
+from genx_ray.context import publish
+from genx_ray.errors import (
+    GenxError,
+    NonRetryable,
+    RetryAfter,
+    RunCancelled,
+    RunFailed,
+    StepError,
+    StepTimeout,
+    UserError,
+)
+from genx_ray.local import RunHandle, run, start
+from genx_ray.retry import RetryPolicy
+from genx_ray.workflow import Workflow, registry, workflow
+
+__all__ = [
+    "Component",
+    "GenxError",
+    "NonRetryable",
+    "RetryAfter",
+    "RetryPolicy",
+    "RunCancelled",
+    "RunFailed",
+    "RunHandle",
+    "StepError",
+    "StepTimeout",
+    "UserError",
+    "Workflow",
+    "component",
+    "publish",
+    "registry",
+    "run",
+    "start",
+    "workflow",
+]
+__version__ = "0.1.0"

@@ -239,7 +239,7 @@ class RunStore:
         *,
         allowed: frozenset[RunStatus] | set[RunStatus],
         event: BaseModel | None = None,
-        fields: dict[str, Any] | None = None,
+        fields: dict[str, str] | None = None,
         fence_attempt: int | None = None,
     ) -> str | None:
         """Move the run to ``target`` if its status is in ``allowed``; append ``event`` with it.
@@ -257,7 +257,7 @@ class RunStore:
             self.retention_seconds if target.terminal else "",
         ]
         for name, value in (fields or {}).items():
-            args += [name, value if isinstance(value, str) else json.dumps(value)]
+            args += [name, value]  # strings as they are: JSON fields come encoded
         try:
             entry_id = await self._transition(keys=keys.run_keys(run_id), args=args)
         except ResponseError as exc:

@@ -57,6 +57,9 @@ def ray_local(redis_url: str) -> Iterator[None]:
     """A local Ray for the whole session: ray.init costs ~3 s and 0.7 GB here."""
     from genx_ray.cluster import ensure_ray, shutdown_ray
 
+    # Ray workers import test modules by name (components defined in tests run as Ray tasks).
+    here = os.path.dirname(__file__)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
     ensure_ray("local", redis_url=redis_url)
     yield
     shutdown_ray()

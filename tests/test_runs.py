@@ -55,7 +55,7 @@ async def test_only_one_of_many_concurrent_finishers_wins(
 async def test_no_transition_out_of_a_terminal_status(runs: RunStore) -> None:
     run = await runs.create("wf", None)
     await runs.transition(run.id, R, allowed={Q})
-    await runs.transition(run.id, RunStatus.SUCCEEDED, allowed={R}, fields={"output": 1})
+    await runs.transition(run.id, RunStatus.SUCCEEDED, allowed={R}, fields={"output": "1"})
     for target in RunStatus:
         with pytest.raises(InvalidTransition):
             await runs.transition(run.id, target, allowed={Q, R})

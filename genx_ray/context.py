@@ -1,0 +1,144 @@
+"""The run a coroutine belongs to, and where in it: context variables set by the executor.
+
+``asyncio`` copies context into every task, so components called from ``asyncio.gather`` or
+``Component.map`` see the run and their parent step without any argument passing. Step positions
+are counted per parent, at call time (not when the coroutine first runs), which makes them
+deterministic for the same code path.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio
+from pydantic import JsonValue
+
+from genx_ray.errors import NondeterminismError
+from genx_ray.events import Progress, StepRef
+from genx_ray.writer import RunWriter
+
+
+@dataclass
+class JournalEntry:
+    """A step's recorded outcome: its input hash, and a value or an error."""
+
+    component: str
+    input_hash: str
+    value: Any = None
+    error: dict[str, Any] | None = None
+
+    def dumps(self) -> str:
+        data: dict[str, Any] = {"c": self.component, "h": self.input_hash}
+        if self.error is not None:
+            data["e"] = self.error
+        else:
+            data["v"] = self.value
+        return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+
+    @classmethod
+    def loads(cls, raw: str) -> JournalEntry:
+        d = json.loads(raw)
+        return cls(component=d["c"], input_hash=d["h"], value=d.get("v"), error=d.get("e"))
+
+
+@dataclass
+class Scope:
+    """A parent under which steps are numbered: the workflow body, or a running step."""
+
+    step_id: str
+    counter: Iterator[int] = field(default_factory=itertools.count)
+
+    def next_step_id(self, name: str) -> str:
+        return f"{self.step_id}/{next(self.counter)}:{name}"
+
+
+@dataclass
+class RunContext:
+    run_id: str
+    workflow: str
+    attempt: int
+    redis: redis.asyncio.Redis
+    writer: RunWriter
+    journal: dict[str, JournalEntry]
+    cancel_requested: bool = False
+
+    def __post_init__(self) -> None:
+        # position (step id without its component name) -> recorded step id, to name the step
+        # when a restarted run calls something else at the same place.
+        self._positions = {sid.rpartition(":")[0]: sid for sid in self.journal}
+
+    def recorded(self, step_id: str, component: str, input_hash: str) -> JournalEntry | None:
+        entry = self.journal.get(step_id)
+        if entry is None:
+            other = self._positions.get(step_id.rpartition(":")[0])
+            if other is not None and other != step_id:
+                raise NondeterminismError(
+                    step_id,
+                    f"the journal of an earlier attempt recorded {other} at this position; the "
+                    f"code now calls {component!r}. Workflow code must take the same path for the "
+                    "same input (no randomness, clocks or unordered iteration between steps).",
+                )
+            return None
+        if entry.input_hash != input_hash:
+            raise NondeterminismError(
+                step_id,
+                f"{component!r} is called with another input than the journal recorded. Workflow "
+                "code must pass the same inputs for the same run input.",
+            )
+        return entry
+
+
+_run: ContextVar[RunContext | None] = ContextVar("genx_run", default=None)
+_scope: ContextVar[Scope | None] = ContextVar("genx_scope", default=None)
+_step: ContextVar[StepRef | None] = ContextVar("genx_step", default=None)
+
+
+def current_run() -> RunContext | None:
+    """The run the calling code belongs to, or None outside any run."""
+    return _run.get()
+
+
+def current_step() -> StepRef | None:
+    return _step.get()
+
+
+def current_scope() -> Scope | None:
+    return _scope.get()
+
+
+@contextmanager
+def run_scope(ctx: RunContext) -> Iterator[None]:
+    tokens = (_run.set(ctx), _scope.set(Scope("")), _step.set(None))
+    try:
+        yield
+    finally:
+        _step.reset(tokens[2])
+        _scope.reset(tokens[1])
+        _run.reset(tokens[0])
+
+
+@contextmanager
+def step_scope(step: StepRef) -> Iterator[None]:
+    tokens = (_scope.set(Scope(step.id)), _step.set(step))
+    try:
+        yield
+    finally:
+        _step.reset(tokens[1])
+        _scope.reset(tokens[0])
+
+
+def publish(kind: str, data: JsonValue = None) -> None:
+    """Append a ``progress`` event with ``kind`` and ``data`` to the current run's stream.
+
+    Returns at once (the write is batched). Outside a run it does nothing, so a component that
+    publishes stays callable on its own.
+    """
+    ctx = _run.get()
+    if ctx is not None:
+        ctx.writer.emit(Progress(run_id=ctx.run_id, kind=kind, data=data, step=_step.get()))

@@ -1,0 +1,152 @@
+"""Executing one attempt of a run: claim it, replay its journal, run the body, record the end.
+
+Used by every place a run executes: the worker's run hosts and ``genx_ray.start`` in a script.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+import redis.asyncio
+
+from genx_ray import keys
+from genx_ray.context import JournalEntry, RunContext, run_scope
+from genx_ray.errors import Fenced, GenxError, RunCancelled
+from genx_ray.events import ErrorInfo, RunFailed, RunStarted, RunSucceeded
+from genx_ray.events import RunCancelled as RunCancelledEvent
+from genx_ray.runs import RunStatus, RunStore
+from genx_ray.settings import Settings
+from genx_ray.streams import EventStore
+from genx_ray.values import dumps
+from genx_ray.workflow import Registry
+from genx_ray.workflow import registry as default_registry
+from genx_ray.writer import RunWriter
+
+log = logging.getLogger("genx_ray.executor")
+CANCEL_POLL_SECONDS = 0.2
+
+
+async def execute_run(
+    client: redis.asyncio.Redis,
+    run_id: str,
+    *,
+    registry: Registry | None = None,
+    settings: Settings | None = None,
+    worker: str | None = None,
+) -> RunStatus | None:
+    """Run ``run_id`` (status ``queued``) to its end. Returns the final status, or None when the
+    attempt lost its claim (another attempt took the run over: this one wrote nothing more)."""
+    settings = settings or Settings.from_env()
+    runs = RunStore(
+        client, maxlen=settings.stream_maxlen, retention_seconds=settings.retention_seconds
+    )
+    events = EventStore(client, maxlen=settings.stream_maxlen)
+    run = await runs.get(run_id)
+    attempt = run.attempt
+    await runs.transition(
+        run_id,
+        RunStatus.RUNNING,
+        allowed={RunStatus.QUEUED},
+        event=RunStarted(run_id=run_id, workflow=run.workflow, attempt=attempt, worker=worker),
+        fields={"started_at": repr(time.time()), "worker": worker or ""},
+        fence_attempt=attempt,
+    )
+    writer = RunWriter(events, run_id, attempt)
+    status, fields, final_event = await _run_body(
+        client, runs, writer, run_id, run.workflow, run.input, attempt, registry or default_registry
+    )
+    await writer.close()
+    if writer.fenced:
+        return None
+    fields["finished_at"] = repr(time.time())
+    try:
+        await runs.transition(
+            run_id, status, allowed={RunStatus.RUNNING}, event=final_event, fields=fields,
+            fence_attempt=attempt,
+        )  # fmt: skip
+    except Fenced:
+        return None
+    return status
+
+
+async def _run_body(
+    client: redis.asyncio.Redis,
+    runs: RunStore,
+    writer: RunWriter,
+    run_id: str,
+    workflow_name: str,
+    raw_input: Any,
+    attempt: int,
+    registry: Registry,
+) -> tuple[RunStatus, dict[str, Any], Any]:
+    raw_journal = await client.hgetall(keys.journal(run_id))
+    journal = {str(k): JournalEntry.loads(str(v)) for k, v in raw_journal.items()}
+    ctx = RunContext(run_id, workflow_name, attempt, client, writer, journal)
+    try:
+        wf = registry.get(workflow_name)
+        inp = wf.parse_input(raw_input)
+    except GenxError as exc:
+        return _failed(run_id, exc)
+
+    async def body() -> Any:
+        with run_scope(ctx):
+            return await wf.invoke(inp)
+
+    task = asyncio.create_task(body(), name=f"genx-run-{run_id}")
+    watcher = asyncio.create_task(_watch_cancel(runs, run_id, ctx, task))
+    try:
+        output = wf.output.encode(await task)
+        if ctx.cancel_requested:  # finished in the same instant it was cancelled: honour cancel
+            raise RunCancelled(run_id)
+        await writer.flush()
+        fields = {"output": dumps(output)}
+        return RunStatus.SUCCEEDED, fields, RunSucceeded(run_id=run_id, output=output)
+    except (asyncio.CancelledError, RunCancelled):
+        if not ctx.cancel_requested:
+            raise  # the host itself is being torn down: not the user's cancel
+        return (
+            RunStatus.CANCELLED,
+            {},
+            RunCancelledEvent(run_id=run_id, reason="cancel requested"),
+        )
+    except Fenced:
+        return RunStatus.FAILED, {}, None
+    except Exception as exc:
+        if ctx.cancel_requested:
+            return (
+                RunStatus.CANCELLED,
+                {},
+                RunCancelledEvent(run_id=run_id, reason="cancel requested"),
+            )
+        return _failed(run_id, exc)
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+
+
+def _failed(run_id: str, exc: BaseException) -> tuple[RunStatus, dict[str, Any], Any]:
+    error = ErrorInfo.from_exception(exc)
+    return (
+        RunStatus.FAILED,
+        {"error": error.model_dump_json()},
+        RunFailed(run_id=run_id, error=error),
+    )
+
+
+async def _watch_cancel(
+    runs: RunStore, run_id: str, ctx: RunContext, task: asyncio.Task[Any]
+) -> None:
+    """Poll the cancel flag; on cancel, mark the context (steps stop at their next boundary) and
+    cancel the body, which stops in-flight steps sooner (Ray tasks included)."""
+    while not task.done():
+        await asyncio.sleep(CANCEL_POLL_SECONDS)
+        with contextlib.suppress(Exception):  # a Redis blip must not kill the run
+            if await runs.cancel_requested(run_id):
+                ctx.cancel_requested = True
+                task.cancel()
+                return

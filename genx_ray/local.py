@@ -1,0 +1,190 @@
+"""Running workflows from a script or a notebook: ``run`` and ``start``.
+
+Runs started here execute on a background event loop in this process (a notebook's own loop is
+never blocked), write everything to Redis like any other run, and use the local Ray only when a
+step asks for it. The handle reads the run back from Redis, so it works the same for a run any
+worker executes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+import time
+from collections.abc import Coroutine, Iterator
+from typing import Any, TypeVar, cast
+
+import redis
+
+from genx_ray import keys
+from genx_ray.connections import async_redis, resolve_redis_url, sync_redis
+from genx_ray.errors import RunCancelled, RunFailed
+from genx_ray.events import RunCancelled as RunCancelledEvent
+from genx_ray.events import is_terminal
+from genx_ray.executor import execute_run
+from genx_ray.runs import Run, RunStatus, RunStore
+from genx_ray.settings import Settings
+from genx_ray.streams import START, TERMINAL_STATUSES, StreamEntry, check_event_id, parse_entries
+from genx_ray.workflow import Workflow, registry
+
+T = TypeVar("T")
+
+
+class RunHandle:
+    """A run, seen from the caller: ``id``, ``events()``, ``result()``, ``cancel()``."""
+
+    def __init__(
+        self,
+        run_id: str,
+        redis_url: str,
+        workflow: Workflow[Any, Any] | None = None,
+        future: concurrent.futures.Future[Any] | None = None,
+    ) -> None:
+        self.id = run_id
+        self._redis: redis.Redis = sync_redis(redis_url)
+        self._workflow = workflow
+        self._future = future
+
+    def __repr__(self) -> str:
+        return f"<RunHandle {self.id}>"
+
+    def get(self) -> Run:
+        return Run.from_hash(cast(dict[str, str], self._redis.hgetall(keys.run(self.id))))
+
+    @property
+    def status(self) -> RunStatus:
+        return self.get().status
+
+    def events(
+        self, after: str | None = None, *, follow: bool = True, block_ms: int = 1000
+    ) -> Iterator[StreamEntry]:
+        """Every event after ``after`` (from the start by default), oldest first; with ``follow``
+        it then waits for live events until the terminal one. Resume by passing the last id."""
+        stream, last = keys.events(self.id), check_event_id(after) if after else START
+        while True:
+            resp = cast(
+                Any,
+                self._redis.xread({stream: last}, count=500, block=block_ms if follow else None),
+            )
+            if resp:
+                for entry in parse_entries(resp[0][1]):
+                    last = entry.id
+                    yield entry
+                    if is_terminal(entry.event):
+                        return
+                continue
+            if not follow or self._redis.hget(keys.run(self.id), "status") in TERMINAL_STATUSES:
+                return
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Wait for the run to end; its output (decoded to the workflow's return type), or
+        :class:`RunFailed` / :class:`RunCancelled`, or ``TimeoutError``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            run = self.get()
+            if run.status.terminal:
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"run {self.id} still {run.status} after {timeout}s")
+            wait_ms = (
+                500
+                if deadline is None
+                else max(1, int(min(0.5, deadline - time.monotonic()) * 1000))
+            )
+            self._redis.xread({keys.events(self.id): "$"}, block=wait_ms)
+        if run.status is RunStatus.SUCCEEDED:
+            return self._workflow.output.decode(run.output) if self._workflow else run.output
+        if run.status is RunStatus.CANCELLED:
+            raise RunCancelled(self.id)
+        error = run.error
+        raise RunFailed(self.id, error.type if error else "Error", error.message if error else "")
+
+    def cancel(self) -> RunStatus:
+        """Ask the run to stop; it does at its next step boundary (or sooner)."""
+        event = RunCancelledEvent(run_id=self.id, reason="cancel requested")
+        return _runner().call(_cancel(self.id, event.model_dump_json(exclude_none=True)))
+
+
+async def _cancel(run_id: str, event_json: str) -> RunStatus:
+    return await RunStore(_runner().redis).request_cancel(run_id, event_json)
+
+
+class _LocalRunner:
+    """A daemon thread with an event loop and a Redis client, executing runs for this process."""
+
+    def __init__(self, redis_url: str) -> None:
+        self.redis_url = redis_url
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self.loop.run_forever, name="genx-runner", daemon=True
+        )
+        self._thread.start()
+        self.redis = self.call(self._client())
+
+    async def _client(self) -> Any:
+        return async_redis(self.redis_url)
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self.submit(coro).result()
+
+
+_lock = threading.Lock()
+_local: _LocalRunner | None = None
+
+
+def _runner() -> _LocalRunner:
+    global _local
+    with _lock:
+        if _local is None:
+            _local = _LocalRunner(resolve_redis_url())
+        return _local
+
+
+def _resolve(wf: Workflow[Any, Any] | str) -> Workflow[Any, Any]:
+    return registry.get(wf) if isinstance(wf, str) else wf
+
+
+def start(wf: Workflow[Any, Any] | str, input: Any = None, *, tenant: str = "default") -> RunHandle:
+    """Start a run of ``wf`` in the background; returns its handle at once.
+
+    Redis comes from ``GENX_REDIS_URL`` (an embedded one is started when none is set and none
+    answers); Ray is started only if a step needs it. The input is validated first:
+    :class:`InputInvalid` says what is wrong and nothing is created.
+    """
+    workflow = _resolve(wf)
+    payload = workflow.encode_input(input)
+    runner = _runner()
+    settings = Settings.from_env()
+
+    async def create() -> str:
+        store = RunStore(
+            runner.redis,
+            maxlen=settings.stream_maxlen,
+            retention_seconds=settings.retention_seconds,
+        )
+        return (await store.create(workflow.name, payload, tenant=tenant)).id
+
+    run_id = runner.call(create())
+    future = runner.submit(
+        execute_run(
+            runner.redis, run_id, registry=_single(workflow), settings=settings, worker="local"
+        )
+    )
+    return RunHandle(run_id, runner.redis_url, workflow, future)
+
+
+def run(wf: Workflow[Any, Any] | str, input: Any = None, *, timeout: float | None = None) -> Any:
+    """Run ``wf`` to completion and return its output (raises :class:`RunFailed` if it fails)."""
+    return start(wf, input).result(timeout)
+
+
+def _single(wf: Workflow[Any, Any]) -> Any:
+    from genx_ray.workflow import Registry
+
+    reg = Registry()
+    reg.add(wf)
+    return reg

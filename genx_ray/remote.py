@@ -1,0 +1,62 @@
+"""Running one attempt of a component as a Ray task.
+
+Only components that ask for placement (``resources``, ``num_cpus``, ``node_labels``) or for
+``remote=True`` go here: a Ray task round trip costs ~1.6 ms and a process, the wrong grain for
+a single LLM call (those stay inline or go to async actor pools). Retries, the journal and events
+stay in the run host; the task runs the bare function once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from genx_ray.component import Component
+
+_trampoline_remote: Any = None
+
+
+def _trampoline(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    fn = getattr(fn, "fn", fn)  # a Component pickled by reference arrives whole: use its function
+    if inspect.isasyncgenfunction(fn):
+
+        async def collect() -> list[Any]:
+            return [chunk async for chunk in fn(*args, **kwargs)]
+
+        return asyncio.run(collect())
+    if inspect.iscoroutinefunction(fn):
+        return asyncio.run(fn(*args, **kwargs))
+    return fn(*args, **kwargs)
+
+
+async def run_as_task(
+    component: Component[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    import ray
+
+    from genx_ray.cluster import ensure_ray
+
+    global _trampoline_remote
+    ensure_ray(redis_url=os.environ.get("GENX_REDIS_URL"))
+    if _trampoline_remote is None:
+        _trampoline_remote = ray.remote(max_retries=0)(_trampoline)
+    options: dict[str, Any] = {"name": component.name}
+    if component.num_cpus is not None:
+        options["num_cpus"] = component.num_cpus
+    if component.resources:
+        options["resources"] = dict(component.resources)
+    if component.node_labels:
+        options["label_selector"] = dict(component.node_labels)
+    ref = _trampoline_remote.options(**options).remote(component.fn, args, kwargs)
+    try:
+        return await ref
+    except asyncio.CancelledError:  # timeout or run cancelled: stop the task too
+        ray.cancel(ref)
+        raise
+    except ray.exceptions.RayTaskError as exc:
+        cause = exc.cause if isinstance(exc.cause, BaseException) else exc
+        raise cause from None

@@ -1,0 +1,24 @@
+"""Small helpers shared by tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from genx_ray.local import RunHandle
+
+
+def types(handle: RunHandle) -> list[str]:
+    return [e.event.type for e in handle.events(follow=False)]
+
+
+def step_events(handle: RunHandle, *kinds: str) -> list[Any]:
+    return [e.event for e in handle.events(follow=False) if e.event.type in kinds]
+
+
+def sig(handle: RunHandle) -> list[tuple[str, str | None]]:
+    """(type, step id) for every event: an exact, readable event sequence."""
+    out = []
+    for e in handle.events(follow=False):
+        step = getattr(e.event, "step", None)
+        out.append((e.event.type, step.id if step else None))
+    return out
