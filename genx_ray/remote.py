@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from genx_ray.component import Component
 
-_trampoline_remote: Any = None
+# One Ray remote function per component function: Ray exports its code once, not per call.
+_remote_fns: dict[Callable[..., Any], Any] = {}
 
 
 def _trampoline(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    fn = getattr(fn, "fn", fn)  # a Component pickled by reference arrives whole: use its function
     if inspect.isasyncgenfunction(fn):
 
         async def collect() -> list[Any]:
@@ -40,10 +40,16 @@ async def run_as_task(
 
     from genx_ray.cluster import ensure_ray
 
-    global _trampoline_remote
     ensure_ray(redis_url=os.environ.get("GENX_REDIS_URL"))
-    if _trampoline_remote is None:
-        _trampoline_remote = ray.remote(max_retries=0)(_trampoline)
+    remote_fn = _remote_fns.get(component.fn)
+    if remote_fn is None:
+        fn = component.fn
+
+        def call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            return _trampoline(fn, args, kwargs)
+
+        call.__name__ = call.__qualname__ = component.name
+        remote_fn = _remote_fns[component.fn] = ray.remote(max_retries=0)(call)
     options: dict[str, Any] = {"name": component.name}
     if component.num_cpus is not None:
         options["num_cpus"] = component.num_cpus
@@ -51,7 +57,7 @@ async def run_as_task(
         options["resources"] = dict(component.resources)
     if component.node_labels:
         options["label_selector"] = dict(component.node_labels)
-    ref = _trampoline_remote.options(**options).remote(component.fn, args, kwargs)
+    ref = remote_fn.options(**options).remote(args, kwargs)
     try:
         return await ref
     except asyncio.CancelledError:  # timeout or run cancelled: stop the task too

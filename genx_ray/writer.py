@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+from collections import deque
 from collections.abc import Sequence
 
 from pydantic import BaseModel
@@ -35,7 +36,8 @@ class RunWriter:
         self._loop = asyncio.get_running_loop()
         self._thread = threading.get_ident()
         self._queue: list[tuple[BaseModel | None, tuple[str, str] | None]] = []
-        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        # (items queued when the waiter came, future): ``upto`` only grows, so this stays sorted.
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
         self._queued = 0  # total items ever queued; waiters wait for the flushed count to pass
         self._flushed = 0
         self._wake = asyncio.Event()
@@ -100,14 +102,10 @@ class RunWriter:
                     self._waiters.clear()
                     return
                 self._flushed += len(batch)
-                still = []
-                for upto, fut in self._waiters:
-                    if upto <= self._flushed:
-                        if not fut.done():
-                            fut.set_result(None)
-                    else:
-                        still.append((upto, fut))
-                self._waiters = still
+                while self._waiters and self._waiters[0][0] <= self._flushed:
+                    fut = self._waiters.popleft()[1]
+                    if not fut.done():
+                        fut.set_result(None)
 
     async def _write(self, batch: list[tuple[BaseModel | None, tuple[str, str] | None]]) -> None:
         events = [e for e, _ in batch if e is not None]
