@@ -3,6 +3,14 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Annotated, Any
+
 import typer
 
 from genx_ray.errors import GenxError
@@ -14,6 +22,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+runs_app = typer.Typer(help="Inspect runs through the API (GENX_API_URL, GENX_API_KEY).")
+app.add_typer(runs_app, name="runs")
 
 
 @app.command()
@@ -29,9 +39,193 @@ def info() -> None:
     typer.echo(f"auth:      {'bearer keys' if settings.api_keys else 'open (single tenant)'}")
 
 
+@app.command()
+def gateway(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+) -> None:
+    """The API plane only: serves every workflow over HTTP. Never imports or connects to Ray."""
+    import uvicorn
+
+    from gateway.app import create_app
+    from genx_ray.settings import Settings
+
+    settings = Settings.from_env()
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", lifespan="on")
+
+
+@app.command()
+def worker(
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster: local, auto or host:port.")
+    ] = None,
+    max_runs: Annotated[int, typer.Option(help="Runs executed at once by this worker.")] = 32,
+    drain_timeout: Annotated[
+        float, typer.Option(help="Seconds SIGTERM waits for running runs before handing back.")
+    ] = 30.0,
+) -> None:
+    """The compute plane: takes runs from Redis and executes them (steps placed on Ray)."""
+    import asyncio
+    import logging
+
+    from genx_ray.connections import resolve_redis_url
+    from genx_ray.worker import serve_worker
+
+    if address:
+        os.environ["GENX_RAY_ADDRESS"] = address
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    url = resolve_redis_url()
+    asyncio.run(serve_worker(url, max_runs=max_runs, drain_timeout=drain_timeout))
+
+
+@app.command()
+def dev(port: Annotated[int, typer.Option(help="Gateway port.")] = 8000) -> None:
+    """The whole stack in one process tree: Redis (embedded if none answers), worker, gateway."""
+    from genx_ray.connections import resolve_redis_url
+
+    url = resolve_redis_url()  # exported as GENX_REDIS_URL for the processes started below
+    typer.echo(f"genx dev: redis {url}; API on http://127.0.0.1:{port}", err=True)
+    worker_proc = subprocess.Popen([sys.executable, "-m", "genx_ray.cli", "worker"])
+    gateway_proc = subprocess.Popen(
+        [sys.executable, "-m", "genx_ray.cli", "gateway", "--port", str(port)]
+    )
+    children = (gateway_proc, worker_proc)
+
+    def stop(*_: Any) -> None:
+        for proc in children:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        while all(p.poll() is None for p in children):
+            time.sleep(0.2)
+    finally:
+        stop()
+        for proc in children:
+            try:
+                proc.wait(40)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@app.command("run")
+def run_cmd(
+    workflow: Annotated[str, typer.Argument(help="Workflow name (see GET /v1/workflows).")],
+    input: Annotated[str, typer.Option("--input", help="The run's input, as JSON.")] = "null",
+    detach: Annotated[bool, typer.Option(help="Print the run and return at once.")] = False,
+) -> None:
+    """Start a run through the API; follow it with live progress and print its output."""
+    from genx_ray.client import Client
+    from genx_ray.console import follow
+
+    try:
+        payload = json.loads(input)
+    except json.JSONDecodeError as exc:
+        raise typer.BadParameter(f"--input is not JSON: {exc}") from None
+    client = Client()
+    run = client.start(workflow, payload)
+    if detach:
+        typer.echo(json.dumps(run, indent=2))
+        return
+    typer.echo(f"run {run['id']}", err=True)
+    raise typer.Exit(0 if follow(client, run["id"]) == "succeeded" else 1)
+
+
+@app.command()
+def demo(
+    workflow: Annotated[str, typer.Option(help="Example workflow to run.")] = "digest",
+    input: Annotated[str, typer.Option("--input", help="Its input, as JSON.")] = "{}",
+) -> None:
+    """The main job: the whole stack, an example run through the API with live progress."""
+    import httpx
+
+    from genx_ray.client import Client
+    from genx_ray.console import follow
+    from genx_ray.embedded import free_port
+
+    port = free_port()
+    stack = subprocess.Popen(
+        [sys.executable, "-m", "genx_ray.cli", "dev", "--port", str(port)], start_new_session=True
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if stack.poll() is not None:
+                raise GenxError("the stack exited before it was ready")
+            try:
+                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise GenxError("the stack did not become ready in 120 s")
+            time.sleep(0.3)
+        client = Client(base)
+        run = client.start(workflow, json.loads(input))
+        typer.echo(f"run {run['id']} ({workflow}) via {base}", err=True)
+        status = follow(client, run["id"])
+    finally:
+        os.killpg(stack.pid, signal.SIGTERM)
+        try:
+            stack.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(stack.pid, signal.SIGKILL)
+    raise typer.Exit(0 if status == "succeeded" else 1)
+
+
+@runs_app.command("ls")
+def runs_ls(
+    workflow: Annotated[str | None, typer.Option(help="Only runs of this workflow.")] = None,
+    status: Annotated[str | None, typer.Option(help="Only runs with this status.")] = None,
+    limit: Annotated[int, typer.Option(help="How many.")] = 20,
+) -> None:
+    """List runs, newest first."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from genx_ray.client import Client
+
+    page = Client().list(workflow=workflow, status=status, limit=limit)
+    rows = [
+        (r["id"], r["workflow"], r["status"], str(r["attempt"]), r["created_at"])
+        for r in page["runs"]
+    ]
+    if not sys.stdout.isatty():  # piped: one tab-separated line a run, nothing truncated
+        for row in rows:
+            typer.echo("\t".join(row))
+        return
+    table = Table()
+    table.add_column("id", no_wrap=True, min_width=30)
+    for name in ("workflow", "status", "attempt", "created"):
+        table.add_column(name)
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+
+
+@runs_app.command("tail")
+def runs_tail(
+    run_id: Annotated[str, typer.Argument(help="The run to follow.")],
+    after: Annotated[str | None, typer.Option(help="Start after this event id.")] = None,
+) -> None:
+    """Follow a run's events (from the beginning, or after an event id) until it ends."""
+    from genx_ray.client import Client
+    from genx_ray.events import dumps
+
+    for entry in Client().events(run_id, after):
+        typer.echo(f"{entry.id} {entry.event.type} {dumps(entry.event)}")
+
+
 def main() -> None:
     try:
         app()
     except GenxError as exc:
         typer.secho(f"genx: {exc}", err=True, fg=typer.colors.RED)
         raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

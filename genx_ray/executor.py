@@ -56,10 +56,19 @@ async def execute_run(
         fence_attempt=attempt,
     )
     writer = RunWriter(events, run_id, attempt)
-    status, fields, final_event = await _run_body(
-        client, runs, writer, run_id, run.workflow, run.input, attempt, registry or default_registry
-    )
-    await writer.close()
+    try:
+        status, fields, final_event = await _run_body(
+            client,
+            runs,
+            writer,
+            run_id,
+            run.workflow,
+            run.input,
+            attempt,
+            registry or default_registry,
+        )
+    finally:
+        await writer.close()
     if writer.fenced:
         return None
     fields["finished_at"] = repr(time.time())

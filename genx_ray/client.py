@@ -1,0 +1,118 @@
+"""A small client of the genx-ray HTTP API, used by the CLI (and handy in scripts).
+
+``events()`` follows a run's SSE stream and, when the connection drops, reconnects with
+``Last-Event-ID`` until the terminal event: the caller sees every event once, in order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+
+from genx_ray.errors import GenxError
+from genx_ray.events import Event, is_terminal, parse
+from genx_ray.streams import StreamEntry
+
+DEFAULT_API_URL = "http://127.0.0.1:8000"
+
+
+class ApiError(GenxError):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status, self.error_code = status, code
+
+
+class Client:
+    def __init__(
+        self, base_url: str | None = None, api_key: str | None = None, timeout: float = 30.0
+    ) -> None:
+        self.base_url = (base_url or os.environ.get("GENX_API_URL") or DEFAULT_API_URL).rstrip("/")
+        key = api_key or os.environ.get("GENX_API_KEY")
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def _check(self, resp: httpx.Response) -> Any:
+        if resp.status_code >= 400:
+            try:
+                err = resp.json()["error"]
+            except (ValueError, KeyError, TypeError):
+                err = {"code": "http_error", "message": resp.text[:500]}
+            raise ApiError(resp.status_code, err["code"], err["message"])
+        return resp.json()
+
+    def start(
+        self, workflow: str, input: Any = None, *, wait: float | None = None, key: str | None = None
+    ) -> dict[str, Any]:
+        params = {"wait": wait} if wait else None
+        headers = {"Idempotency-Key": key} if key else None
+        resp = self.http.post(
+            f"/v1/workflows/{workflow}/runs", json={"input": input}, params=params, headers=headers
+        )
+        result: dict[str, Any] = self._check(resp)
+        return result
+
+    def get(self, run_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._check(self.http.get(f"/v1/runs/{run_id}"))
+        return result
+
+    def list(self, **filters: Any) -> dict[str, Any]:
+        params = {k: v for k, v in filters.items() if v is not None}
+        result: dict[str, Any] = self._check(self.http.get("/v1/runs", params=params))
+        return result
+
+    def cancel(self, run_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._check(self.http.post(f"/v1/runs/{run_id}/cancel"))
+        return result
+
+    def events(
+        self, run_id: str, after: str | None = None, *, retry_for: float = 60.0
+    ) -> Iterator[StreamEntry]:
+        """Every event after ``after`` until the terminal one, resuming across dropped
+        connections (for up to ``retry_for`` seconds without progress)."""
+        last = after
+        last_progress = time.monotonic()
+        while True:
+            headers = {"Accept": "text/event-stream"}
+            if last:
+                headers["Last-Event-ID"] = last
+            try:
+                with self.http.stream(
+                    "GET",
+                    f"/v1/runs/{run_id}/events",
+                    headers=headers,
+                    timeout=httpx.Timeout(30, read=60),
+                ) as resp:
+                    if resp.status_code >= 400:
+                        resp.read()
+                        self._check(resp)
+                    for entry in _parse_sse(resp.iter_lines()):
+                        last, last_progress = entry.id, time.monotonic()
+                        yield entry
+                        if is_terminal(entry.event):
+                            return
+            except (httpx.TransportError, httpx.RemoteProtocolError):
+                if time.monotonic() - last_progress > retry_for:
+                    raise
+                time.sleep(0.5)
+
+
+def _parse_sse(lines: Iterator[str]) -> Iterator[StreamEntry]:
+    entry_id, data = "", list[str]()
+    for line in lines:
+        if not line:
+            if data and entry_id:
+                event: Event = parse(json.loads("\n".join(data)))
+                yield StreamEntry(entry_id, event)
+            entry_id, data = "", []
+        elif line.startswith("id:"):
+            entry_id = line[3:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].lstrip())
