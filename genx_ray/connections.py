@@ -71,11 +71,23 @@ def _start_embedded(reason: str) -> str:
         return _embedded.url
 
 
-def async_redis(url: str) -> redis.asyncio.Redis:
-    """An asyncio client (a connection pool); close it with ``await client.aclose()``."""
-    return redis.asyncio.Redis.from_url(
-        url, decode_responses=True, socket_keepalive=True, health_check_interval=30
+# Connections one async client opens at most. Past that, callers wait for a free one (up to
+# POOL_WAIT_SECONDS) instead of failing: a burst of 200 SSE replays must queue, not error.
+POOL_SIZE = 64
+POOL_WAIT_SECONDS = 20
+
+
+def async_redis(url: str, *, pool_size: int = POOL_SIZE) -> redis.asyncio.Redis:
+    """An asyncio client over a bounded, blocking pool; close it with ``await client.aclose()``."""
+    pool = redis.asyncio.BlockingConnectionPool.from_url(
+        url,
+        max_connections=pool_size,
+        timeout=POOL_WAIT_SECONDS,
+        decode_responses=True,
+        socket_keepalive=True,
+        health_check_interval=30,
     )
+    return redis.asyncio.Redis(connection_pool=pool, auto_close_connection_pool=True)
 
 
 def sync_redis(url: str) -> redis.Redis:

@@ -25,7 +25,14 @@ from genx_ray.events import is_terminal
 from genx_ray.executor import execute_run
 from genx_ray.runs import Run, RunStatus, RunStore
 from genx_ray.settings import Settings
-from genx_ray.streams import START, TERMINAL_STATUSES, StreamEntry, check_event_id, parse_entries
+from genx_ray.streams import (
+    MAX_BLOCK_MS,
+    START,
+    TERMINAL_STATUSES,
+    StreamEntry,
+    check_event_id,
+    parse_entries,
+)
 from genx_ray.workflow import Workflow, registry
 
 T = TypeVar("T")
@@ -57,7 +64,7 @@ class RunHandle:
         return self.get().status
 
     def events(
-        self, after: str | None = None, *, follow: bool = True, block_ms: int = 1000
+        self, after: str | None = None, *, follow: bool = True, block_ms: int = MAX_BLOCK_MS
     ) -> Iterator[StreamEntry]:
         """Every event after ``after`` (from the start by default), oldest first; with ``follow``
         it then waits for live events until the terminal one. Resume by passing the last id."""

@@ -22,6 +22,9 @@ from genx_ray.errors import Fenced, RunNotFound, UserError
 from genx_ray.events import Event, dumps, is_terminal, loads
 
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
+# Blocking reads stay short: redis-py (8.x) times out a blocking read of 5 s or more on its own,
+# and a short block costs nothing because followers re-check the run's status between reads.
+MAX_BLOCK_MS = 1000
 _ID = re.compile(r"^\d{1,20}(-\d{1,20})?$")
 START = "0-0"
 
@@ -104,7 +107,7 @@ class EventStore:
         return parse_entries(cast(list[Any], raw))
 
     async def follow(
-        self, run_id: str, after: str = START, *, block_ms: int = 5000, batch: int = 500
+        self, run_id: str, after: str = START, *, block_ms: int = 1000, batch: int = 500
     ) -> AsyncIterator[StreamEntry]:
         """Every event after ``after``, then live ones, until the terminal event.
 
@@ -113,6 +116,7 @@ class EventStore:
         so once the status is terminal the event is already readable.
         """
         stream, last = keys.events(run_id), after
+        block_ms = min(block_ms, MAX_BLOCK_MS)
         while True:
             resp = cast(
                 list[Any], await self.redis.xread({stream: last}, count=batch, block=block_ms)
