@@ -87,7 +87,7 @@ def async_redis(url: str, *, pool_size: int = POOL_SIZE) -> redis.asyncio.Redis:
         socket_keepalive=True,
         health_check_interval=30,
     )
-    return redis.asyncio.Redis(connection_pool=pool, auto_close_connection_pool=True)
+    return redis.asyncio.Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
 
 
 def sync_redis(url: str) -> redis.Redis:
