@@ -157,38 +157,29 @@ def create_app(
     async def _idempotent(
         runs: RunStore, who: str, name: str, key: str, payload: Any
     ) -> tuple[Run | None, bool]:
-        """The run this key made before (replayed=True), or reserve the key for a new run."""
+        """The run this key made before (replayed=True), or a new run reserved under it."""
         ikey = keys.idempotency(who, name, key)
         digest = canonical_hash(payload)
-        run_id = new_run_id()
         for _ in range(3):
-            if await runs.redis.set(
-                ikey, json.dumps({"run": run_id, "hash": digest}), nx=True, ex=IDEMPOTENCY_TTL
-            ):
+            run_id = new_run_id()
+            record = json.dumps({"run": run_id, "hash": digest})
+            if await runs.redis.set(ikey, record, nx=True, ex=IDEMPOTENCY_TTL):
                 return await runs.create(
                     name, payload, tenant=who, run_id=run_id, enqueue=True
                 ), False
             held = await runs.redis.get(ikey)
             if held is None:
                 continue  # expired in between: try to take it again
-            record = json.loads(held)
-            if record["hash"] != digest:
+            first = json.loads(held)
+            if first["hash"] != digest:
                 raise IdempotencyConflict(
                     "this Idempotency-Key was used with a different input for this workflow"
                 )
-            try:
-                return await runs.get(record["run"], tenant=who), True
-            except Exception:
-                # The first request reserved the key but never created its run (it failed in
-                # between): let this request create it.
-                await asyncio.sleep(0.05)
-                try:
-                    return await runs.get(record["run"], tenant=who), True
-                except Exception:
-                    run = await runs.create(
-                        name, payload, tenant=who, run_id=record["run"], enqueue=True
-                    )
-                    return run, False
+            # The first request may still be creating its run, or may have died before it did:
+            # creating is idempotent, so this returns its run either way.
+            return await runs.create(
+                name, payload, tenant=who, run_id=first["run"], enqueue=True
+            ), True
         raise IdempotencyConflict("the Idempotency-Key is contended; retry")
 
     @app.get("/v1/runs/{run_id}", tags=["runs"])

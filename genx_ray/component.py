@@ -24,7 +24,6 @@ from genx_ray.context import (
     RunContext,
     current_run,
     current_scope,
-    current_step,
     step_scope,
 )
 from genx_ray.errors import RunCancelled, StepError, StepTimeout, UserError
@@ -433,8 +432,3 @@ def component(fn: Any = None, /, **options: Any) -> Any:
     if fn is not None:
         return Component(fn, **options)
     return lambda f: Component(f, **options)
-
-
-def current_step_ref() -> StepRef | None:
-    """The step the calling code runs in (None outside steps)."""
-    return current_step()

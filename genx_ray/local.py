@@ -33,7 +33,7 @@ from genx_ray.streams import (
     check_event_id,
     parse_entries,
 )
-from genx_ray.workflow import Workflow, registry
+from genx_ray.workflow import Registry, Workflow, registry
 
 T = TypeVar("T")
 
@@ -178,7 +178,7 @@ def start(wf: Workflow[Any, Any] | str, input: Any = None, *, tenant: str = "def
     run_id = runner.call(create())
     future = runner.submit(
         execute_run(
-            runner.redis, run_id, registry=_single(workflow), settings=settings, worker="local"
+            runner.redis, run_id, registry=Registry(workflow), settings=settings, worker="local"
         )
     )
     return RunHandle(run_id, runner.redis_url, workflow, future)
@@ -187,11 +187,3 @@ def start(wf: Workflow[Any, Any] | str, input: Any = None, *, tenant: str = "def
 def run(wf: Workflow[Any, Any] | str, input: Any = None, *, timeout: float | None = None) -> Any:
     """Run ``wf`` to completion and return its output (raises :class:`RunFailed` if it fails)."""
     return start(wf, input).result(timeout)
-
-
-def _single(wf: Workflow[Any, Any]) -> Any:
-    from genx_ray.workflow import Registry
-
-    reg = Registry()
-    reg.add(wf)
-    return reg

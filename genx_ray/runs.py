@@ -104,6 +104,15 @@ end
 return id
 """
 
+# KEYS: run hash, events stream. ARGV: run.queued event JSON, maxlen, then field/value pairs.
+# Creates the run only if it does not exist yet (a retried create must never reset a run).
+_CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[1])
+return 1
+"""
+
 # KEYS: run hash, events stream. ARGV: event JSON for a queued run, maxlen, now.
 # Queued: cancelled at once. Running: flagged; the run host stops at its next step boundary.
 _CANCEL = """
@@ -133,6 +142,7 @@ class RunStore:
         self.retention_seconds = retention_seconds
         self._transition = client.register_script(_TRANSITION)
         self._cancel = client.register_script(_CANCEL)
+        self._create = client.register_script(_CREATE)
 
     async def create(
         self,
@@ -144,7 +154,11 @@ class RunStore:
         enqueue: bool = False,
         extra: dict[str, str] | None = None,
     ) -> Run:
-        """Write a queued run and its ``run.queued`` event; put it on the run queue if asked."""
+        """Write a queued run and its ``run.queued`` event; put it on the run queue if asked.
+
+        With a ``run_id`` that exists already, nothing is written and the existing run is
+        returned: creating is idempotent, so a retried request cannot reset a run.
+        """
         run_id = run_id or new_run_id()
         now = time.time()
         fields = {
@@ -152,15 +166,12 @@ class RunStore:
             "input": json.dumps(input, separators=(",", ":")), "attempt": "1",
             "created_at": repr(now), "tenant": tenant, **(extra or {}),
         }  # fmt: skip
-        async with self.redis.pipeline(transaction=True) as pipe:  # one slot: the run's tag
-            pipe.hset(keys.run(run_id), mapping=cast(dict[Any, Any], fields))
-            pipe.xadd(
-                keys.events(run_id),
-                {"e": dumps(RunQueued(run_id=run_id, workflow=workflow, ts=now))},
-                maxlen=self.maxlen,
-                approximate=True,
-            )
-            await pipe.execute()
+        event = dumps(RunQueued(run_id=run_id, workflow=workflow, ts=now))
+        args: list[str | int] = [event, self.maxlen]
+        for name, value in fields.items():
+            args += [name, value]
+        if not await self._create(keys=[keys.run(run_id), keys.events(run_id)], args=args):
+            return await self.get(run_id)
         # Index and queue live in other slots, so they are separate writes; the queue goes last so
         # a worker never sees a run that is not indexed yet.
         async with self.redis.pipeline(transaction=False) as pipe:

@@ -105,8 +105,10 @@ class Workflow(Generic[P, R]):
 class Registry:
     """Workflows by name. ``@workflow`` registers into :data:`registry` unless told otherwise."""
 
-    def __init__(self) -> None:
+    def __init__(self, *workflows: Workflow[Any, Any]) -> None:
         self._workflows: dict[str, Workflow[Any, Any]] = {}
+        for wf in workflows:
+            self.add(wf)
 
     def add(self, wf: Workflow[Any, Any]) -> None:
         # Re-registering a name replaces it: a notebook cell run twice must not fail.

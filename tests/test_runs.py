@@ -99,3 +99,13 @@ async def test_cancel_queued_is_immediate_running_is_flagged(runs: RunStore) -> 
     assert await runs.cancel_requested(running.id)
     with pytest.raises(RunNotFound):
         await runs.request_cancel(new_run_id(), cancel)
+
+
+async def test_creating_an_existing_run_id_changes_nothing(
+    runs: RunStore, events: EventStore
+) -> None:
+    run = await runs.create("wf", {"a": 1})
+    await runs.transition(run.id, R, allowed={Q})
+    again = await runs.create("wf", {"a": 2}, run_id=run.id, enqueue=True)
+    assert again.status is R and again.input == {"a": 1}
+    assert [e.event.type for e in await events.read(run.id)] == ["run.queued"]
