@@ -63,6 +63,9 @@ def worker(
     drain_timeout: Annotated[
         float, typer.Option(help="Seconds SIGTERM waits for running runs before handing back.")
     ] = 30.0,
+    hosts: Annotated[
+        str, typer.Option(help="Where runs execute: 'ray' (a detached actor each) or 'inline'.")
+    ] = "ray",
 ) -> None:
     """The compute plane: takes runs from Redis and executes them (steps placed on Ray)."""
     import asyncio
@@ -75,7 +78,7 @@ def worker(
         os.environ["GENX_RAY_ADDRESS"] = address
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     url = resolve_redis_url()
-    asyncio.run(serve_worker(url, max_runs=max_runs, drain_timeout=drain_timeout))
+    asyncio.run(serve_worker(url, max_runs=max_runs, drain_timeout=drain_timeout, hosts=hosts))
 
 
 @app.command()

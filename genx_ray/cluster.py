@@ -33,10 +33,10 @@ def ensure_ray(address: str | None = None, *, redis_url: str | None = None) -> N
         address = address or Settings.from_env().ray_address
         # No usage-stats prompt or upload (there is no internet here, and it is not ours to send).
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        env_vars = {"GENX_REDIS_URL": redis_url} if redis_url else {}
-        for name in ("OPENAI_BASE_URL", "OPENAI_API_KEY", "GENX_LLM_LIMITS"):
-            if name in os.environ:
-                env_vars[name] = os.environ[name]
+        # Tasks and run hosts read the same configuration as the process that started them.
+        env_vars = {k: v for k, v in os.environ.items() if k.startswith(("GENX_", "OPENAI_"))}
+        if redis_url:
+            env_vars["GENX_REDIS_URL"] = redis_url
         ray.init(
             address=None if address == "auto" else address,
             namespace=NAMESPACE,

@@ -14,6 +14,11 @@ QUEUE = f"{PREFIX}:queue"
 QUEUE_GROUP = "workers"
 
 
+# Sorted set: run id -> last heartbeat (unix seconds) of every run a host holds a lease on. The
+# supervisor reads the stale end of it; the lease key itself decides whether a run is orphaned.
+LEASES = f"{PREFIX}:leases"
+
+
 def run(run_id: str) -> str:
     """Hash: the run record (status, input, output, attempt, timestamps...)."""
     return f"{PREFIX}:run:{{{run_id}}}"
@@ -27,6 +32,11 @@ def events(run_id: str) -> str:
 def journal(run_id: str) -> str:
     """Hash: step id -> recorded outcome, so a restarted run does not redo completed steps."""
     return f"{PREFIX}:run:{{{run_id}}}:journal"
+
+
+def lease(run_id: str) -> str:
+    """String with a TTL: the attempt whose host is alive. Gone = the host stopped heartbeating."""
+    return f"{PREFIX}:run:{{{run_id}}}:lease"
 
 
 def run_keys(run_id: str) -> tuple[str, str, str]:

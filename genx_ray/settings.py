@@ -43,6 +43,11 @@ class Settings:
     # Cap on one run's event stream (approximate MAXLEN); a run that emits more drops its oldest.
     stream_maxlen: int = 100_000
     max_body_bytes: int = 1024 * 1024
+    # A run host renews its lease every third of this; a lease this old means the host is gone.
+    # Generous: a false crash detection re-runs a step and re-spends LLM money.
+    lease_seconds: int = 30
+    # Attempts a run gets before a lost host fails it for good.
+    max_attempts: int = 3
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -58,6 +63,8 @@ class Settings:
             retention_seconds=_positive_int(env, "GENX_RETENTION_SECONDS", 7 * 24 * 3600),
             stream_maxlen=_positive_int(env, "GENX_STREAM_MAXLEN", 100_000),
             max_body_bytes=_positive_int(env, "GENX_MAX_BODY_BYTES", 1024 * 1024),
+            lease_seconds=_positive_int(env, "GENX_LEASE_SECONDS", 30),
+            max_attempts=_positive_int(env, "GENX_MAX_ATTEMPTS", 3),
         )
 
 

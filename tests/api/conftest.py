@@ -21,7 +21,7 @@ ApiFactory = Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]]
 async def worker(redis_url: str) -> AsyncIterator[Worker]:
     """A real worker taking runs from the queue, on the test's event loop."""
     client = async_redis(redis_url)
-    w = Worker(client, registry=registry, max_runs=16, drain_timeout=2)
+    w = Worker(client, registry=registry, max_runs=16, drain_timeout=2, redis_url=redis_url)
     import asyncio
 
     task = asyncio.create_task(w.serve())
