@@ -30,6 +30,7 @@ from genx_ray.runs import DEFAULT_TENANT, Run, RunStatus, RunStore
 from genx_ray.settings import Settings
 from genx_ray.streams import START, StreamEntry, check_event_id
 from genx_ray.values import canonical_hash
+from genx_ray.webhooks import notify
 from genx_ray.workflow import Registry
 from genx_ray.workflow import registry as default_registry
 
@@ -224,7 +225,8 @@ def create_app(
         if run.status.terminal and run.status is not RunStatus.CANCELLED:
             raise InvalidTransition(run_id, run.status.value, RunStatus.CANCELLED.value)
         event = RunCancelled(run_id=run_id, reason="cancel requested")
-        await runs.request_cancel(run_id, dumps(event))
+        if await runs.request_cancel(run_id, dumps(event)) is RunStatus.CANCELLED:
+            await notify(runs.redis, settings, run_id)  # a queued run ends here, not in a host
         run = await runs.get(run_id, tenant=who)
         return JSONResponse(_run_json(run), status_code=200 if run.status.terminal else 202)
 

@@ -55,9 +55,13 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 class EmbeddedRedis:
     """``with EmbeddedRedis() as url: ...`` or ``start()`` / ``stop()``."""
 
-    def __init__(self, port: int | None = None, binary: str | None = None) -> None:
+    def __init__(
+        self, port: int | None = None, binary: str | None = None, *, appendonly: bool = False
+    ) -> None:
         self.port = port
         self.binary = binary
+        # appendonly: every write fsynced to an AOF in its directory, so restart() loses nothing.
+        self.appendonly = appendonly
         self._proc: subprocess.Popen[bytes] | None = None
         self._dir: tempfile.TemporaryDirectory[str] | None = None
 
@@ -71,12 +75,15 @@ class EmbeddedRedis:
 
     def start(self, timeout: float = 10.0) -> str:
         binary = self.binary or find_redis_server()
-        self._dir = tempfile.TemporaryDirectory(prefix="genx-redis-")
+        if self._dir is None:
+            self._dir = tempfile.TemporaryDirectory(prefix="genx-redis-")
+        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.appendonly else [
+            "--appendonly", "no"]  # fmt: skip
         for _ in range(5):  # a free port can be taken between probing and binding it
             self.port = self.port or free_port()
             self._proc = subprocess.Popen(
                 [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                 "--appendonly", "no", "--dir", self._dir.name, "--loglevel", "warning",
+                 *persistence, "--dir", self._dir.name, "--loglevel", "warning",
                  "--logfile", os.path.join(self._dir.name, "redis.log")],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 preexec_fn=_die_with_parent,
@@ -104,7 +111,19 @@ class EmbeddedRedis:
             time.sleep(0.02)
         return False
 
+    def restart(self, down_for: float = 0.0) -> None:
+        """Stop the server and start it again on the same port and data directory."""
+        self._terminate()
+        time.sleep(down_for)
+        self.start()
+
     def stop(self) -> None:
+        self._terminate()
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
+
+    def _terminate(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
             self._proc.terminate()
             try:
@@ -113,9 +132,6 @@ class EmbeddedRedis:
                 self._proc.kill()
                 self._proc.wait()
         self._proc = None
-        if self._dir is not None:
-            self._dir.cleanup()
-            self._dir = None
 
     def __enter__(self) -> str:
         return self.start()

@@ -25,6 +25,7 @@ from genx_ray.runs import Run, RunStatus, RunStore
 from genx_ray.settings import Settings
 from genx_ray.streams import EventStore
 from genx_ray.values import dumps
+from genx_ray.webhooks import notify
 from genx_ray.workflow import Registry
 from genx_ray.workflow import registry as default_registry
 from genx_ray.writer import RunWriter
@@ -68,7 +69,12 @@ async def execute_run(
         allowed={RunStatus.QUEUED},
         event=RunStarted(run_id=run_id, workflow=run.workflow, attempt=attempt, worker=worker),
         # Where the attempt runs, for operators (and chaos tests) to find the host process.
-        fields={"started_at": repr(time.time()), "worker": worker or "", "host": HOST_ID},
+        fields={
+            "started_at": repr(time.time()),
+            "worker": worker or "",
+            "host": HOST_ID,
+            "version": settings.deployment,  # the deployment that runs (and resumes) it
+        },
         fence_attempt=attempt,
     )
     writer = RunWriter(events, run_id, attempt)
@@ -82,7 +88,12 @@ async def execute_run(
         )  # fmt: skip
         await asyncio.to_thread(lease.start)
     try:
-        return await _finish(runs, writer, lost, run, attempt, registry or default_registry, client)
+        status = await _finish(
+            runs, writer, lost, run, attempt, registry or default_registry, client
+        )
+        if status is not None:
+            await notify(client, settings, run_id)
+        return status
     finally:
         # Released only once the run has its terminal status (or was handed on): a crash before
         # that leaves the lease to expire, and the supervisor restarts the run.

@@ -19,6 +19,15 @@ QUEUE_GROUP = "workers"
 LEASES = f"{PREFIX}:leases"
 
 
+# Hash: worker name -> JSON {version, draining, seen}; the live workers and their deployment.
+WORKERS = f"{PREFIX}:workers"
+
+# Stream: runs that reached a terminal status and whose webhook is still to be delivered (an
+# outbox: a host that dies right after finishing cannot lose the notification).
+WEBHOOKS = f"{PREFIX}:webhooks"
+WEBHOOK_GROUP = "senders"
+
+
 def run(run_id: str) -> str:
     """Hash: the run record (status, input, output, attempt, timestamps...)."""
     return f"{PREFIX}:run:{{{run_id}}}"

@@ -48,6 +48,16 @@ class Settings:
     lease_seconds: int = 30
     # Attempts a run gets before a lost host fails it for good.
     max_attempts: int = 3
+    # Runs running at once across every worker sharing this Redis (None: no cluster-wide cap).
+    max_running: int | None = None
+    # The deployment (code version) this process belongs to; see genx_ray.worker for the policy.
+    deployment: str = "default"
+    # Where to POST a signed notice when a run ends (None: no webhooks).
+    webhook_url: str | None = None
+    webhook_secret: str = ""
+    # Ray custom resources each run host asks for (e.g. {"hosts": 0.01} keeps them on the nodes
+    # that offer "hosts"): where the long-lived, lightweight run hosts may live.
+    host_resources: Mapping[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -65,6 +75,11 @@ class Settings:
             max_body_bytes=_positive_int(env, "GENX_MAX_BODY_BYTES", 1024 * 1024),
             lease_seconds=_positive_int(env, "GENX_LEASE_SECONDS", 30),
             max_attempts=_positive_int(env, "GENX_MAX_ATTEMPTS", 3),
+            max_running=_positive_int(env, "GENX_MAX_RUNNING", 0) or None,
+            deployment=env.get("GENX_DEPLOYMENT", "").strip() or "default",
+            webhook_url=_webhook_url(env.get("GENX_WEBHOOK_URL", "").strip()),
+            webhook_secret=env.get("GENX_WEBHOOK_SECRET", ""),
+            host_resources=_resources("GENX_HOST_RESOURCES", env.get("GENX_HOST_RESOURCES", "")),
         )
 
 
@@ -77,6 +92,30 @@ def _redis_url(value: str) -> str:
             "GENX_REDIS_URL",
             f"{value!r} is not a redis://, rediss:// or unix:// URL (or 'embedded')",
         )
+    return value
+
+
+def _resources(name: str, value: str) -> dict[str, float]:
+    if not value.strip():
+        return {}
+    try:
+        raw = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(name, f"not JSON: {exc}") from None
+    if not isinstance(raw, dict) or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in raw.values()
+    ):
+        raise ConfigError(
+            name, 'expected an object of resource name -> positive amount, e.g. {"hosts": 0.01}'
+        )
+    return {str(k): float(v) for k, v in raw.items()}
+
+
+def _webhook_url(value: str) -> str | None:
+    if not value:
+        return None
+    if urlparse(value).scheme not in ("http", "https"):
+        raise ConfigError("GENX_WEBHOOK_URL", f"{value!r} is not an http(s) URL")
     return value
 
 
@@ -141,6 +180,8 @@ def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
     raw = env.get(name, "").strip()
     if not raw:
         return default
+    if raw == "0" and default == 0:  # 0 where it means "none"
+        return 0
     if not raw.isdigit() or int(raw) <= 0:
         raise ConfigError(name, f"{raw!r}: expected a positive integer")
     return int(raw)

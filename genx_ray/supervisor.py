@@ -19,6 +19,7 @@ import redis.asyncio
 from genx_ray import keys
 from genx_ray.events import ErrorInfo, RunFailed, RunRestarted, dumps
 from genx_ray.settings import Settings
+from genx_ray.webhooks import notify
 
 log = logging.getLogger("genx_ray.supervisor")
 
@@ -89,6 +90,7 @@ class Supervisor:
             await self.redis.xadd(keys.QUEUE, {"run": run_id})
         elif outcome == "failed":
             log.warning("run %s: %s; failed after %d attempts", run_id, reason, n)
+            await notify(self.redis, self.settings, run_id)
         if outcome in ("requeued", "failed", "gone"):
             await self.redis.zrem(keys.LEASES, run_id)
         return outcome

@@ -3,15 +3,27 @@
 Each run executes in its own detached Ray actor (``hosts="ray"``, see :mod:`genx_ray.host`), or
 on this process's event loop (``hosts="inline"``: no Ray process per run, for tests and small
 setups). Either way the run holds a heartbeat lease, and every worker also runs a supervisor that
-restarts runs whose host died. A cap on concurrent runs is the admission control. On SIGTERM the
-worker stops taking runs, lets running ones finish within the drain timeout, then hands the rest
-back to the queue as a new attempt: their journal keeps every completed step.
+restarts runs whose host died, and delivers webhooks.
+
+Admission: at most ``max_runs`` runs per worker, and ``GENX_MAX_RUNNING`` across every worker on
+the same Redis: a run is admitted by one script that counts the watched runs and registers it.
+
+Drain: on SIGTERM the worker stops taking runs, lets running ones finish within the drain timeout,
+then hands the rest back to the queue as a new attempt: their journal keeps every completed step.
+
+Deployments (blue/green): a run is stamped at each claim with the ``GENX_DEPLOYMENT`` of the
+worker that runs it. A worker that takes a run stamped with another deployment leaves it to that
+deployment while one of its workers is alive and not draining; otherwise it adopts the run. So a
+deploy is: start the new workers, SIGTERM the old ones (with a drain timeout long enough for their
+runs): new runs go to whichever takes them, old runs finish on old workers, and what the old
+workers hand back is adopted by the new deployment.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -20,6 +32,7 @@ import time
 
 import redis.asyncio
 
+from genx_ray import keys
 from genx_ray.connections import async_redis
 from genx_ray.errors import InvalidTransition, RunNotFound
 from genx_ray.events import RunRestarted
@@ -28,10 +41,20 @@ from genx_ray.queue import RunQueue
 from genx_ray.runs import RunStatus, RunStore
 from genx_ray.settings import Settings
 from genx_ray.supervisor import Supervisor
+from genx_ray.webhooks import WebhookSender
 from genx_ray.workflow import Registry
 from genx_ray.workflow import registry as default_registry
 
 log = logging.getLogger("genx_ray.worker")
+
+# KEYS: the watched-runs set. ARGV: cap, run id, now. Admit (and watch) the run if under the cap.
+_ADMIT = """
+if redis.call('ZSCORE', KEYS[1], ARGV[2]) then return 1 end
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
+return 1
+"""
+WORKER_HEARTBEAT_SECONDS = 2.0
 
 
 class Worker:
@@ -70,6 +93,8 @@ class Worker:
         self._stopping = asyncio.Event()
         self._slots = asyncio.Semaphore(max_runs)
         self.supervisor = Supervisor(client, self.settings)
+        self.webhooks = WebhookSender(client, self.settings, self.name)
+        self._admit_script = client.register_script(_ADMIT)
 
     def stop(self) -> None:
         """Stop taking runs; :meth:`serve` then drains and returns."""
@@ -78,7 +103,11 @@ class Worker:
     async def serve(self) -> None:
         await self.queue.ensure_group()
         log.info("worker %s: taking runs (at most %d at once)", self.name, self.max_runs)
-        supervisor = asyncio.create_task(self.supervisor.serve(self._stopping))
+        background = [
+            asyncio.create_task(self.supervisor.serve(self._stopping)),
+            asyncio.create_task(self.webhooks.serve(self._stopping)),
+            asyncio.create_task(self._announce()),
+        ]
         while not self._stopping.is_set():
             await self._slots.acquire()
             if self._stopping.is_set():
@@ -95,13 +124,69 @@ class Worker:
                 self._slots.release()
                 continue
             entry_id, run_id = taken[0]
+            if self._stopping.is_set():  # stopped while waiting on the queue: not ours to run
+                await self.queue.put(run_id)
+                await self.queue.ack(entry_id)
+                self._slots.release()
+                break
             task = asyncio.create_task(self._execute(entry_id, run_id), name=f"run-{run_id}")
             self._active[run_id] = task
         await self._drain()
-        await supervisor
+        await asyncio.gather(*background)
+
+    async def _admit(self, run_id: str) -> bool:
+        """Wait for a cluster-wide slot (``GENX_MAX_RUNNING``); False if stopping first."""
+        cap = self.settings.max_running
+        while cap:
+            if await self._admit_script(keys=[keys.LEASES], args=[cap, run_id, time.time()]):
+                return True
+            if self._stopping.is_set():
+                return False
+            await asyncio.sleep(0.2)  # polled: slots free up in other processes
+        return True
+
+    async def _announce(self) -> None:
+        """Keep this worker's entry in the worker table fresh; mark it draining on stop."""
+        try:
+            while True:
+                entry = {"version": self.settings.deployment, "draining": self._stopping.is_set(),
+                         "seen": time.time(), "hosts": self.hosts}  # fmt: skip
+                with contextlib.suppress(OSError, redis.RedisError):
+                    await self.redis.hset(keys.WORKERS, self.name, json.dumps(entry))
+                if self._stopping.is_set():
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), WORKER_HEARTBEAT_SECONDS)
+        finally:
+            if self._stopping.is_set() and not self._active:
+                with contextlib.suppress(OSError, redis.RedisError):
+                    await self.redis.hdel(keys.WORKERS, self.name)
+
+    async def _deployment_alive(self, version: str) -> bool:
+        table = await self.redis.hgetall(keys.WORKERS)
+        now = time.time()
+        for raw in table.values():
+            w = json.loads(raw)
+            if (w["version"] == version and not w["draining"]
+                    and now - w["seen"] < 3 * WORKER_HEARTBEAT_SECONDS):  # fmt: skip
+                return True
+        return False
+
+    async def _belongs_elsewhere(self, run_id: str) -> bool:
+        version = await self.redis.hget(keys.run(run_id), "version")
+        return (
+            version is not None
+            and version != self.settings.deployment
+            and await self._deployment_alive(str(version))
+        )
 
     async def _execute(self, entry_id: str, run_id: str) -> None:
         try:
+            if await self._belongs_elsewhere(run_id) or not await self._admit(run_id):
+                await asyncio.sleep(0.2)  # leave it to its own deployment's workers, or for later
+                await self.queue.put(run_id)
+                await self.queue.ack(entry_id)
+                return
             if self.hosts == "ray" and self.redis_url:
                 from genx_ray.host import run_on_host
 
@@ -114,11 +199,19 @@ class Worker:
             await self.queue.ack(entry_id)
         except (InvalidTransition, RunNotFound):
             await self.queue.ack(entry_id)  # cancelled while queued, or expired: nothing to do
+            if await self.redis.hget(keys.run(run_id), "status") != "running":
+                await self.redis.zrem(keys.LEASES, run_id)  # free its admission slot
         except asyncio.CancelledError:
             await self._hand_back(entry_id, run_id)
             raise
-        except Exception:
-            log.exception("worker %s: run %s crashed its host", self.name, run_id)
+        except Exception as exc:
+            # The host died (node lost, OOM...). A claimed run is the supervisor's to restart
+            # once its lease expires; one never claimed goes back on the queue.
+            log.warning("worker %s: the host of run %s died: %s", self.name, run_id, exc)
+            with contextlib.suppress(OSError, redis.RedisError):
+                if await self.redis.hget(keys.run(run_id), "status") == "queued":
+                    await self.queue.put(run_id)
+                await self.queue.ack(entry_id)
         finally:
             self._active.pop(run_id, None)
             self._slots.release()

@@ -61,3 +61,35 @@ def test_ray_task_errors_keep_their_type(ray_local: None) -> None:
         h.result(60)
     (failed,) = step_events(h, "step.failed")
     assert failed.error.type == "KeyError" and "missing thing" in failed.error.message
+
+
+@component(remote=True)
+def long_task(marker: str) -> None:
+    import time
+
+    time.sleep(3)
+    open(f"/tmp/genx-test-cancelled-{marker}", "w").close()  # reached only if not cancelled
+
+
+@workflow(name="remote-cancel")
+async def remote_cancel(marker: str) -> None:
+    await long_task(marker)
+
+
+def test_cancel_stops_in_flight_ray_work(ray_local: None) -> None:
+    import time
+
+    from genx_ray.runs import RunStatus
+
+    marker = f"{os.getpid()}-{time.monotonic_ns()}"
+    h = start(remote_cancel, {"marker": marker})
+    while not [e for e in h.events(follow=False) if e.event.type == "step.started"]:
+        time.sleep(0.02)
+    time.sleep(0.5)  # the Ray task is running
+    t0 = time.monotonic()
+    h.cancel()
+    while not h.status.terminal:
+        time.sleep(0.02)
+    assert h.status is RunStatus.CANCELLED and time.monotonic() - t0 < 1.0
+    time.sleep(3.5)
+    assert not os.path.exists(f"/tmp/genx-test-cancelled-{marker}")  # the task was stopped

@@ -1,0 +1,40 @@
+"""Redis restarted mid-run: nothing acknowledged is lost, and the run completes."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import wf_fixtures  # noqa: F401 - registers the ticker workflow
+
+from genx_ray.connections import async_redis
+from genx_ray.embedded import EmbeddedRedis
+from genx_ray.executor import execute_run
+from genx_ray.runs import RunStatus, RunStore
+from genx_ray.streams import EventStore
+
+pytestmark = pytest.mark.chaos
+
+
+async def test_a_redis_restart_mid_run_loses_nothing_acknowledged() -> None:
+    server = EmbeddedRedis(appendonly=True)
+    url = server.start()
+    client = async_redis(url)
+    try:
+        runs, events = RunStore(client), EventStore(client)
+        run = await runs.create("ticker", {"n": 30, "delay": 0.05})
+        host = asyncio.create_task(execute_run(client, run.id, lease_redis_url=url))
+        while sum(e.event.type == "progress" for e in await events.read(run.id)) < 8:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        acknowledged = [e.id for e in await events.read(run.id)]
+        await asyncio.to_thread(server.restart, 1.0)  # down for a second, mid-step
+        assert await asyncio.wait_for(host, 60) is RunStatus.SUCCEEDED
+        stored = await events.read(run.id)
+        ids = [e.id for e in stored]
+        assert ids[: len(acknowledged)] == acknowledged  # nothing acknowledged was lost
+        ticks = sorted({e.event.data["i"] for e in stored if e.event.type == "progress"})  # type: ignore[union-attr,index]
+        assert ticks == list(range(30))
+        assert (await runs.get(run.id)).output == sum(range(30))
+    finally:
+        await client.aclose()
+        server.stop()

@@ -1,0 +1,139 @@
+"""Worker operations in-process: webhooks, blue/green deployments, the cluster-wide run cap."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import Any
+
+import wf_fixtures  # noqa: F401 - registers the test workflows
+
+from genx_ray import keys
+from genx_ray.connections import async_redis
+from genx_ray.embedded import free_port
+from genx_ray.runs import RunStatus, RunStore
+from genx_ray.settings import Settings
+from genx_ray.streams import EventStore
+from genx_ray.webhooks import sign
+from genx_ray.worker import Worker
+from genx_ray.workflow import registry
+
+
+@asynccontextmanager
+async def serving(redis_url: str, **settings: Any) -> AsyncIterator[Worker]:
+    client = async_redis(redis_url)
+    w = Worker(client, registry=registry, settings=Settings(**settings), drain_timeout=1,
+               redis_url=redis_url, name=f"w-{time.monotonic_ns()}")  # fmt: skip
+    task = asyncio.create_task(w.serve())
+    try:
+        yield w
+    finally:
+        w.stop()
+        await task
+        await client.aclose()
+
+
+async def _finish(events: EventStore, run_id: str) -> None:
+    async for _ in events.follow(run_id):
+        pass
+
+
+class _Receiver(BaseHTTPRequestHandler):
+    replies: list[int] = []
+    got: list[tuple[dict[str, str], bytes]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).got.append((dict(self.headers), body))
+        self.send_response(type(self).replies.pop(0) if type(self).replies else 200)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+async def test_webhook_is_signed_and_retried(
+    redis_url: str, runs: RunStore, events: EventStore
+) -> None:
+    port = free_port()
+    server = HTTPServer(("127.0.0.1", port), _Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _Receiver.replies, _Receiver.got = [500], []
+    try:
+        async with serving(redis_url, webhook_url=f"http://127.0.0.1:{port}/hook",
+                           webhook_secret="s3cret") as w:  # fmt: skip
+            w.webhooks.initial_delay = 0.05
+            run = await runs.create("echo", {"text": "hook"}, enqueue=True)
+            await _finish(events, run.id)
+            deadline = time.monotonic() + 10
+            while len(_Receiver.got) < 2 and time.monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+    finally:
+        server.shutdown()
+    assert len(_Receiver.got) == 2  # a 500, then delivered
+    headers, body = _Receiver.got[-1]
+    assert headers["X-Genx-Signature"] == sign("s3cret", headers["X-Genx-Timestamp"], body)
+    assert headers["X-Genx-Event"] == "run.succeeded"
+    sent = json.loads(body)
+    assert sent["id"] == run.id and sent["output"] == "HOOK" and sent["status"] == "succeeded"
+
+
+async def test_blue_green_old_runs_stay_on_their_deployment_until_it_drains(
+    redis_url: str, runs: RunStore, events: EventStore, redis: Any
+) -> None:
+    async def stamped(version: str) -> str:
+        run = await runs.create("echo", {"text": version})
+        await redis.hset(keys.run(run.id), "version", version)  # handed back by a `version` host
+        await redis.xadd(keys.QUEUE, {"run": run.id})
+        return run.id
+
+    def ran_on(run_id: str) -> Callable[[], Any]:
+        return lambda: redis.hget(keys.run(run_id), "worker")
+
+    async with serving(redis_url, deployment="blue") as blue, \
+            serving(redis_url, deployment="green") as green:  # fmt: skip
+        await asyncio.sleep(0.3)  # both announced
+        old = [await stamped("blue") for _ in range(4)]
+        for run_id in old:
+            await _finish(events, run_id)
+            assert await ran_on(run_id)() == blue.name  # green left them to blue
+        blue.stop()  # blue drains: what it leaves behind is adopted
+        await asyncio.sleep(0.3)
+        orphan = await stamped("blue")
+        await _finish(events, orphan)
+        assert await ran_on(orphan)() == green.name
+        assert await redis.hget(keys.run(orphan), "version") == "green"
+
+
+async def test_cluster_wide_cap_on_running_runs(
+    redis_url: str, runs: RunStore, redis: Any, events: EventStore
+) -> None:
+    peak = 0
+
+    async def watch(stop: asyncio.Event) -> None:
+        nonlocal peak
+        while not stop.is_set():
+            running = sum([
+                await redis.hget(keys.run(r), "status") == "running" for r in ids
+            ])  # fmt: skip
+            peak = max(peak, running)
+            await asyncio.sleep(0.01)
+
+    async with serving(redis_url, max_running=2) as _, serving(redis_url, max_running=2) as _:
+        ids = [
+            (await runs.create("ticker", {"n": 3, "delay": 0.05}, enqueue=True)).id
+            for _ in range(6)
+        ]
+        stop = asyncio.Event()
+        watcher = asyncio.create_task(watch(stop))
+        for run_id in ids:
+            await _finish(events, run_id)
+        stop.set()
+        await watcher
+    assert peak == 2
+    assert [(await runs.get(r)).status for r in ids] == [RunStatus.SUCCEEDED] * len(ids)
