@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-SUITES = ("runtime", "gateway")
+SUITES = ("runtime", "gateway", "hosts")
 
 
 def main(argv: list[str]) -> None:

@@ -29,6 +29,7 @@ import os
 import signal
 import socket
 import time
+from typing import TYPE_CHECKING
 
 import redis.asyncio
 
@@ -42,6 +43,9 @@ from genx_ray.runs import RunStatus, RunStore
 from genx_ray.settings import Settings
 from genx_ray.supervisor import Supervisor
 from genx_ray.webhooks import WebhookSender
+
+if TYPE_CHECKING:
+    from genx_ray.host import WarmHosts
 from genx_ray.workflow import Registry
 from genx_ray.workflow import registry as default_registry
 
@@ -69,6 +73,7 @@ class Worker:
         name: str | None = None,
         hosts: str = "inline",
         redis_url: str | None = None,
+        warm_hosts: int = 2,
     ) -> None:
         if hosts not in ("inline", "ray"):
             raise ValueError(f"hosts must be 'inline' or 'ray', not {hosts!r}")
@@ -77,6 +82,8 @@ class Worker:
             raise ValueError("hosts='ray' needs the redis_url the run hosts connect to")
         # Without a URL (inline, embedded in tests) runs hold no lease and are not supervised.
         self.redis_url = redis_url
+        self.warm_hosts = warm_hosts
+        self._warm: WarmHosts | None = None
         self.redis = client
         self.registry = registry or default_registry
         self.settings = settings or Settings.from_env()
@@ -102,6 +109,10 @@ class Worker:
 
     async def serve(self) -> None:
         await self.queue.ensure_group()
+        if self.hosts == "ray" and self.redis_url:
+            from genx_ray.host import WarmHosts
+
+            self._warm = WarmHosts(self.redis_url, self.warm_hosts)
         log.info("worker %s: taking runs (at most %d at once)", self.name, self.max_runs)
         background = [
             asyncio.create_task(self.supervisor.serve(self._stopping)),
@@ -132,6 +143,8 @@ class Worker:
             task = asyncio.create_task(self._execute(entry_id, run_id), name=f"run-{run_id}")
             self._active[run_id] = task
         await self._drain()
+        if self._warm is not None:
+            self._warm.close()
         await asyncio.gather(*background)
 
     async def _admit(self, run_id: str) -> bool:
@@ -187,10 +200,10 @@ class Worker:
                 await self.queue.put(run_id)
                 await self.queue.ack(entry_id)
                 return
-            if self.hosts == "ray" and self.redis_url:
+            if self._warm is not None:
                 from genx_ray.host import run_on_host
 
-                await run_on_host(self.redis_url, run_id, self.name)
+                await run_on_host(self._warm.take(), run_id, self.name)
             else:
                 await execute_run(
                     self.redis, run_id, registry=self.registry, settings=self.settings,
