@@ -113,6 +113,30 @@ def dev(port: Annotated[int, typer.Option(help="Gateway port.")] = 8000) -> None
                 proc.kill()
 
 
+@app.command()
+def sim(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8100,
+    latency_ms: Annotated[float, typer.Option(help="Mean latency of a call.")] = 100.0,
+    jitter_ms: Annotated[float, typer.Option(help="Standard deviation of the latency.")] = 0.0,
+    max_concurrency: Annotated[
+        int | None, typer.Option(help="Concurrent calls past this get 429 + Retry-After.")
+    ] = None,
+    rpm: Annotated[int | None, typer.Option(help="Requests per minute past this get 429.")] = None,
+    error_rate: Annotated[float, typer.Option(help="Fraction of calls answered 500.")] = 0.0,
+) -> None:
+    """An OpenAI-compatible LLM simulator (chat with streaming, embeddings, models, /sim/stats)."""
+    import uvicorn
+
+    from genx_ray.llm.sim import SimConfig, create_sim
+
+    config = SimConfig(
+        latency_ms=latency_ms, jitter_ms=jitter_ms, max_concurrency=max_concurrency, rpm=rpm,
+        error_rate=error_rate,
+    )  # fmt: skip
+    uvicorn.run(create_sim(config), host=host, port=port, log_level="warning")
+
+
 @app.command("run")
 def run_cmd(
     workflow: Annotated[str, typer.Argument(help="Workflow name (see GET /v1/workflows).")],

@@ -57,6 +57,9 @@ class Run(BaseModel):
     finished_at: datetime | None = None
     tenant: str = DEFAULT_TENANT
     cancel_requested: bool = False
+    # LLM usage of the run (genx_ray.llm): calls, prompt_tokens, completion_tokens, retries,
+    # cost_usd (an estimate from public prices); None before any call.
+    usage: dict[str, float] | None = None
 
     @classmethod
     def from_hash(cls, h: dict[str, str]) -> Run:
@@ -76,7 +79,19 @@ class Run(BaseModel):
             finished_at=ts("finished_at"),
             tenant=h.get("tenant", DEFAULT_TENANT),
             cancel_requested=h.get("cancel_requested") == "1",
+            usage=_usage(h),
         )
+
+
+def _usage(h: dict[str, str]) -> dict[str, float] | None:
+    if "usage_calls" not in h:
+        return None
+    usage: dict[str, float] = {
+        name: int(h.get(f"usage_{name}", "0"))
+        for name in ("calls", "prompt_tokens", "completion_tokens", "retries")
+    }
+    usage["cost_usd"] = int(h.get("usage_cost_nanos", "0")) / 1e9
+    return usage
 
 
 # KEYS: run hash, events stream, journal hash.

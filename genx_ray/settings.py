@@ -38,6 +38,9 @@ class Settings:
     workflows: tuple[str, ...] = DEFAULT_WORKFLOWS
     api_keys: Mapping[str, str] = field(default_factory=dict)  # bearer key -> tenant
     llm_limits: Mapping[str, LLMLimit] = field(default_factory=dict)
+    # An LLM concurrency slot's lease (refreshed while its call runs): how soon a crashed
+    # holder's slot comes back.
+    llm_lease_seconds: int = 60
     # How long a finished run's record, events and journal stay in Redis.
     retention_seconds: int = 7 * 24 * 3600
     # Cap on one run's event stream (approximate MAXLEN); a run that emits more drops its oldest.
@@ -70,6 +73,7 @@ class Settings:
             workflows=_modules(env.get("GENX_WORKFLOWS", "")) or DEFAULT_WORKFLOWS,
             api_keys=_api_keys(env.get("GENX_API_KEYS", "")),
             llm_limits=_llm_limits(env.get("GENX_LLM_LIMITS", "")),
+            llm_lease_seconds=_positive_int(env, "GENX_LLM_LEASE_SECONDS", 60),
             retention_seconds=_positive_int(env, "GENX_RETENTION_SECONDS", 7 * 24 * 3600),
             stream_maxlen=_positive_int(env, "GENX_STREAM_MAXLEN", 100_000),
             max_body_bytes=_positive_int(env, "GENX_MAX_BODY_BYTES", 1024 * 1024),

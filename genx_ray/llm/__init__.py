@@ -1,0 +1,53 @@
+"""``genx_ray.llm``: drop-in replacements for the openai SDK's clients.
+
+``AsyncOpenAI`` and ``OpenAI`` are the SDK's own classes with a transport underneath that applies
+the cluster-wide limits of ``GENX_LLM_LIMITS``, retries 429/5xx/connection errors (a
+``Retry-After`` pauses the budget for every process), falls back along ``fallback`` models behind a
+circuit breaker, caches responses when asked (``cache_ttl``), turns streamed chunks into ``output``
+events of the running step, adds each call's usage to its run, and opens an OpenTelemetry span
+per call with the GenAI semantic-convention attributes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import httpx2
+import openai
+
+from genx_ray.errors import ConfigError
+from genx_ray.llm.transport import GenxTransport, Policy
+from genx_ray.settings import Settings
+
+__all__ = ["AsyncOpenAI", "Policy"]
+
+
+class AsyncOpenAI(openai.AsyncOpenAI):
+    """``openai.AsyncOpenAI`` with genx-ray's limits, retries, fallback, cache and events."""
+
+    def __init__(
+        self,
+        *args: Any,
+        fallback: Sequence[str] = (),
+        cache_ttl: float | None = None,
+        max_attempts: int = 6,
+        policy: Policy | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """``fallback``: models to move to, in order, when one fails for good (or its circuit is
+        open); ``cache_ttl``: cache responses (not streams) for this many seconds;
+        ``max_attempts``: per model, the first try included; ``policy``: all knobs at once."""
+        if kwargs.get("api_key") is None and not os.environ.get("OPENAI_API_KEY"):
+            raise ConfigError(
+                "OPENAI_API_KEY", "no API key: set OPENAI_API_KEY or pass api_key= (genx dev "
+                "points it at the built-in simulator)"
+            )  # fmt: skip
+        policy = policy or Policy(
+            fallback=tuple(fallback), cache_ttl=cache_ttl, max_attempts=max_attempts
+        )
+        transport = GenxTransport(httpx2.AsyncHTTPTransport(), policy, Settings.from_env())
+        kwargs.setdefault("max_retries", 0)  # retries are ours: cluster-aware, with fallback
+        kwargs["http_client"] = openai.DefaultAsyncHttpxClient(transport=transport)
+        super().__init__(*args, **kwargs)

@@ -1,0 +1,224 @@
+"""``genx sim``: a local OpenAI-compatible server for tests, demos and benchmarks.
+
+``/v1/chat/completions`` (streaming too), ``/v1/embeddings`` and ``/v1/models``, with what makes
+real providers hard: latency (a mean and a jitter), a concurrency cap and a requests-per-minute
+limit answered by ``429`` + ``Retry-After``, injected ``500``s, and outages of given models
+(``503``). Answers are deterministic (a hash of the request). ``GET /sim/stats`` reports peak
+concurrency, served, rejected and failed requests; ``POST /sim/config`` changes the behaviour at
+run time and ``POST /sim/reset`` zeroes the counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import random
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, Field
+
+MODELS = ("gpt-4o-mini", "gpt-4o", "sim-small", "sim-large", "text-embedding-3-small")
+
+
+class SimConfig(BaseModel):
+    latency_ms: float = Field(default=100.0, ge=0)
+    jitter_ms: float = Field(default=0.0, ge=0)
+    max_concurrency: int | None = Field(default=None, ge=1)
+    rpm: int | None = Field(default=None, ge=1)
+    retry_after: float = Field(default=1.0, ge=0)
+    error_rate: float = Field(default=0.0, ge=0, le=1)
+    fail_next: int = Field(default=0, ge=0, description="the next N requests answer 500")
+    throttle_next: int = Field(default=0, ge=0, description="the next N requests answer 429")
+    down_models: list[str] = Field(default_factory=list, description="models answering 503")
+    chunk_delay_ms: float = Field(default=2.0, ge=0)
+    seed: int = 0
+
+
+class SimStats(BaseModel):
+    in_flight: int = 0
+    peak_concurrency: int = 0
+    served: int = 0
+    rejected: int = 0
+    failed: int = 0
+    by_model: dict[str, int] = Field(default_factory=dict)
+
+
+def _tokens(text: str) -> int:
+    return max(1, len(text.split()))
+
+
+def _answer(body: dict[str, Any]) -> str:
+    messages = body.get("messages") or []
+    last = str(messages[-1].get("content", "")) if messages else ""
+    digest = hashlib.sha256(json.dumps(body.get("messages"), sort_keys=True).encode()).hexdigest()
+    words = last.split()[:12]
+    return f"[{body.get('model')}:{digest[:8]}] " + " ".join(words[::-1] or ["ok"])
+
+
+def create_sim(config: SimConfig | None = None) -> FastAPI:
+    app = FastAPI(title="genx-ray LLM simulator")
+    cfg = config or SimConfig()
+    state = {"config": cfg, "stats": SimStats()}
+    window: deque[float] = deque()
+    rng = random.Random(cfg.seed)
+
+    def conf() -> SimConfig:
+        c: SimConfig = state["config"]  # type: ignore[assignment]
+        return c
+
+    def stats() -> SimStats:
+        s: SimStats = state["stats"]  # type: ignore[assignment]
+        return s
+
+    def error(status: int, message: str, kind: str, retry_after: float | None = None) -> Response:
+        headers = {"Retry-After": f"{retry_after:g}"} if retry_after is not None else None
+        body = {"error": {"message": message, "type": kind, "code": kind}}
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    def admit(model: str) -> Response | None:
+        c, s = conf(), stats()
+        s.by_model[model] = s.by_model.get(model, 0) + 1  # every request, answered or not
+        if model in c.down_models:
+            s.failed += 1
+            return error(503, f"{model} is unavailable", "service_unavailable")
+        if c.fail_next > 0 or (c.error_rate and rng.random() < c.error_rate):
+            c.fail_next = max(0, c.fail_next - 1)
+            s.failed += 1
+            return error(500, "injected failure", "server_error")
+        if c.throttle_next > 0:
+            c.throttle_next -= 1
+            s.rejected += 1
+            return error(429, "rate limited", "rate_limit_exceeded", c.retry_after)
+        if c.max_concurrency is not None and s.in_flight >= c.max_concurrency:
+            s.rejected += 1
+            return error(429, "too many concurrent requests", "rate_limit_exceeded", c.retry_after)
+        now = time.monotonic()
+        while window and window[0] < now - 60:
+            window.popleft()
+        if c.rpm is not None and len(window) >= c.rpm:
+            s.rejected += 1
+            wait = max(0.0, 60 - (now - window[0]))
+            return error(429, "requests per minute exceeded", "rate_limit_exceeded", round(wait, 3))
+        window.append(now)
+        s.in_flight += 1
+        s.peak_concurrency = max(s.peak_concurrency, s.in_flight)
+        return None
+
+    async def latency() -> None:
+        c = conf()
+        await asyncio.sleep(
+            max(0.0, rng.gauss(c.latency_ms, c.jitter_ms) if c.jitter_ms else c.latency_ms) / 1000
+        )
+
+    def done() -> None:
+        s = stats()
+        s.in_flight -= 1
+        s.served += 1
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        body = await request.json()
+        model = str(body.get("model", ""))
+        refused = admit(model)
+        if refused is not None:
+            return refused
+        text = _answer(body)
+        prompt = sum(_tokens(str(m.get("content", ""))) for m in body.get("messages") or [])
+        usage = {"prompt_tokens": prompt, "completion_tokens": _tokens(text),
+                 "total_tokens": prompt + _tokens(text)}  # fmt: skip
+        created, cid = (
+            int(time.time()),
+            "chatcmpl-" + hashlib.sha256(text.encode()).hexdigest()[:12],
+        )
+        if not body.get("stream"):
+            try:
+                await latency()
+            finally:
+                done()
+            return JSONResponse({
+                "id": cid, "object": "chat.completion", "created": created, "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "finish_reason": "stop"}],
+                "usage": usage,
+            })  # fmt: skip
+
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+
+        async def chunks() -> AsyncIterator[bytes]:
+            try:
+                await latency()
+                base = {"id": cid, "object": "chat.completion.chunk", "created": created,
+                        "model": model}  # fmt: skip
+                words = text.split(" ")
+                for i, word in enumerate(words):
+                    delta = {"content": word + ("" if i == len(words) - 1 else " ")}
+                    if i == 0:
+                        delta["role"] = "assistant"
+                    chunk = {
+                        **base,
+                        "choices": [{"index": 0, "delta": delta, "finish_reason": None}],
+                    }
+                    yield f"data: {json.dumps(chunk)}\n\n".encode()
+                    await asyncio.sleep(conf().chunk_delay_ms / 1000)
+                last = {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+                yield f"data: {json.dumps(last)}\n\n".encode()
+                if include_usage:
+                    tail = {**base, "choices": [], "usage": usage}
+                    yield f"data: {json.dumps(tail)}\n\n".encode()
+                yield b"data: [DONE]\n\n"
+            finally:
+                done()
+
+        return StreamingResponse(chunks(), media_type="text/event-stream")
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Response:
+        body = await request.json()
+        model = str(body.get("model", ""))
+        refused = admit(model)
+        if refused is not None:
+            return refused
+        try:
+            await latency()
+        finally:
+            done()
+        inputs = body.get("input")
+        items = inputs if isinstance(inputs, list) else [inputs]
+        dims = int(body.get("dimensions") or 8)
+        data = []
+        for i, item in enumerate(items):
+            digest = hashlib.sha256(json.dumps(item).encode()).digest()
+            vector = [(digest[j % len(digest)] - 128) / 128 for j in range(dims)]
+            data.append({"object": "embedding", "index": i, "embedding": vector})
+        tokens = sum(_tokens(json.dumps(x)) for x in items)
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        return JSONResponse({"object": "list", "data": data, "model": model, "usage": usage})
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [
+            {"id": m, "object": "model", "created": 0, "owned_by": "genx-sim"} for m in MODELS
+        ]}  # fmt: skip
+
+    @app.get("/sim/stats")
+    async def get_stats() -> SimStats:
+        return stats()
+
+    @app.post("/sim/reset")
+    async def reset() -> SimStats:
+        state["stats"] = SimStats()
+        window.clear()
+        return stats()
+
+    @app.post("/sim/config")
+    async def set_config(changes: dict[str, Any]) -> SimConfig:
+        state["config"] = SimConfig.model_validate({**conf().model_dump(), **changes})
+        return conf()
+
+    return app

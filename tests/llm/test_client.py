@@ -1,0 +1,244 @@
+"""genx_ray.llm over real HTTP to the simulator: limits, retries, fallback, cache, streams, usage."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import pytest
+from helpers import step_events
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from genx_ray import component, start, workflow
+from genx_ray.errors import ConfigError
+from genx_ray.llm import AsyncOpenAI, Policy
+
+from .conftest import Sim
+
+
+def _msg(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+def _uniq(prefix: str) -> str:
+    return f"{prefix}-{time.monotonic_ns()}"
+
+
+CALLER = """
+import asyncio, sys
+from genx_ray.llm import AsyncOpenAI
+async def main():
+    c = AsyncOpenAI()
+    await asyncio.gather(*(c.chat.completions.create(model=sys.argv[1], messages=[
+        {"role": "user", "content": str(i)}]) for i in range(int(sys.argv[2]))))
+asyncio.run(main())
+"""
+
+
+def test_the_concurrency_cap_holds_across_two_processes(sim: Sim) -> None:
+    model = _uniq("capx")
+    sim.configure(latency_ms=100)
+    env = {**os.environ, "GENX_LLM_LIMITS": json.dumps({f"{model[:4]}*": {"concurrency": 5}})}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", CALLER, model, "30"], env=env) for _ in range(2)
+    ]
+    assert [p.wait(120) for p in procs] == [0, 0]
+    stats = sim.stats()
+    assert stats["served"] == 60 and stats["rejected"] == 0
+    assert stats["peak_concurrency"] == 5  # never above the cap, and the cap was used
+
+
+async def test_rpm_budget(sim: Sim, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _uniq("rpm")
+    monkeypatch.setenv("GENX_LLM_LIMITS", json.dumps({model: {"rpm": 5}}))
+    client = AsyncOpenAI()
+    calls = [asyncio.create_task(client.chat.completions.create(model=model, messages=_msg(str(i))))
+             for i in range(7)]  # fmt: skip
+    done, pending = await asyncio.wait(calls, timeout=2)
+    assert len(done) == 5 and len(pending) == 2  # the last two wait for the minute to roll
+    for task in pending:
+        task.cancel()
+    assert sim.stats()["served"] == 5
+
+
+async def test_tpm_budget_is_estimated_then_corrected(
+    sim: Sim, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = _uniq("tpm")
+    sim.configure(latency_ms=300)
+    monkeypatch.setenv("GENX_LLM_LIMITS", json.dumps({model: {"tpm": 150}}))
+    client = AsyncOpenAI()
+
+    async def call(i: int) -> None:
+        await client.chat.completions.create(model=model, messages=_msg(f"hi {i}"), max_tokens=100)
+
+    t0 = time.monotonic()
+    await asyncio.gather(call(1), call(2))  # each is estimated at ~100 tokens: one at a time
+    assert time.monotonic() - t0 >= 0.6
+    t0 = time.monotonic()
+    await call(3)  # the real use (a few tokens) replaced the estimates: room again at once
+    assert time.monotonic() - t0 < 0.5
+
+
+async def test_retry_after_pauses_every_client(sim: Sim, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _uniq("ra")
+    sim.configure(throttle_next=1, retry_after=1.0)
+    first, second = AsyncOpenAI(), AsyncOpenAI()  # two clients: separate transports
+    t0 = time.monotonic()
+    a = asyncio.create_task(first.chat.completions.create(model=model, messages=_msg("a")))
+    await asyncio.sleep(0.2)  # a got its 429 and paused the model for everyone
+    b = await second.chat.completions.create(model=model, messages=_msg("b"))
+    assert time.monotonic() - t0 >= 0.95  # b waited out the pause instead of hitting the API
+    await a
+    assert b.choices[0].message.content and sim.stats()["rejected"] == 1
+
+
+FAST = {"initial_interval": 0.01}
+
+
+@component
+async def ask(model: str, text: str, fallback: bool) -> str:
+    policy = (
+        Policy(fallback=("fb-primary", "fb-backup"), max_attempts=2, breaker_failures=2,
+               breaker_cooldown=0.5, **FAST)
+        if fallback else Policy(max_attempts=3, **FAST)
+    )  # fmt: skip
+    client = AsyncOpenAI(policy=policy)
+    r = await client.chat.completions.create(model=model, messages=_msg(text))
+    return str(r.choices[0].message.content)
+
+
+@workflow(name="llm-ask")
+async def ask_wf(model: str, text: str, fallback: bool = True) -> str:
+    return await ask(model, text, fallback)
+
+
+def test_5xx_is_retried_and_counted_in_usage(sim: Sim) -> None:
+    sim.configure(fail_next=2)
+    h = start(ask_wf, {"model": "gpt-4o-mini", "text": "retry me", "fallback": False})
+    assert h.result(30).startswith("[gpt-4o-mini:")
+    assert sim.stats()["failed"] == 2 and sim.stats()["served"] == 1
+    run = h.get()
+    assert run.usage is not None and run.usage["calls"] == 1 and run.usage["retries"] == 2
+    retries = [e.data for e in step_events(h, "progress") if e.kind == "llm.retry"]
+    assert [(r["attempt"], r["error"]) for r in retries] == [
+        (1, "gpt-4o-mini: HTTP 500"), (2, "gpt-4o-mini: HTTP 500"),
+    ]  # fmt: skip
+
+
+def test_fallback_after_an_outage_and_recovery(sim: Sim) -> None:
+    sim.configure(down_models=["fb-primary"])
+    for i in range(3):
+        h = start(ask_wf, {"model": "fb-primary", "text": f"x{i}"})
+        assert h.result(30).startswith("[fb-backup:")
+    moved = [e.data for e in step_events(h, "progress") if e.kind == "llm.fallback"]
+    assert moved == [{"from": "fb-primary", "to": "fb-backup", "reason": "circuit open"}]
+    # The first two calls tried the primary (2 attempts each) and tripped the breaker; the third
+    # went straight to the backup.
+    assert sim.stats()["by_model"] == {"fb-primary": 4, "fb-backup": 3}
+    sim.configure(down_models=[])
+    time.sleep(0.6)  # the breaker's cooldown: the primary gets a call again
+    assert (
+        start(ask_wf, {"model": "fb-primary", "text": "back"}).result(30).startswith("[fb-primary:")
+    )
+
+
+async def test_response_cache(sim: Sim) -> None:
+    client = AsyncOpenAI(cache_ttl=60)
+    text = _uniq("cache")
+    a = await client.chat.completions.create(model="gpt-4o-mini", messages=_msg(text))
+    b = await client.chat.completions.create(model="gpt-4o-mini", messages=_msg(text))
+    assert a.choices[0].message.content == b.choices[0].message.content
+    assert sim.stats()["served"] == 1
+
+
+@component
+async def stream_answer(text: str) -> str:
+    client = AsyncOpenAI()
+    stream = await client.chat.completions.create(
+        model="gpt-4o", messages=_msg(text), stream=True, stream_options={"include_usage": True}
+    )
+    parts = [c.choices[0].delta.content or "" async for c in stream if c.choices]
+    return "".join(parts)
+
+
+@workflow(name="llm-stream")
+async def stream_wf(text: str) -> str:
+    return await stream_answer(text)
+
+
+def test_streamed_chunks_become_output_events_in_order(sim: Sim) -> None:
+    h = start(stream_wf, {"text": "one two three four five"})
+    text = h.result(30)
+    outputs = step_events(h, "output")
+    assert "".join(o.data for o in outputs) == text and len(outputs) == 6  # tag + five words
+    assert {o.step.id for o in outputs} == {"/0:stream_answer"}
+    usage = h.get().usage
+    assert usage == {"calls": 1, "prompt_tokens": 5, "completion_tokens": 6, "retries": 0,
+                     "cost_usd": pytest.approx((5 * 2.5 + 6 * 10.0) / 1e6)}  # fmt: skip
+
+
+CRASHER = """
+import asyncio, sys
+from genx_ray.llm import AsyncOpenAI
+async def main():
+    c = AsyncOpenAI()
+    print("holding", flush=True)
+    await c.chat.completions.create(model=sys.argv[1], messages=[{"role": "user", "content": "x"}])
+asyncio.run(main())
+"""
+
+
+async def test_a_crashed_holders_slot_comes_back(sim: Sim, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _uniq("crash")
+    limits = json.dumps({model: {"concurrency": 1}})
+    sim.configure(latency_ms=30_000)  # the holder's call never finishes
+    env = {**os.environ, "GENX_LLM_LIMITS": limits, "GENX_LLM_LEASE_SECONDS": "2"}
+    holder = subprocess.Popen(  # noqa: ASYNC220 - starting it does not block for long
+        [sys.executable, "-c", CRASHER, model], env=env, stdout=subprocess.PIPE
+    )
+    await asyncio.sleep(2)  # it holds the only slot
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    sim.configure(latency_ms=10)
+    monkeypatch.setenv("GENX_LLM_LIMITS", limits)
+    monkeypatch.setenv("GENX_LLM_LEASE_SECONDS", "2")
+    t0 = time.monotonic()
+    await AsyncOpenAI().chat.completions.create(model=model, messages=_msg("after"))
+    assert time.monotonic() - t0 < 3.5  # the dead holder's lease expired; no minute-long wait
+
+
+async def test_a_span_per_call_with_genai_attributes(sim: Sim) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    from genx_ray.llm import transport
+
+    monkey_tracer = provider.get_tracer("test")
+    original = transport.tracer
+    transport.tracer = monkey_tracer
+    try:
+        await AsyncOpenAI().chat.completions.create(model="gpt-4o-mini", messages=_msg("span me"))
+    finally:
+        transport.tracer = original
+    (span,) = exporter.get_finished_spans()
+    attrs: dict[str, Any] = dict(span.attributes or {})
+    assert span.name == "chat gpt-4o-mini" and span.kind is trace.SpanKind.CLIENT
+    assert attrs["gen_ai.system"] == "openai" and attrs["gen_ai.request.model"] == "gpt-4o-mini"
+    assert attrs["gen_ai.usage.input_tokens"] == 2 and attrs["gen_ai.usage.output_tokens"] == 3
+
+
+def test_no_api_key_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(ConfigError) as info:
+        AsyncOpenAI()
+    assert info.value.setting == "OPENAI_API_KEY"
