@@ -83,16 +83,23 @@ def worker(
 
 @app.command()
 def dev(port: Annotated[int, typer.Option(help="Gateway port.")] = 8000) -> None:
-    """The whole stack in one process tree: Redis (embedded if none answers), worker, gateway."""
+    """The whole stack in one process tree: Redis (embedded if none answers), the LLM simulator
+    (unless OPENAI_BASE_URL is set), a worker and the gateway."""
     from genx_ray.connections import resolve_redis_url
+    from genx_ray.embedded import free_port
 
     url = resolve_redis_url()  # exported as GENX_REDIS_URL for the processes started below
-    typer.echo(f"genx dev: redis {url}; API on http://127.0.0.1:{port}", err=True)
-    worker_proc = subprocess.Popen([sys.executable, "-m", "genx_ray.cli", "worker"])
-    gateway_proc = subprocess.Popen(
-        [sys.executable, "-m", "genx_ray.cli", "gateway", "--port", str(port)]
-    )
-    children = (gateway_proc, worker_proc)
+    cli = [sys.executable, "-m", "genx_ray.cli"]
+    children: list[subprocess.Popen[bytes]] = []
+    llm = os.environ.get("OPENAI_BASE_URL")
+    if not llm:
+        sim_port = free_port()
+        children.append(subprocess.Popen([*cli, "sim", "--port", str(sim_port)]))
+        llm = os.environ["OPENAI_BASE_URL"] = f"http://127.0.0.1:{sim_port}/v1"
+        os.environ.setdefault("OPENAI_API_KEY", "genx-sim")
+    typer.echo(f"genx dev: redis {url}; LLM {llm}; API on http://127.0.0.1:{port}", err=True)
+    children.append(subprocess.Popen([*cli, "worker"]))
+    children.append(subprocess.Popen([*cli, "gateway", "--port", str(port)]))
 
     def stop(*_: Any) -> None:
         for proc in children:

@@ -16,12 +16,31 @@ from typing import Any
 
 import httpx2
 import openai
+from openai._constants import DEFAULT_CONNECTION_LIMITS
 
 from genx_ray.errors import ConfigError
-from genx_ray.llm.transport import GenxTransport, Policy
+from genx_ray.llm.transport import GenxTransport, Policy, SyncBridge
 from genx_ray.settings import Settings
 
-__all__ = ["AsyncOpenAI", "Policy"]
+__all__ = ["AsyncOpenAI", "OpenAI", "Policy"]
+
+
+def _transport(
+    fallback: Sequence[str], cache_ttl: float | None, max_attempts: int, policy: Policy | None,
+    api_key: Any,
+) -> GenxTransport:  # fmt: skip
+    if api_key is None and not os.environ.get("OPENAI_API_KEY"):
+        raise ConfigError(
+            "OPENAI_API_KEY", "no API key: set OPENAI_API_KEY or pass api_key= (genx dev "
+            "points it at the built-in simulator)"
+        )  # fmt: skip
+    policy = policy or Policy(
+        fallback=tuple(fallback), cache_ttl=cache_ttl, max_attempts=max_attempts
+    )
+    # The SDK's own pool limits: httpx's defaults keep only 20 idle connections, which at a cap
+    # of 64 closes and reopens connections all the time.
+    inner = httpx2.AsyncHTTPTransport(limits=DEFAULT_CONNECTION_LIMITS)
+    return GenxTransport(inner, policy, Settings.from_env())
 
 
 class AsyncOpenAI(openai.AsyncOpenAI):
@@ -39,15 +58,26 @@ class AsyncOpenAI(openai.AsyncOpenAI):
         """``fallback``: models to move to, in order, when one fails for good (or its circuit is
         open); ``cache_ttl``: cache responses (not streams) for this many seconds;
         ``max_attempts``: per model, the first try included; ``policy``: all knobs at once."""
-        if kwargs.get("api_key") is None and not os.environ.get("OPENAI_API_KEY"):
-            raise ConfigError(
-                "OPENAI_API_KEY", "no API key: set OPENAI_API_KEY or pass api_key= (genx dev "
-                "points it at the built-in simulator)"
-            )  # fmt: skip
-        policy = policy or Policy(
-            fallback=tuple(fallback), cache_ttl=cache_ttl, max_attempts=max_attempts
-        )
-        transport = GenxTransport(httpx2.AsyncHTTPTransport(), policy, Settings.from_env())
+        transport = _transport(fallback, cache_ttl, max_attempts, policy, kwargs.get("api_key"))
         kwargs.setdefault("max_retries", 0)  # retries are ours: cluster-aware, with fallback
         kwargs["http_client"] = openai.DefaultAsyncHttpxClient(transport=transport)
+        super().__init__(*args, **kwargs)
+
+
+class OpenAI(openai.OpenAI):
+    """``openai.OpenAI`` with the same limits, retries, fallback, cache and events as
+    :class:`AsyncOpenAI` (calls run on a private event loop; a stream arrives once complete)."""
+
+    def __init__(
+        self,
+        *args: Any,
+        fallback: Sequence[str] = (),
+        cache_ttl: float | None = None,
+        max_attempts: int = 6,
+        policy: Policy | None = None,
+        **kwargs: Any,
+    ) -> None:
+        transport = _transport(fallback, cache_ttl, max_attempts, policy, kwargs.get("api_key"))
+        kwargs.setdefault("max_retries", 0)
+        kwargs["http_client"] = openai.DefaultHttpxClient(transport=SyncBridge(transport))
         super().__init__(*args, **kwargs)

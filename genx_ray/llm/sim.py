@@ -37,6 +37,7 @@ class SimConfig(BaseModel):
     throttle_next: int = Field(default=0, ge=0, description="the next N requests answer 429")
     down_models: list[str] = Field(default_factory=list, description="models answering 503")
     chunk_delay_ms: float = Field(default=2.0, ge=0)
+    models: list[str] = Field(default_factory=lambda: list(MODELS), description="/v1/models")
     seed: int = 0
 
 
@@ -202,9 +203,11 @@ def create_sim(config: SimConfig | None = None) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [
-            {"id": m, "object": "model", "created": 0, "owned_by": "genx-sim"} for m in MODELS
-        ]}  # fmt: skip
+        data = [
+            {"id": m, "object": "model", "created": 0, "owned_by": "genx-sim"}
+            for m in conf().models
+        ]
+        return {"object": "list", "data": data}
 
     @app.get("/sim/stats")
     async def get_stats() -> SimStats:

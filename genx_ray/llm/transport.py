@@ -11,7 +11,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +22,7 @@ from opentelemetry import trace
 from genx_ray import keys
 from genx_ray.connections import async_redis
 from genx_ray.context import current_run, current_step
+from genx_ray.errors import ConfigError
 from genx_ray.events import Output, Progress
 from genx_ray.llm.limits import Limiter, Slot
 from genx_ray.settings import Settings
@@ -32,6 +33,7 @@ _RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 _DROP_HEADERS = {"content-encoding", "content-length", "transfer-encoding"}
 # Rough public prices (USD per million tokens: input, output) for the cost estimate.
 PRICES = {"gpt-4o": (2.5, 10.0), "gpt-4o-mini": (0.15, 0.6)}
+USAGE_FIELDS = ("calls", "prompt_tokens", "completion_tokens", "retries")
 
 
 @dataclass
@@ -71,6 +73,9 @@ class GenxTransport(httpx.AsyncBaseTransport):
         self._redis: redis.asyncio.Redis | None = None
         self._limiter: Limiter | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._fallback_checked = False
+        self._usage: dict[str, dict[str, int]] = {}  # run id -> this process's running totals
+        self._usage_sent: dict[str, float] = {}
 
     def _bind(self) -> Limiter:
         loop = asyncio.get_running_loop()
@@ -89,6 +94,26 @@ class GenxTransport(httpx.AsyncBaseTransport):
         if self._redis is not None:
             await self._redis.aclose()
 
+    async def _check_fallback(self, request: httpx.Request) -> None:
+        """Once: every fallback model must be one the provider lists."""
+        if not self.policy.fallback or self._fallback_checked:
+            return
+        path = request.url.path
+        base = path[: path.rindex("/v1/") + 4] if "/v1/" in path else "/"
+        auth = {"Authorization": request.headers.get("Authorization", "")}
+        url = request.url.copy_with(path=base + "models", query=None)
+        listing = httpx.Request("GET", url, headers=auth)
+        response = await self.inner.handle_async_request(listing)
+        await response.aread()
+        if response.status_code == 200:
+            known = {m.get("id") for m in response.json().get("data", [])}
+            unknown = [m for m in self.policy.fallback if m not in known]
+            if unknown:
+                raise ConfigError(
+                    "fallback", f"unknown model(s) {unknown}; the provider lists {sorted(known)}"
+                )
+        self._fallback_checked = True
+
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         limiter = self._bind()
         try:
@@ -97,6 +122,7 @@ class GenxTransport(httpx.AsyncBaseTransport):
             body = None
         if not isinstance(body, dict) or "model" not in body:
             return await self.inner.handle_async_request(request)
+        await self._check_fallback(request)
         cache_key = None
         ttl = self.policy.cache_ttl
         if ttl and not body.get("stream"):
@@ -207,8 +233,9 @@ class GenxTransport(httpx.AsyncBaseTransport):
             int(usage.get("prompt_tokens") or 0),
             int(usage.get("completion_tokens") or 0),
         )
-        await limiter.release(slot, prompt + completion if usage else None)
-        await self._account(call, prompt, completion)
+        await limiter.release(
+            slot, prompt + completion if usage else None, self._account(call, prompt, completion)
+        )
         _end(span, prompt=prompt, completion=completion)
         headers = [(k, v) for k, v in response.headers.items() if k.lower() not in _DROP_HEADERS]
         return httpx.Response(
@@ -261,8 +288,9 @@ class GenxTransport(httpx.AsyncBaseTransport):
                 await response.aclose()
                 prompt = int(self.usage.get("prompt_tokens") or 0)
                 completion = int(self.usage.get("completion_tokens") or self.chunks)
-                await limiter.release(slot, prompt + completion)
-                await transport._account(call, prompt, completion)
+                await limiter.release(
+                    slot, prompt + completion, transport._account(call, prompt, completion)
+                )
                 _end(span, prompt=prompt, completion=completion)
 
         headers = [(k, v) for k, v in response.headers.items() if k.lower() not in _DROP_HEADERS]
@@ -270,26 +298,34 @@ class GenxTransport(httpx.AsyncBaseTransport):
             response.status_code, headers=headers, stream=Observed(), request=request
         )
 
-    async def _account(self, call: _Call, prompt: int, completion: int) -> None:
-        """Add the call to its run's usage (in the run record) and say so in its events."""
+    def _account(self, call: _Call, prompt: int, completion: int) -> Callable[[Any], None] | None:
+        """The call's usage, as commands for the release pipeline: added to its run's record.
+        Its run hears of it in a ``progress`` event of kind ``llm.usage`` (running totals of this
+        process, at most one a second)."""
         ctx = current_run()
         if ctx is None:
-            return
+            return None
         price_in, price_out = PRICES.get(call.model, (0.0, 0.0))
         # Prices are USD per 1M tokens, i.e. micro-USD per token; kept in nano-USD, whole numbers
         # (HINCRBY) fine enough that thousands of small calls add up without drift.
         cost_nanos = round((prompt * price_in + completion * price_out) * 1000)
-        async with ctx.redis.pipeline(transaction=False) as pipe:
-            pipe.hincrby(keys.run(ctx.run_id), "usage_calls", 1)
-            pipe.hincrby(keys.run(ctx.run_id), "usage_prompt_tokens", prompt)
-            pipe.hincrby(keys.run(ctx.run_id), "usage_completion_tokens", completion)
-            pipe.hincrby(keys.run(ctx.run_id), "usage_retries", call.retries)
-            pipe.hincrby(keys.run(ctx.run_id), "usage_cost_nanos", cost_nanos)
-            await pipe.execute()
-        _publish("llm.call", {
-            "model": call.model, "prompt_tokens": prompt, "completion_tokens": completion,
-            "retries": call.retries, "ms": round((time.perf_counter() - call.started) * 1e3, 1),
-        })  # fmt: skip
+        totals = self._usage.setdefault(ctx.run_id, dict.fromkeys(USAGE_FIELDS, 0))
+        for name, value in zip(USAGE_FIELDS, (1, prompt, completion, call.retries), strict=True):
+            totals[name] += value
+        now = time.monotonic()
+        if now - self._usage_sent.get(ctx.run_id, 0.0) >= 1.0:
+            self._usage_sent[ctx.run_id] = now
+            _publish("llm.usage", dict(totals))
+        key = keys.run(ctx.run_id)
+
+        def add(pipe: Any) -> None:
+            pipe.hincrby(key, "usage_calls", 1)
+            pipe.hincrby(key, "usage_prompt_tokens", prompt)
+            pipe.hincrby(key, "usage_completion_tokens", completion)
+            pipe.hincrby(key, "usage_retries", call.retries)
+            pipe.hincrby(key, "usage_cost_nanos", cost_nanos)
+
+        return add
 
 
 def _publish(kind: str, data: dict[str, Any]) -> None:
@@ -328,3 +364,48 @@ def _end(span: Any, *, prompt: int = 0, completion: int = 0, error: str | None =
         span.set_attribute("gen_ai.usage.input_tokens", prompt)
         span.set_attribute("gen_ai.usage.output_tokens", completion)
     span.end()
+
+
+class SyncBridge(httpx.BaseTransport):
+    """Serves the sync ``OpenAI`` client through the async transport, on a private event loop.
+    The caller's context (its run and step) goes along, so events and usage are the same; a
+    stream reaches the caller once complete (its chunks are still live ``output`` events)."""
+
+    def __init__(self, transport: GenxTransport) -> None:
+        import threading
+
+        self.transport = transport
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, name="genx-llm-sync", daemon=True).start()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        import concurrent.futures
+        import contextvars
+
+        async def call() -> tuple[int, list[tuple[str, str]], bytes]:
+            response = await self.transport.handle_async_request(request)
+            content = await response.aread()
+            await response.aclose()
+            headers = [
+                (k, v) for k, v in response.headers.items() if k.lower() not in _DROP_HEADERS
+            ]
+            return response.status_code, headers, content
+
+        done: concurrent.futures.Future[tuple[int, list[tuple[str, str]], bytes]] = (
+            concurrent.futures.Future()
+        )
+        context = contextvars.copy_context()
+
+        def settle(task: asyncio.Task[tuple[int, list[tuple[str, str]], bytes]]) -> None:
+            error = task.exception()
+            if error is not None:
+                done.set_exception(error)
+            else:
+                done.set_result(task.result())
+
+        def schedule() -> None:
+            context.run(self.loop.create_task, call()).add_done_callback(settle)
+
+        self.loop.call_soon_threadsafe(schedule)
+        status, headers, content = done.result()
+        return httpx.Response(status, headers=headers, content=content, request=request)

@@ -20,7 +20,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from genx_ray import component, start, workflow
 from genx_ray.errors import ConfigError
-from genx_ray.llm import AsyncOpenAI, Policy
+from genx_ray.llm import AsyncOpenAI, OpenAI, Policy
 
 from .conftest import Sim
 
@@ -109,7 +109,7 @@ FAST = {"initial_interval": 0.01}
 async def ask(model: str, text: str, fallback: bool) -> str:
     policy = (
         Policy(fallback=("fb-primary", "fb-backup"), max_attempts=2, breaker_failures=2,
-               breaker_cooldown=0.5, **FAST)
+               breaker_cooldown=2.0, **FAST)
         if fallback else Policy(max_attempts=3, **FAST)
     )  # fmt: skip
     client = AsyncOpenAI(policy=policy)
@@ -136,7 +136,7 @@ def test_5xx_is_retried_and_counted_in_usage(sim: Sim) -> None:
 
 
 def test_fallback_after_an_outage_and_recovery(sim: Sim) -> None:
-    sim.configure(down_models=["fb-primary"])
+    sim.configure(down_models=["fb-primary"], models=["fb-primary", "fb-backup"])
     for i in range(3):
         h = start(ask_wf, {"model": "fb-primary", "text": f"x{i}"})
         assert h.result(30).startswith("[fb-backup:")
@@ -145,8 +145,8 @@ def test_fallback_after_an_outage_and_recovery(sim: Sim) -> None:
     # The first two calls tried the primary (2 attempts each) and tripped the breaker; the third
     # went straight to the backup.
     assert sim.stats()["by_model"] == {"fb-primary": 4, "fb-backup": 3}
-    sim.configure(down_models=[])
-    time.sleep(0.6)  # the breaker's cooldown: the primary gets a call again
+    sim.configure(down_models=[], models=["fb-primary", "fb-backup"])
+    time.sleep(2.1)  # the breaker's cooldown: the primary gets a call again
     assert (
         start(ask_wf, {"model": "fb-primary", "text": "back"}).result(30).startswith("[fb-primary:")
     )
@@ -242,3 +242,33 @@ def test_no_api_key_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError) as info:
         AsyncOpenAI()
     assert info.value.setting == "OPENAI_API_KEY"
+
+
+def test_an_unknown_fallback_model_names_the_setting(sim: Sim) -> None:
+    client = OpenAI(fallback=["gpt-4o", "gpt-5-imaginary"])
+    with pytest.raises(ConfigError) as info:
+        client.chat.completions.create(model="gpt-4o", messages=_msg("x"))
+    assert info.value.setting == "fallback" and "gpt-5-imaginary" in str(info.value)
+    assert sim.stats()["served"] == 0  # refused before any call was made
+
+
+@component
+def sync_ask(text: str) -> str:
+    client = OpenAI()
+    r = client.chat.completions.create(model="gpt-4o-mini", messages=_msg(text))
+    return str(r.choices[0].message.content)
+
+
+@workflow(name="llm-sync")
+async def sync_wf(text: str) -> str:
+    return await sync_ask(text)
+
+
+def test_the_sync_client_in_a_sync_step(sim: Sim) -> None:
+    sim.configure(fail_next=1)
+    h = start(sync_wf, {"text": "sync call"})
+    assert h.result(30).startswith("[gpt-4o-mini:")
+    run = h.get()
+    assert run.usage is not None and run.usage["calls"] == 1 and run.usage["retries"] == 1
+    (retry,) = [e for e in step_events(h, "progress") if e.kind == "llm.retry"]
+    assert retry.step.id == "/0:sync_ask"  # the caller's step context came along
