@@ -169,7 +169,7 @@ def run_cmd(
 
 @app.command()
 def demo(
-    workflow: Annotated[str, typer.Option(help="Example workflow to run.")] = "digest",
+    workflow: Annotated[str, typer.Option(help="Example workflow to run.")] = "onboard",
     input: Annotated[str, typer.Option("--input", help="Its input, as JSON.")] = "{}",
 ) -> None:
     """The main job: the whole stack, an example run through the API with live progress."""

@@ -25,6 +25,7 @@ from genx_ray.context import (
     current_run,
     current_scope,
     step_scope,
+    streaming_step,
 )
 from genx_ray.errors import RunCancelled, StepError, StepTimeout, UserError
 from genx_ray.events import (
@@ -284,10 +285,11 @@ class Component(Generic[P, R]):
             return _aggregate(result) if self._streams else result
         if self._streams:
             chunks = []
-            async for chunk in cast(AsyncIterator[Any], self.fn(*args, **kwargs)):
-                chunks.append(chunk)
-                if ctx is not None:
-                    ctx.writer.emit(Output(run_id=ctx.run_id, data=to_json(chunk), step=ref))
+            with streaming_step():
+                async for chunk in cast(AsyncIterator[Any], self.fn(*args, **kwargs)):
+                    chunks.append(chunk)
+                    if ctx is not None:
+                        ctx.writer.emit(Output(run_id=ctx.run_id, data=to_json(chunk), step=ref))
             return _aggregate(chunks)
         if self._is_async:
             return await cast(Awaitable[Any], self.fn(*args, **kwargs))

@@ -97,6 +97,9 @@ class RunContext:
 _run: ContextVar[RunContext | None] = ContextVar("genx_run", default=None)
 _scope: ContextVar[Scope | None] = ContextVar("genx_scope", default=None)
 _step: ContextVar[StepRef | None] = ContextVar("genx_step", default=None)
+# True inside a streaming component: what it yields is its output, so nothing under it (an LLM
+# stream it relays) emits the same chunks again.
+_streaming: ContextVar[bool] = ContextVar("genx_streaming", default=False)
 
 
 def current_run() -> RunContext | None:
@@ -106,6 +109,19 @@ def current_run() -> RunContext | None:
 
 def current_step() -> StepRef | None:
     return _step.get()
+
+
+def in_streaming_step() -> bool:
+    return _streaming.get()
+
+
+@contextmanager
+def streaming_step() -> Iterator[None]:
+    token = _streaming.set(True)
+    try:
+        yield
+    finally:
+        _streaming.reset(token)
 
 
 def current_scope() -> Scope | None:

@@ -1,8 +1,9 @@
-"""Shared fixtures: a real Redis (the machine's, else a private one) and a local Ray, once each.
+"""Shared fixtures: a real Redis and a local Ray, once each per session.
 
-Tests use database 9 of the Redis at 127.0.0.1:6379 when one answers there (flushed once at the
-start of the session), else an embedded Redis this session starts. ``GENX_TEST_REDIS_URL``
-overrides both.
+Each test session starts its own private ``redis-server`` (genx_ray.embedded), so two sessions on
+one machine (a developer's and CI's) never see each other's queues and runs. Without the binary,
+tests use database 9 of the Redis at 127.0.0.1:6379 (flushed once at the start).
+``GENX_TEST_REDIS_URL`` overrides both.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import redis as sync_redis_lib
 
 from genx_ray.connections import async_redis, ping
 from genx_ray.embedded import EmbeddedRedis
+from genx_ray.errors import ConfigError
 from genx_ray.runs import RunStore
 from genx_ray.streams import EventStore
 
@@ -24,10 +26,12 @@ def redis_url() -> Iterator[str]:
     url = os.environ.get("GENX_TEST_REDIS_URL")
     server = None
     if not url:
-        url = "redis://127.0.0.1:6379/9"
-        if ping(url) is not None:
+        try:
             server = EmbeddedRedis()
             url = server.start()
+        except ConfigError:  # no redis-server binary here: share the machine's, in its own db
+            server, url = None, "redis://127.0.0.1:6379/9"
+            assert ping(url) is None, "no Redis for the tests: install redis-server"
     sync_redis_lib.Redis.from_url(url).flushdb()
     os.environ["GENX_REDIS_URL"] = url  # for everything a test starts (Ray workers, servers)
     yield url

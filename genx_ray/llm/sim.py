@@ -5,7 +5,8 @@ real providers hard: latency (a mean and a jitter), a concurrency cap and a requ
 limit answered by ``429`` + ``Retry-After``, injected ``500``s, and outages of given models
 (``503``). Answers are deterministic (a hash of the request). ``GET /sim/stats`` reports peak
 concurrency, served, rejected and failed requests; ``POST /sim/config`` changes the behaviour at
-run time and ``POST /sim/reset`` zeroes the counters.
+run time and ``POST /sim/reset`` zeroes the counters. ``/site/...`` serves a small sample web
+site (the one the onboarding example crawls by default).
 """
 
 from __future__ import annotations
@@ -17,13 +18,16 @@ import random
 import time
 from collections import deque
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 MODELS = ("gpt-4o-mini", "gpt-4o", "sim-small", "sim-large", "text-embedding-3-small")
+SAMPLE_SITE = Path(__file__).resolve().parent.parent / "sample_site"
 
 
 class SimConfig(BaseModel):
@@ -208,6 +212,8 @@ def create_sim(config: SimConfig | None = None) -> FastAPI:
             for m in conf().models
         ]
         return {"object": "list", "data": data}
+
+    app.mount("/site", StaticFiles(directory=SAMPLE_SITE, html=True), name="site")
 
     @app.get("/sim/stats")
     async def get_stats() -> SimStats:

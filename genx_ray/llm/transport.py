@@ -21,7 +21,7 @@ from opentelemetry import trace
 
 from genx_ray import keys
 from genx_ray.connections import async_redis
-from genx_ray.context import current_run, current_step
+from genx_ray.context import current_run, current_step, in_streaming_step
 from genx_ray.errors import ConfigError
 from genx_ray.events import Output, Progress
 from genx_ray.llm.limits import Limiter, Slot
@@ -276,7 +276,9 @@ class GenxTransport(httpx.AsyncBaseTransport):
                     if text:
                         self.chunks += 1
                         ctx = current_run()
-                        if ctx is not None:  # the chunk becomes an output event of the step
+                        # The chunk becomes an output event of the step, unless the step is a
+                        # streaming component: then what it yields is its output.
+                        if ctx is not None and not in_streaming_step():
                             ctx.writer.emit(
                                 Output(run_id=ctx.run_id, data=text, step=current_step())
                             )

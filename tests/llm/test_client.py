@@ -272,3 +272,25 @@ def test_the_sync_client_in_a_sync_step(sim: Sim) -> None:
     assert run.usage is not None and run.usage["calls"] == 1 and run.usage["retries"] == 1
     (retry,) = [e for e in step_events(h, "progress") if e.kind == "llm.retry"]
     assert retry.step.id == "/0:sync_ask"  # the caller's step context came along
+
+
+@component
+async def relay(text: str):  # type: ignore[no-untyped-def]
+    stream = await AsyncOpenAI().chat.completions.create(
+        model="gpt-4o", messages=_msg(text), stream=True
+    )
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            yield chunk.choices[0].delta.content
+
+
+@workflow(name="llm-relay")
+async def relay_wf(text: str) -> str:
+    return await relay(text)
+
+
+def test_a_streaming_component_relaying_an_llm_stream_emits_each_chunk_once(sim: Sim) -> None:
+    h = start(relay_wf, {"text": "alpha beta gamma"})
+    text = h.result(30)
+    outputs = [o.data for o in step_events(h, "output")]
+    assert "".join(outputs) == text and len(outputs) == 4  # tag + three words, no duplicates

@@ -1,4 +1,4 @@
-"""Built-in example workflows, served by default (``GENX_WORKFLOWS`` unset).
+"""The digest example: summarize many documents in parallel and stream a report.
 
 ``digest`` is the shape of the batch jobs genx-ray is for: fan a step out over many items with
 bounded concurrency, publish progress, stream the final write-up as it is produced.

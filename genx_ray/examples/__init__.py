@@ -1,0 +1,11 @@
+"""Built-in example workflows, served by default (``GENX_WORKFLOWS`` unset).
+
+- ``onboard``: the main job. Crawl a site, extract every page with an LLM, enrich it with
+  hundreds of calls, stream a write-up.
+- ``digest``: summarize many documents in parallel (no LLM needed) and stream a report.
+- ``hello``: the smallest workflow.
+"""
+
+from genx_ray.examples import digest, onboard
+
+__all__ = ["digest", "onboard"]
