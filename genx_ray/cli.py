@@ -180,9 +180,12 @@ def demo(
     from genx_ray.embedded import free_port
 
     port = free_port()
+    # The stack's own output (Ray, worker and server logs) is diagnostics: it goes to stderr, so
+    # stdout carries the report alone and can be piped.
     stack = subprocess.Popen(
-        [sys.executable, "-m", "genx_ray.cli", "dev", "--port", str(port)], start_new_session=True
-    )
+        [sys.executable, "-m", "genx_ray.cli", "dev", "--port", str(port)],
+        start_new_session=True, stdout=sys.stderr,
+    )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
