@@ -33,11 +33,6 @@ def new_run_id(now: float | None = None) -> RunId:
     return RunId(RUN_PREFIX + _b32(ms, 10) + _b32(secrets.randbits(80), 16))
 
 
-def run_id_floor(ts: float) -> str:
-    """The smallest possible id created at ``ts``: a lexicographic bound for index trimming."""
-    return RUN_PREFIX + _b32(int(ts * 1000), 10)
-
-
 def is_run_id(value: str) -> bool:
     body = value[len(RUN_PREFIX) :]
     return value.startswith(RUN_PREFIX) and len(body) == 26 and all(c in _ALPHABET for c in body)

@@ -36,12 +36,6 @@ return 0
 """
 
 
-def register(client: redis.Redis, run_id: str) -> None:
-    """Put a run on the supervisor's watch list before its host claims it, so there is no moment
-    where a running run is unwatched."""
-    client.zadd(keys.LEASES, {run_id: time.time()})
-
-
 class Lease:
     def __init__(
         self,

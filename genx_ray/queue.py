@@ -55,6 +55,3 @@ class RunQueue:
             pipe.xack(self.stream, keys.QUEUE_GROUP, entry_id)
             pipe.xdel(self.stream, entry_id)
             await pipe.execute()
-
-    async def depth(self) -> int:
-        return int(await self.redis.xlen(self.stream))

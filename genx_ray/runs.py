@@ -22,7 +22,7 @@ from redis.exceptions import ResponseError
 from genx_ray import keys
 from genx_ray.errors import Fenced, InvalidTransition, RunNotFound, UserError
 from genx_ray.events import ErrorInfo, RunQueued, dumps
-from genx_ray.ids import RunId, new_run_id, run_id_floor
+from genx_ray.ids import RunId, new_run_id
 
 DEFAULT_TENANT = "default"
 
@@ -315,11 +315,3 @@ class RunStore:
 
     async def cancel_requested(self, run_id: str) -> bool:
         return await self.redis.hget(keys.run(run_id), "cancel_requested") == "1"
-
-    async def trim_index(self, tenant: str, older_than: float, workflow: str | None = None) -> int:
-        """Drop index entries of runs created before ``older_than`` (their keys have expired)."""
-        return int(
-            await self.redis.zremrangebylex(
-                keys.run_index(tenant, workflow), "-", f"({run_id_floor(older_than)}"
-            )
-        )

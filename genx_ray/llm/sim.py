@@ -126,11 +126,22 @@ def create_sim(config: SimConfig | None = None) -> FastAPI:
         s.in_flight -= 1
         s.served += 1
 
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request) -> Response:
+    async def arrive(request: Request) -> tuple[dict[str, Any], str, Response | None]:
+        """The request's body and model, and the refusal to send instead, if any."""
         body = await request.json()
         model = str(body.get("model", ""))
-        refused = admit(model)
+        return body, model, admit(model)
+
+    async def respond() -> None:
+        """An admitted request's latency; it counts as served once that has passed."""
+        try:
+            await latency()
+        finally:
+            done()
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        body, model, refused = await arrive(request)
         if refused is not None:
             return refused
         text = _answer(body)
@@ -142,10 +153,7 @@ def create_sim(config: SimConfig | None = None) -> FastAPI:
             "chatcmpl-" + hashlib.sha256(text.encode()).hexdigest()[:12],
         )
         if not body.get("stream"):
-            try:
-                await latency()
-            finally:
-                done()
+            await respond()
             return JSONResponse({
                 "id": cid, "object": "chat.completion", "created": created, "model": model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
@@ -184,15 +192,10 @@ def create_sim(config: SimConfig | None = None) -> FastAPI:
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> Response:
-        body = await request.json()
-        model = str(body.get("model", ""))
-        refused = admit(model)
+        body, model, refused = await arrive(request)
         if refused is not None:
             return refused
-        try:
-            await latency()
-        finally:
-            done()
+        await respond()
         inputs = body.get("input")
         items = inputs if isinstance(inputs, list) else [inputs]
         dims = int(body.get("dimensions") or 8)
