@@ -14,9 +14,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-import httpx2
 import openai
-from openai._constants import DEFAULT_CONNECTION_LIMITS
 
 from genx_ray.errors import ConfigError
 from genx_ray.llm.transport import GenxTransport, Policy, SyncBridge
@@ -37,10 +35,7 @@ def _transport(
     policy = policy or Policy(
         fallback=tuple(fallback), cache_ttl=cache_ttl, max_attempts=max_attempts
     )
-    # The SDK's own pool limits: httpx's defaults keep only 20 idle connections, which at a cap
-    # of 64 closes and reopens connections all the time.
-    inner = httpx2.AsyncHTTPTransport(limits=DEFAULT_CONNECTION_LIMITS)
-    return GenxTransport(inner, policy, Settings.from_env())
+    return GenxTransport(policy, Settings.from_env())
 
 
 class AsyncOpenAI(openai.AsyncOpenAI):

@@ -10,13 +10,16 @@ import hashlib
 import json
 import logging
 import random
+import threading
 import time
-from collections.abc import AsyncIterator, Callable
+import weakref
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx2 as httpx  # the HTTP client openai >= 3 is built on
 import redis.asyncio
+from openai._constants import DEFAULT_CONNECTION_LIMITS
 from opentelemetry import trace
 
 from genx_ray import keys
@@ -24,7 +27,7 @@ from genx_ray.connections import async_redis
 from genx_ray.context import current_run, current_step, in_streaming_step
 from genx_ray.errors import ConfigError
 from genx_ray.events import Output, Progress
-from genx_ray.llm.limits import Limiter, Slot
+from genx_ray.llm.limits import Booking, Limiter, Slot
 from genx_ray.settings import Settings
 
 log = logging.getLogger("genx_ray.llm")
@@ -67,32 +70,52 @@ class _Call:
     started: float = field(default_factory=time.perf_counter)
 
 
+@dataclass
+class _Shared:
+    """What every client on one event loop shares: the connection pool, the Redis client and
+    the limiter (one pump per budget per process, however many clients make calls). A client
+    costs next to nothing to build, so code that makes one per call (common) stays fast."""
+
+    inner: httpx.AsyncBaseTransport
+    redis: redis.asyncio.Redis
+    limiter: Limiter
+
+
+_shared: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[Any, ...], _Shared]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _shared_state(settings: Settings) -> _Shared:
+    from genx_ray.connections import resolve_redis_url
+
+    per_loop = _shared.setdefault(asyncio.get_running_loop(), {})
+    key = (
+        settings.redis_url,
+        tuple(sorted(settings.llm_limits.items())),
+        settings.llm_lease_seconds,
+    )
+    state = per_loop.get(key)
+    if state is None:
+        client = async_redis(resolve_redis_url(settings))  # pings: once per loop, not per call
+        # The SDK's own pool limits: httpx's defaults keep only 20 idle connections, which at
+        # a cap of 64 closes and reopens connections all the time.
+        inner = httpx.AsyncHTTPTransport(limits=DEFAULT_CONNECTION_LIMITS)
+        limiter = Limiter(client, settings.llm_limits, settings.llm_lease_seconds)
+        state = per_loop[key] = _Shared(inner, client, limiter)
+    return state
+
+
 class GenxTransport(httpx.AsyncBaseTransport):
-    def __init__(self, inner: httpx.AsyncBaseTransport, policy: Policy, settings: Settings) -> None:
-        self.inner, self.policy, self.settings = inner, policy, settings
-        self._redis: redis.asyncio.Redis | None = None
-        self._limiter: Limiter | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+    def __init__(self, policy: Policy, settings: Settings) -> None:
+        self.policy, self.settings = policy, settings
         self._fallback_checked = False
         self._usage: dict[str, dict[str, int]] = {}  # run id -> this process's running totals
         self._usage_sent: dict[str, float] = {}
 
-    def _bind(self) -> Limiter:
-        loop = asyncio.get_running_loop()
-        if self._limiter is None or self._loop is not loop:  # Redis clients belong to one loop
-            from genx_ray.connections import resolve_redis_url
-
-            self._redis = async_redis(resolve_redis_url(self.settings))
-            self._limiter = Limiter(
-                self._redis, self.settings.llm_limits, self.settings.llm_lease_seconds
-            )
-            self._loop = loop
-        return self._limiter
-
     async def aclose(self) -> None:
-        await self.inner.aclose()
-        if self._redis is not None:
-            await self._redis.aclose()
+        """Nothing of its own to close: the pool and Redis client are shared by the loop's
+        clients and go with the loop."""
 
     async def _check_fallback(self, request: httpx.Request) -> None:
         """Once: every fallback model must be one the provider lists."""
@@ -103,7 +126,7 @@ class GenxTransport(httpx.AsyncBaseTransport):
         auth = {"Authorization": request.headers.get("Authorization", "")}
         url = request.url.copy_with(path=base + "models", query=None)
         listing = httpx.Request("GET", url, headers=auth)
-        response = await self.inner.handle_async_request(listing)
+        response = await _shared_state(self.settings).inner.handle_async_request(listing)
         await response.aread()
         if response.status_code == 200:
             known = {m.get("id") for m in response.json().get("data", [])}
@@ -115,21 +138,20 @@ class GenxTransport(httpx.AsyncBaseTransport):
         self._fallback_checked = True
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        limiter = self._bind()
+        shared = _shared_state(self.settings)
         try:
             body = json.loads(request.content) if request.content else None
         except (json.JSONDecodeError, UnicodeDecodeError):
             body = None
         if not isinstance(body, dict) or "model" not in body:
-            return await self.inner.handle_async_request(request)
+            return await shared.inner.handle_async_request(request)
         await self._check_fallback(request)
         cache_key = None
         ttl = self.policy.cache_ttl
         if ttl and not body.get("stream"):
             digest = hashlib.sha256(request.url.path.encode() + request.content).hexdigest()
             cache_key = f"{keys.PREFIX}:llmcache:{digest}"
-            assert self._redis is not None
-            hit = await self._redis.get(cache_key)
+            hit = await shared.redis.get(cache_key)
             if hit is not None:
                 return httpx.Response(200, json=json.loads(hit), request=request)
         errors: list[str] = []
@@ -145,12 +167,11 @@ class GenxTransport(httpx.AsyncBaseTransport):
                 )
                 body = {**body, "model": model}
                 request = _with_body(request, body)
-            response = await self._attempts(limiter, request, body, _Call(model), errors)
+            response = await self._attempts(shared, request, body, _Call(model), errors)
             if response is not None:
                 self._breaker(model).failures = 0
                 if cache_key is not None and ttl and response.status_code == 200:
-                    assert self._redis is not None
-                    await self._redis.set(cache_key, response.content, px=int(ttl * 1000))
+                    await shared.redis.set(cache_key, response.content, px=int(ttl * 1000))
                 return response
             self._trip(model)
         error = {"message": "; ".join(errors[-3:]), "type": "genx_upstream_failed"}
@@ -176,12 +197,13 @@ class GenxTransport(httpx.AsyncBaseTransport):
                         self.policy.breaker_failures, self.policy.breaker_cooldown)  # fmt: skip
 
     async def _attempts(
-        self, limiter: Limiter, request: httpx.Request, body: dict[str, Any], call: _Call,
+        self, shared: _Shared, request: httpx.Request, body: dict[str, Any], call: _Call,
         errors: list[str],
     ) -> httpx.Response | None:  # fmt: skip
         estimate = len(request.content) // 4 + int(
             body.get("max_completion_tokens") or body.get("max_tokens") or 256
         )
+        limiter = shared.limiter
         delay = self.policy.initial_interval
         while call.attempts < self.policy.max_attempts:
             call.attempts += 1
@@ -192,7 +214,7 @@ class GenxTransport(httpx.AsyncBaseTransport):
             })  # fmt: skip
             retry_after: float | None = None
             try:
-                response = await self.inner.handle_async_request(request)
+                response = await shared.inner.handle_async_request(request)
             except (httpx.TransportError, OSError) as exc:
                 reason = f"{call.model}: {type(exc).__name__}: {exc}"
                 await limiter.release(slot)
@@ -226,6 +248,10 @@ class GenxTransport(httpx.AsyncBaseTransport):
         call: _Call, limiter: Limiter,
     ) -> httpx.Response:  # fmt: skip
         content = await response.aread()
+        # Hand the connection back to the pool before the slot: the waiter the release wakes
+        # then reuses it instead of opening another (and the pool, scanned on every request,
+        # stays as small as the cap).
+        await response.aclose()
         usage: dict[str, Any] = {}
         with contextlib.suppress(json.JSONDecodeError, AttributeError, UnicodeDecodeError):
             usage = json.loads(content).get("usage") or {}
@@ -300,8 +326,8 @@ class GenxTransport(httpx.AsyncBaseTransport):
             response.status_code, headers=headers, stream=Observed(), request=request
         )
 
-    def _account(self, call: _Call, prompt: int, completion: int) -> Callable[[Any], None] | None:
-        """The call's usage, as commands for the release pipeline: added to its run's record.
+    def _account(self, call: _Call, prompt: int, completion: int) -> Booking | None:
+        """The call's usage, booked with its slot's release: added to its run's record.
         Its run hears of it in a ``progress`` event of kind ``llm.usage`` (running totals of this
         process, at most one a second)."""
         ctx = current_run()
@@ -318,16 +344,10 @@ class GenxTransport(httpx.AsyncBaseTransport):
         if now - self._usage_sent.get(ctx.run_id, 0.0) >= 1.0:
             self._usage_sent[ctx.run_id] = now
             _publish("llm.usage", dict(totals))
-        key = keys.run(ctx.run_id)
-
-        def add(pipe: Any) -> None:
-            pipe.hincrby(key, "usage_calls", 1)
-            pipe.hincrby(key, "usage_prompt_tokens", prompt)
-            pipe.hincrby(key, "usage_completion_tokens", completion)
-            pipe.hincrby(key, "usage_retries", call.retries)
-            pipe.hincrby(key, "usage_cost_nanos", cost_nanos)
-
-        return add
+        return keys.run(ctx.run_id), {
+            "usage_calls": 1, "usage_prompt_tokens": prompt, "usage_completion_tokens": completion,
+            "usage_retries": call.retries, "usage_cost_nanos": cost_nanos,
+        }  # fmt: skip
 
 
 def _publish(kind: str, data: dict[str, Any]) -> None:
@@ -373,12 +393,18 @@ class SyncBridge(httpx.BaseTransport):
     The caller's context (its run and step) goes along, so events and usage are the same; a
     stream reaches the caller once complete (its chunks are still live ``output`` events)."""
 
-    def __init__(self, transport: GenxTransport) -> None:
-        import threading
+    _loop: asyncio.AbstractEventLoop | None = None  # one per process, shared by every client
+    _lock = threading.Lock()
 
+    def __init__(self, transport: GenxTransport) -> None:
         self.transport = transport
-        self.loop = asyncio.new_event_loop()
-        threading.Thread(target=self.loop.run_forever, name="genx-llm-sync", daemon=True).start()
+        with SyncBridge._lock:
+            if SyncBridge._loop is None:
+                SyncBridge._loop = asyncio.new_event_loop()
+                threading.Thread(
+                    target=SyncBridge._loop.run_forever, name="genx-llm-sync", daemon=True
+                ).start()
+        self.loop = SyncBridge._loop
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         import concurrent.futures
