@@ -14,12 +14,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fnmatch
+import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import redis.asyncio
 from redis.exceptions import NoScriptError
@@ -27,18 +27,26 @@ from redis.exceptions import NoScriptError
 from genx_ray.keys import PREFIX
 from genx_ray.settings import LLMLimit
 
+log = logging.getLogger("genx_ray.llm")
 POLL_SECONDS = 0.05
+PARK_SECONDS = 0.1  # how long a freed slot waits in its process for the next caller
+FRESH_SECONDS = 0.25  # how old the news that no other process waits may be
 _BATCH = 256  # waiters considered per script call
 PAUSE_CACHE_SECONDS = 0.1
 
-# KEYS: conc, req, tok, pause. ARGV: now ms, id prefix, lease ms, conc cap, rpm, tpm (0 = no
-# cap), then the token estimate of each caller waiting, in order. Grants slots to the first
-# callers while the budget allows; returns {granted, ms to wait at least (0: until a release)}.
-# Slot i's id is '<prefix>-<i>'.
+# KEYS: conc, req, tok, pause, waiting. ARGV: now ms, id prefix, lease ms, conc cap, rpm, tpm
+# (0 = no cap), this process's id, then the token estimate of each caller waiting, in order.
+# Grants slots to the first callers while the budget allows; the process stays listed in
+# 'waiting' while some of its callers still wait. Returns {granted, ms to wait at least (0: until
+# a release), how many other processes have callers waiting}. Slot i's id is '<prefix>-<i>'.
 _ACQUIRE = """
 local now = tonumber(ARGV[1])
+local me = ARGV[7]
+redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
+redis.call('ZADD', KEYS[5], now + 2000, me)
+local others = redis.call('ZCARD', KEYS[5]) - 1
 local paused = redis.call('PTTL', KEYS[4])
-if paused > 0 then return {0, paused} end
+if paused > 0 then return {0, paused, others} end
 local conc, rpm, tpm = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local held, requests, used = 0, 0, 0
 if conc > 0 then
@@ -56,7 +64,7 @@ if tpm > 0 then
   end
 end
 local granted, wait = 0, 0
-for i = 7, #ARGV do
+for i = 8, #ARGV do
   local tokens = tonumber(ARGV[i])
   if conc > 0 and held >= conc then break end
   if rpm > 0 and requests >= rpm then
@@ -79,18 +87,22 @@ if granted > 0 then
   if rpm > 0 then redis.call('PEXPIRE', KEYS[2], 61000) end
   if tpm > 0 then redis.call('PEXPIRE', KEYS[3], 61000) end
 end
-return {granted, wait}
+if granted == #ARGV - 7 then redis.call('ZREM', KEYS[5], me) end
+redis.call('PEXPIRE', KEYS[5], 5000)
+return {granted, wait, others}
 """
 
-# KEYS: conc, tok. ARGV: id, estimated tokens, actual tokens (-1 = unknown).
+# KEYS: conc, tok. ARGV: (id, estimated tokens, actual tokens or -1 if unknown) per slot.
 _RELEASE = """
-redis.call('ZREM', KEYS[1], ARGV[1])
-if tonumber(ARGV[3]) >= 0 then
-  local old = ARGV[1] .. ':' .. ARGV[2]
-  local score = redis.call('ZSCORE', KEYS[2], old)
-  if score then
-    redis.call('ZREM', KEYS[2], old)
-    redis.call('ZADD', KEYS[2], score, ARGV[1] .. ':' .. ARGV[3])
+for i = 1, #ARGV, 3 do
+  redis.call('ZREM', KEYS[1], ARGV[i])
+  if tonumber(ARGV[i + 2]) >= 0 then
+    local old = ARGV[i] .. ':' .. ARGV[i + 1]
+    local score = redis.call('ZSCORE', KEYS[2], old)
+    if score then
+      redis.call('ZREM', KEYS[2], old)
+      redis.call('ZADD', KEYS[2], score, ARGV[i] .. ':' .. ARGV[i + 2])
+    end
   end
 end
 return 1
@@ -107,7 +119,7 @@ return 1
 
 def _keys(glob: str) -> list[str]:
     tag = f"{PREFIX}:llm:{{{glob}}}"  # one hash slot per budget: the scripts stay cluster-valid
-    return [f"{tag}:conc", f"{tag}:req", f"{tag}:tok", f"{tag}:pause"]
+    return [f"{tag}:conc", f"{tag}:req", f"{tag}:tok", f"{tag}:pause", f"{tag}:waiting"]
 
 
 def match(limits: Mapping[str, LLMLimit], model: str) -> str | None:
@@ -118,12 +130,15 @@ def match(limits: Mapping[str, LLMLimit], model: str) -> str | None:
     return max(found, key=len) if found else None
 
 
+# What a call adds to its run's record when its slot is released: the key, and counters.
+Booking = tuple[str, Mapping[str, int]]
+
+
 @dataclass
 class Slot:
     glob: str
     id: str
     tokens: int
-    refresher: asyncio.Task[None] | None = None
 
 
 class Limiter:
@@ -142,6 +157,26 @@ class Limiter:
         self._pumps: dict[str, asyncio.Task[None]] = {}
         self._wakers: dict[str, asyncio.Event] = {}  # set when a slot of this process frees
         self._pauses: dict[str, tuple[float, float]] = {}  # budget -> (checked at, paused until)
+        self._held: dict[str, set[str]] = {}  # budget -> ids of the slots this process holds
+        # budget -> (whether another process had callers waiting, when this process last
+        # asked Redis). While none did, lately, a freed concurrency slot stays in this process:
+        # it goes straight to the next caller waiting here, or is parked for PARK_SECONDS for
+        # the next one to come (no round trip either way); else it goes back through Redis.
+        self._contended: dict[str, tuple[bool, float]] = {}
+        self._parked: dict[str, list[Slot]] = {}
+        self._park_deadlines: dict[tuple[str, str], float] = {}  # (budget, id) -> monotonic
+        self._parker: asyncio.Task[None] | None = None
+        # (budget, slot id) -> new lease expiry (ms), written with the next batch: a parked slot
+        # gets a short lease (its process may end before it is taken), a slot taken from the
+        # park gets a full one again. Nobody waits for these writes.
+        self._touches: dict[tuple[str, str], int] = {}
+        self._me = secrets.token_hex(8)
+        self._refresher: asyncio.Task[None] | None = None
+        # Releases are group-committed: those made while a batch is being written go together
+        # in the next one (one pipeline, one script call per budget, usage summed per key).
+        self._batch: list[tuple[Slot, int, Booking | None]] = []
+        self._batch_done: asyncio.Future[None] | None = None
+        self._flusher: asyncio.Task[None] | None = None
 
     def budget(self, model: str) -> tuple[str, LLMLimit]:
         """The budget a model draws on: its glob's, or (no limits) its own, which only a
@@ -155,6 +190,13 @@ class Limiter:
         if not (limit.concurrency or limit.rpm or limit.tpm):
             await self._wait_out_pause(glob)  # no budget to take from: only a pause applies
             return Slot(glob, "", tokens)
+        parked = self._parked.get(glob)
+        if parked and not self._queues.get(glob) and self._local(glob):
+            slot = parked.pop()
+            self._park_deadlines.pop((glob, slot.id), None)
+            self._held.setdefault(glob, set()).add(slot.id)
+            self._touch(slot, self.lease_seconds)
+            return Slot(glob, slot.id, tokens)
         waiter: asyncio.Future[Slot] = asyncio.get_running_loop().create_future()
         self._queues.setdefault(glob, deque()).append((waiter, tokens))
         if glob not in self._pumps or self._pumps[glob].done():
@@ -168,7 +210,9 @@ class Limiter:
                 await self.release(waiter.result())
             raise
         if limit.concurrency:
-            slot.refresher = asyncio.create_task(self._refresh(slot))
+            self._held.setdefault(glob, set()).add(slot.id)
+            if self._refresher is None or self._refresher.done():
+                self._refresher = asyncio.create_task(self._refresh())
         return slot
 
     async def _wait_out_pause(self, glob: str) -> None:
@@ -195,62 +239,181 @@ class Limiter:
             wake.clear()
             prefix = secrets.token_hex(6)
             batch = [tokens for _, tokens in list(queue)[:_BATCH]]
-            granted, wait_ms = await self._acquire(
+            granted, wait_ms, others = await self._acquire(
                 keys=_keys(glob),
                 args=[int(time.time() * 1000), prefix, int(self.lease_seconds * 1000),
-                      limit.concurrency or 0, limit.rpm or 0, limit.tpm or 0, *batch],
+                      limit.concurrency or 0, limit.rpm or 0, limit.tpm or 0, self._me, *batch],
             )  # fmt: skip
+            # A pause (a provider's Retry-After) also keeps slots from staying local.
+            contended = int(others) > 0 or (not granted and int(wait_ms) > 0)
+            self._contended[glob] = (contended, time.monotonic())
+            unused = []
             for i in range(int(granted)):
-                waiter, tokens = queue.popleft()
-                slot = Slot(glob, f"{prefix}-{i + 1}", tokens)
-                if waiter.done():  # cancelled meanwhile: give the slot straight back
-                    await self.release(slot)
+                slot = Slot(glob, f"{prefix}-{i + 1}", batch[i])
+                # The callers still waiting, in order (some may have been cancelled meanwhile,
+                # or served by a hand-over while the script ran).
+                while queue and queue[0][0].done():
+                    queue.popleft()
+                if queue:  # the slot keeps the estimate it was booked with, for the release
+                    queue.popleft()[0].set_result(slot)
                 else:
-                    waiter.set_result(slot)
+                    unused.append(slot)
+            for slot in unused:  # give them straight back
+                await self.release(slot)
             if queue and not granted:
                 hint = int(wait_ms) / 1000
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), min(max(hint, POLL_SECONDS), 5.0))
 
-    async def _refresh(self, slot: Slot) -> None:
-        conc_key = _keys(slot.glob)[0]
-        while True:
+    async def _refresh(self) -> None:
+        """Extend the lease of every slot this process holds, every third of a lease."""
+        while any(self._held.values()):
             await asyncio.sleep(self.lease_seconds / 3)
+            expiry = int((time.time() + self.lease_seconds) * 1000)
             with contextlib.suppress(Exception):
-                await self.redis.zadd(
-                    conc_key, {slot.id: int((time.time() + self.lease_seconds) * 1000)}, xx=True
-                )
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for glob, ids in self._held.items():
+                        if ids:
+                            pipe.zadd(_keys(glob)[0], dict.fromkeys(ids, expiry), xx=True)
+                    await pipe.execute()
 
     async def release(
-        self,
-        slot: Slot,
-        actual_tokens: int | None = None,
-        also: Callable[[Any], None] | None = None,
+        self, slot: Slot, actual_tokens: int | None = None, booking: Booking | None = None
     ) -> None:
-        """Free the slot (correcting its token estimate); ``also`` adds commands to the same
-        pipeline, so the caller's bookkeeping costs no extra round trip."""
-        if slot.refresher is not None:
-            slot.refresher.cancel()
-        if not slot.id and also is None:
+        """Free the slot, correcting its token estimate, and add ``booking`` (a key and counters
+        to increment) in the same write. Returns once written; concurrent releases share it."""
+        held = self._held.get(slot.glob)
+        if held is not None:
+            held.discard(slot.id)
+        if slot.id and self._keep(slot):
+            slot = Slot(slot.glob, "", slot.tokens)  # the slot lives on; only the booking is left
+        if not slot.id and booking is None:
             return  # an unlimited budget, nothing to book
-        keys = _keys(slot.glob)
-        actual = -1 if actual_tokens is None else actual_tokens
-        async with self.redis.pipeline(transaction=False) as pipe:
+        self._batch.append((slot, -1 if actual_tokens is None else actual_tokens, booking))
+        if self._batch_done is None:
+            self._batch_done = asyncio.get_running_loop().create_future()
+        done = self._batch_done
+        self._start_flush()
+        await asyncio.shield(done)
+
+    def _local(self, glob: str) -> bool:
+        """Whether slots of this budget may change hands in this process without Redis: only
+        concurrency counts (no per-minute window to book), and no other process was waiting
+        when this one last asked (lately: a process that never asks would never hear)."""
+        limit = self.limits.get(glob)
+        contended, checked = self._contended.get(glob, (True, 0.0))
+        return (
+            limit is not None and not (limit.rpm or limit.tpm) and not contended
+            and time.monotonic() - checked < FRESH_SECONDS
+        )  # fmt: skip
+
+    def _keep(self, slot: Slot) -> bool:
+        """Keep a freed slot in this process: for the next caller waiting, or parked."""
+        if not self._local(slot.glob):
+            return False
+        queue = self._queues.get(slot.glob)
+        while queue:
+            waiter, tokens = queue.popleft()
+            if not waiter.done():
+                waiter.set_result(Slot(slot.glob, slot.id, tokens))
+                return True
+        self._parked.setdefault(slot.glob, []).append(slot)
+        self._park_deadlines[(slot.glob, slot.id)] = time.monotonic() + PARK_SECONDS
+        self._touch(slot, PARK_SECONDS + 1.0)
+        if self._parker is None or self._parker.done():
+            self._parker = asyncio.create_task(self._unpark())
+        return True
+
+    async def _unpark(self) -> None:
+        """Give parked slots nobody took back to the budget. (If the loop ends first, their
+        short lease frees them.)"""
+        while self._park_deadlines:
+            now = time.monotonic()
+            for (glob, slot_id), deadline in list(self._park_deadlines.items()):
+                if deadline <= now:
+                    del self._park_deadlines[(glob, slot_id)]
+                    parked = self._parked.get(glob, [])
+                    slot = next((p for p in parked if p.id == slot_id), None)
+                    if slot is not None:
+                        parked.remove(slot)
+                        self._touches.pop((glob, slot_id), None)
+                        self._batch.append((slot, -1, None))
+                        self._start_flush()
+            if self._park_deadlines:
+                try:
+                    await asyncio.sleep(max(0.0, min(self._park_deadlines.values()) - now))
+                except asyncio.CancelledError:  # the loop is ending: give them all back now
+                    parked = [slot for slots in self._parked.values() for slot in slots]
+                    self._parked.clear()
+                    self._park_deadlines.clear()
+                    await self._write_last([(slot, -1, None) for slot in parked])
+                    raise
+
+    async def _write_last(self, batch: list[tuple[Slot, int, Booking | None]]) -> None:
+        batch = batch + self._batch
+        self._batch = []
+        with contextlib.suppress(Exception):
+            await self._write(batch, {})
+
+    def _touch(self, slot: Slot, seconds: float) -> None:
+        self._touches[(slot.glob, slot.id)] = int((time.time() + seconds) * 1000)
+        self._start_flush()
+
+    def _start_flush(self) -> None:
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+
+    async def _flush(self) -> None:
+        while self._batch or self._touches:
+            batch, done, touches = self._batch, self._batch_done, self._touches
+            self._batch, self._batch_done, self._touches = [], None, {}
+            try:
+                await self._write(batch, touches)
+            except asyncio.CancelledError:  # the loop is ending (asyncio.run cancels tasks):
+                await self._write_last(batch)  # the releases must still reach Redis
+                raise
+            except Exception as exc:  # the slots' leases run out on their own
+                log.warning("llm limiter: %d release(s) not written: %r", len(batch), exc)
+            if done is not None and not done.done():
+                done.set_result(None)
+            for glob in {slot.glob for slot, _, _ in batch}:
+                if glob in self._wakers:
+                    self._wakers[glob].set()  # a waiter of this process goes now, not at its poll
+
+    async def _write(
+        self, batch: list[tuple[Slot, int, Booking | None]], touches: dict[tuple[str, str], int]
+    ) -> None:
+        releases: dict[str, list[str | int]] = {}
+        counters: dict[str, dict[str, int]] = {}
+        for slot, actual, booking in batch:
             if slot.id:
+                releases.setdefault(slot.glob, []).extend((slot.id, slot.tokens, actual))
+            if booking is not None:
+                totals = counters.setdefault(booking[0], {})
+                for name, value in booking[1].items():
+                    totals[name] = totals.get(name, 0) + value
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for (glob, slot_id), expiry in touches.items():
+                pipe.zadd(_keys(glob)[0], {slot_id: expiry}, xx=True)
+            for glob, args in releases.items():
+                keys = _keys(glob)
                 # EVALSHA straight into the pipeline: a Script object would cost a SCRIPT EXISTS
                 # round trip per pipeline. The acquire script, run before, loaded it... unless
-                # Redis restarted since; then the slow path loads it again.
-                pipe.evalsha(self._release.sha, 2, keys[0], keys[2], slot.id, slot.tokens, actual)
-            if also is not None:
-                also(pipe)
-            try:
-                await pipe.execute()
-            except NoScriptError:  # the rest of the pipeline ran; only the release is redone
-                await self._release(keys=[keys[0], keys[2]], args=[slot.id, slot.tokens, actual])
-        if slot.glob in self._wakers:
-            self._wakers[slot.glob].set()  # a waiter of this process goes now, not at its poll
+                # Redis restarted since; then the slow path below loads it again.
+                pipe.evalsha(self._release.sha, 2, keys[0], keys[2], *args)
+            for key, totals in counters.items():
+                for name, value in totals.items():
+                    pipe.hincrby(key, name, value)
+            results = await pipe.execute(raise_on_error=False)
+        for (glob, args), result in zip(releases.items(), results[len(touches) :], strict=False):
+            if isinstance(result, NoScriptError):
+                keys = _keys(glob)
+                await self._release(keys=[keys[0], keys[2]], args=args)
+            elif isinstance(result, Exception):
+                raise result
 
     async def pause(self, model: str, seconds: float) -> None:
         """Honour a provider's ``Retry-After`` for every process sharing the budget."""
         if seconds > 0:
+            self._contended[self.budget(model)[0]] = (True, time.monotonic())
             await self._pause(keys=[_keys(self.budget(model)[0])[3]], args=[int(seconds * 1000)])
