@@ -52,6 +52,7 @@ class SimStats(BaseModel):
     rejected: int = 0
     failed: int = 0
     by_model: dict[str, int] = Field(default_factory=dict)
+    connections: int = Field(default=0, description="distinct client connections seen")
 
 
 def _tokens(text: str) -> int:
@@ -126,8 +127,13 @@ def create_sim(config: SimConfig | None = None) -> FastAPI:
         s.in_flight -= 1
         s.served += 1
 
+    peers: set[tuple[str, int]] = set()
+
     async def arrive(request: Request) -> tuple[dict[str, Any], str, Response | None]:
         """The request's body and model, and the refusal to send instead, if any."""
+        if request.client is not None and (request.client.host, request.client.port) not in peers:
+            peers.add((request.client.host, request.client.port))
+            stats().connections += 1
         body = await request.json()
         model = str(body.get("model", ""))
         return body, model, admit(model)
@@ -225,6 +231,7 @@ def create_sim(config: SimConfig | None = None) -> FastAPI:
     @app.post("/sim/reset")
     async def reset() -> SimStats:
         state["stats"] = SimStats()
+        peers.clear()
         window.clear()
         return stats()
 

@@ -19,6 +19,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from genx_ray import component, start, workflow
+from genx_ray.connections import sync_redis
 from genx_ray.errors import ConfigError
 from genx_ray.llm import AsyncOpenAI, OpenAI, Policy
 
@@ -44,7 +45,7 @@ asyncio.run(main())
 """
 
 
-def test_the_concurrency_cap_holds_across_two_processes(sim: Sim) -> None:
+def test_the_concurrency_cap_holds_across_two_processes(sim: Sim, redis_url: str) -> None:
     model = _uniq("capx")
     sim.configure(latency_ms=100)
     env = {**os.environ, "GENX_LLM_LIMITS": json.dumps({f"{model[:4]}*": {"concurrency": 5}})}
@@ -55,6 +56,28 @@ def test_the_concurrency_cap_holds_across_two_processes(sim: Sim) -> None:
     stats = sim.stats()
     assert stats["served"] == 60 and stats["rejected"] == 0
     assert stats["peak_concurrency"] == 5  # never above the cap, and the cap was used
+    # Both ended normally: every slot is back, none left to expire (not even the ones each
+    # process kept for a moment for its next call).
+    assert sync_redis(redis_url).zcard(f"genx:llm:{{{model[:4]}*}}:conc") == 0
+
+
+async def test_a_client_per_call_shares_one_pool_and_budget(
+    sim: Sim, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The common pattern of building a client inside the component: 200 calls, 200 clients,
+    yet one connection pool and one limiter queue (the cap of 16 holds, connections stay 16)."""
+    model = _uniq("per-call")
+    monkeypatch.setenv("GENX_LLM_LIMITS", json.dumps({model: {"concurrency": 16}}))
+
+    async def call(i: int) -> str | None:
+        r = await AsyncOpenAI().chat.completions.create(model=model, messages=_msg(str(i)))
+        return r.choices[0].message.content
+
+    answers = await asyncio.gather(*(call(i) for i in range(200)))
+    assert len(set(answers)) == 200
+    stats = sim.stats()
+    assert stats["served"] == 200 and stats["peak_concurrency"] <= 16
+    assert stats["connections"] <= 16
 
 
 async def test_rpm_budget(sim: Sim, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -215,6 +238,42 @@ async def test_a_crashed_holders_slot_comes_back(sim: Sim, monkeypatch: pytest.M
     t0 = time.monotonic()
     await AsyncOpenAI().chat.completions.create(model=model, messages=_msg("after"))
     assert time.monotonic() - t0 < 3.5  # the dead holder's lease expired; no minute-long wait
+
+
+EXITER = """
+import asyncio, os, sys
+from genx_ray.llm import AsyncOpenAI
+async def main():
+    c = AsyncOpenAI()
+    await asyncio.gather(*(c.chat.completions.create(model=sys.argv[1], messages=[
+        {"role": "user", "content": str(i)}]) for i in range(8)))
+    await asyncio.sleep(0.05)
+    os._exit(0)  # as if killed: the freed slots it kept for its next calls are not given back
+asyncio.run(main())
+"""
+
+
+async def test_slots_a_process_kept_come_back_soon_after_it_ends(
+    sim: Sim, monkeypatch: pytest.MonkeyPatch, redis: Any
+) -> None:
+    """A process keeps a freed slot a moment for its next call (no Redis round trip); if it is
+    killed right then, the slot's short lease gives it back within about a second, not a full
+    lease."""
+    model = _uniq("kept")
+    limits = json.dumps({model: {"concurrency": 4}})
+    env = {**os.environ, "GENX_LLM_LIMITS": limits}
+    exiter = await asyncio.create_subprocess_exec(sys.executable, "-c", EXITER, model, env=env)
+    assert await exiter.wait() == 0
+    kept = await redis.zrange(f"genx:llm:{{{model}}}:conc", 0, -1, withscores=True)
+    assert len(kept) == 4  # it did keep them...
+    assert all(expiry / 1000 - time.time() < 1.5 for _, expiry in kept)  # ...on a short lease
+    monkeypatch.setenv("GENX_LLM_LIMITS", limits)
+    client = AsyncOpenAI()
+    t0 = time.monotonic()
+    await asyncio.gather(*(client.chat.completions.create(model=model, messages=_msg(str(i)))
+                           for i in range(4)))  # fmt: skip
+    assert time.monotonic() - t0 < 2.5  # the lease is 60 s: a full one would time the test out
+    assert sim.stats()["served"] == 12
 
 
 async def test_a_span_per_call_with_genai_attributes(sim: Sim) -> None:
