@@ -1,9 +1,10 @@
 """1000 LLM calls with a cap of 64: plain asyncio + the openai SDK with a semaphore of 64, the same
 code on genx_ray.llm (cluster-wide limiter in Redis, retries on), and a run mapping a component
 over 1000 items (each a journaled step; events and usage accounting on), against the ideal
-1000 / 64 x latency, in the same run, at 100 ms simulated latency (the issue's figure) and at 1 s. The simulator is its own process (`genx sim`), but on a small machine it
-shares the cores: the client CPU per call is printed too, as the overhead that does not depend on
-whether the machine is saturated."""
+1000 / 64 x latency, in the same run, at 100 ms simulated latency (the issue's figure) and at 1 s.
+The simulator is its own process (`genx sim`), but on a small machine it shares the cores: the
+client CPU per call is printed too, the overhead that does not depend on whether the machine is
+saturated."""
 
 from __future__ import annotations
 
