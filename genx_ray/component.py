@@ -304,15 +304,49 @@ class Component(Generic[P, R]):
 
         Results come back in input order. An item that fails after its retries gives its
         :class:`StepError` in its place instead of failing the batch (``fail_fast=True`` raises
-        the first one instead). In a run, every finished item is journaled, and progress is
-        published as coalesced ``progress`` events of kind ``map`` (a few per second at most).
+        the first one instead). In a run, every finished item is journaled (a restarted run
+        does not redo it), and progress is published as coalesced ``progress`` events of kind
+        ``map`` (a few per second at most, whatever the batch size).
+
+        A placed component (``resources``, ``num_cpus``, ``node_labels`` or ``remote=True``)
+        maps over the Ray cluster: its items go in chunks to one async pool actor per node,
+        ``concurrency`` spread over the nodes within what each node's resources allow
+        (see :mod:`genx_ray.pool`). Any other component maps on the run's own event loop.
         """
         if concurrency < 1:
             raise UserError("map concurrency must be at least 1")
         todo = list(items)
         results: list[Any] = [None] * len(todo)
         ctx, scope = current_run(), current_scope()
-        if ctx is None or scope is None:
+        in_run = ctx is not None and scope is not None
+        map_id = scope.next_step_id(f"{self.name}.map") if scope is not None else ""
+        ref = StepRef(id=map_id, name=f"{self.name}.map")
+        tracker = _MapProgress(ctx, ref, len(todo)) if ctx is not None and in_run else None
+        if ctx is not None and in_run:
+            ctx.writer.emit(StepStarted(run_id=ctx.run_id, step=ref))
+        started = time.perf_counter()
+
+        def settle(i: int, value: Any, ok: bool) -> None:
+            results[i] = value
+            if tracker is not None:
+                tracker.add(ok=ok)
+            if not ok and fail_fast:
+                raise value
+
+        if self.remote:
+            from genx_ray.pool import map_on_cluster
+
+            left = list(range(len(todo)))
+            if ctx is not None and in_run:
+                left = self._replay_items(ctx, map_id, todo, settle)
+            try:
+                await map_on_cluster(
+                    self, todo, left, concurrency=concurrency, ctx=ctx if in_run else None,
+                    map_id=map_id, on_result=settle,
+                )  # fmt: skip
+            except BaseExceptionGroup as group:  # fail_fast: the caller wants the item's error
+                raise group.exceptions[0] from None
+        elif ctx is None or not in_run:
 
             async def direct(i: int) -> None:
                 try:
@@ -324,33 +358,48 @@ class Component(Generic[P, R]):
 
             await _bounded(direct, len(todo), concurrency)
             return results
+        else:
 
-        map_id = scope.next_step_id(f"{self.name}.map")
-        ref = StepRef(id=map_id, name=f"{self.name}.map")
-        tracker = _MapProgress(ctx, ref, len(todo))
-        ctx.writer.emit(StepStarted(run_id=ctx.run_id, step=ref))
+            async def one(i: int) -> None:
+                try:
+                    value = await self._call_step(
+                        ctx, f"{map_id}/{i}:{self.name}", (todo[i],), {}, quiet=True
+                    )
+                    settle(i, value, True)
+                except StepError as exc:
+                    settle(i, exc, False)
 
-        async def one(i: int) -> None:
-            try:
-                results[i] = await self._call_step(
-                    ctx, f"{map_id}/{i}:{self.name}", (todo[i],), {}, quiet=True
-                )
-                tracker.add(ok=True)
-            except StepError as exc:
-                tracker.add(ok=False)
-                if fail_fast:
-                    raise
-                results[i] = exc
-
-        started = time.perf_counter()
-        with step_scope(ref):
-            await _bounded(one, len(todo), concurrency)
-        tracker.publish(final=True)
-        done = StepCompleted(
-            run_id=ctx.run_id, step=ref, duration_ms=round((time.perf_counter() - started) * 1e3, 3)
-        )
-        await ctx.writer.commit([done])
+            with step_scope(ref):
+                await _bounded(one, len(todo), concurrency)
+        if ctx is not None and tracker is not None:
+            tracker.publish(final=True)
+            done = StepCompleted(
+                run_id=ctx.run_id, step=ref,
+                duration_ms=round((time.perf_counter() - started) * 1e3, 3),
+            )  # fmt: skip
+            await ctx.writer.commit([done])
         return results
+
+    def _replay_items(
+        self, ctx: RunContext, map_id: str, todo: list[Any],
+        settle: Callable[[int, Any, bool], None],
+    ) -> list[int]:  # fmt: skip
+        """Settle the items a previous attempt finished, from the journal; the rest to run."""
+        left = []
+        for i, item in enumerate(todo):
+            step_id = f"{map_id}/{i}:{self.name}"
+            entry = ctx.journal.get(step_id)
+            if entry is None:
+                left.append(i)
+                continue
+            recorded = ctx.recorded(step_id, self.name, canonical_hash((item,), {}))
+            assert recorded is not None
+            if recorded.error is not None:
+                error = ErrorInfo.model_validate(recorded.error)
+                settle(i, StepError(step_id, self.name, 1, error.type, error.message), False)
+            else:
+                settle(i, self.codec.decode(recorded.value), True)
+        return left
 
 
 async def _bounded(fn: Callable[[int], Awaitable[None]], n: int, concurrency: int) -> None:

@@ -149,6 +149,20 @@ def step_scope(step: StepRef) -> Iterator[None]:
         _scope.reset(tokens[0])
 
 
+@contextmanager
+def item_scope(ctx: RunContext | None, step: StepRef) -> Iterator[None]:
+    """A map item run away from its run host (in a pool actor): it belongs to the run (publish,
+    LLM usage and events reach it) and to its step, but what it calls runs as plain calls, not
+    journaled steps: the run host journals the item itself."""
+    tokens = (_run.set(ctx), _scope.set(None), _step.set(step))
+    try:
+        yield
+    finally:
+        _step.reset(tokens[2])
+        _scope.reset(tokens[1])
+        _run.reset(tokens[0])
+
+
 def publish(kind: str, data: JsonValue = None) -> None:
     """Append a ``progress`` event with ``kind`` and ``data`` to the current run's stream.
 

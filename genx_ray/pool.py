@@ -1,0 +1,315 @@
+"""``Component.map`` over the Ray cluster: items in chunks to async actors placed on the nodes.
+
+One Ray task per item is the wrong grain for LLM calls (a round trip and a process each), so a
+placed component's map goes to *pool actors* instead: one detached async actor per node, shared
+by every run, each running many items at once. The run host plans how many items each node may
+run at a time (its share of ``concurrency``, capped by what the node's resources allow for the
+component's ``resources``/``num_cpus``, only on nodes with its ``node_labels``), then keeps that
+many in flight per node in small chunks. The pool actor also holds each node's resources as a
+shared budget, so maps of different runs on the same node never exceed the node's capacity
+together. The run host journals every finished item, so a restarted run does not redo it.
+
+Inside the actor an item runs with its run's context: ``publish``, LLM usage and LLM events
+reach the run's stream, fenced by the run's attempt like every other write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import secrets
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from genx_ray.context import JournalEntry, RunContext, item_scope
+from genx_ray.errors import StepError, UserError
+from genx_ray.events import ErrorInfo, StepRef
+from genx_ray.values import canonical_hash
+
+if TYPE_CHECKING:
+    from genx_ray.component import Component
+
+log = logging.getLogger("genx_ray.pool")
+
+CHUNK_MAX = 16  # items per remote call, at most: few calls, yet slots refill promptly
+IDLE_SECONDS = 600.0  # a pool actor nobody used for this long leaves
+_ACTOR_PREFIX = "genx-pool-"
+
+# What an item comes back as: (index, ok, encoded value or error as a dict).
+Outcome = tuple[int, bool, Any]
+
+
+def requirements(component: Component[Any, Any]) -> dict[str, float]:
+    """What one item of the component takes on its node."""
+    need = {r: q for r, q in component.resources.items() if q > 0}
+    if component.num_cpus:
+        need["CPU"] = component.num_cpus
+    return need
+
+
+def plan(
+    component: Component[Any, Any], concurrency: int
+) -> dict[str, tuple[int, dict[str, float]]]:
+    """node id -> (items it may run at once, its resources): ``concurrency`` spread evenly over
+    the alive nodes with the component's labels, none above what its resources allow."""
+    import ray
+
+    need = requirements(component)
+    caps: dict[str, int] = {}
+    resources: dict[str, dict[str, float]] = {}
+    for node in ray.nodes():  # type: ignore[no-untyped-call]
+        labels = node.get("Labels") or {}
+        if not node.get("Alive") or any(
+            labels.get(k) != v for k, v in component.node_labels.items()
+        ):
+            continue
+        have: dict[str, float] = node.get("Resources") or {}
+        cap = min((int(have.get(r, 0.0) / q + 1e-9) for r, q in need.items()), default=concurrency)
+        if cap >= 1:
+            caps[node["NodeID"]], resources[node["NodeID"]] = cap, have
+    if not caps:
+        raise UserError(
+            f"{component.name}.map: no alive node offers {need or 'room'}"
+            + (f" with labels {component.node_labels}" if component.node_labels else "")
+        )
+    slots = dict.fromkeys(caps, 0)
+    left = concurrency
+    while left > 0:  # one slot at a time, round robin: an even spread within each node's cap
+        open_nodes = [n for n in caps if slots[n] < caps[n]]
+        if not open_nodes:
+            break
+        for node_id in open_nodes[:left]:
+            slots[node_id] += 1
+            left -= 1
+    return {n: (s, resources[n]) for n, s in slots.items() if s > 0}
+
+
+class _Units:
+    """A node's resources as a budget shared by every map on the node."""
+
+    def __init__(self, total: Mapping[str, float]) -> None:
+        self.free = dict(total)
+        self.changed = asyncio.Condition()
+
+    def _fits(self, need: Mapping[str, float]) -> bool:
+        return all(self.free.get(r, 0.0) >= q - 1e-9 for r, q in need.items())
+
+    async def take(self, need: Mapping[str, float]) -> None:
+        async with self.changed:
+            await self.changed.wait_for(lambda: self._fits(need))
+            for r, q in need.items():
+                self.free[r] = self.free.get(r, 0.0) - q
+
+    async def give(self, need: Mapping[str, float]) -> None:
+        async with self.changed:
+            for r, q in need.items():
+                self.free[r] = self.free.get(r, 0.0) + q
+            self.changed.notify_all()
+
+
+class PoolActor:
+    """One per node (a detached async actor): runs the items of any run's maps."""
+
+    def __init__(self, resources: Mapping[str, float]) -> None:
+        from genx_ray.connections import async_redis, resolve_redis_url
+        from genx_ray.streams import EventStore
+
+        self.units = _Units(resources)
+        self.redis = async_redis(resolve_redis_url())
+        self.events = EventStore(self.redis)
+        # map key -> (the component, to run here; its map's gate on this node; an item's needs)
+        self.components: OrderedDict[
+            str, tuple[Component[Any, Any], asyncio.Semaphore, dict[str, float]]
+        ] = OrderedDict()
+        self.contexts: OrderedDict[tuple[str, int], RunContext] = OrderedDict()
+        self.last_used = time.monotonic()
+        self.busy = 0
+        self._reaper = asyncio.get_event_loop().create_task(self._leave_when_idle())
+
+    async def node(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    async def run(
+        self, key: str, component_ref: list[Any], slots: int, run: tuple[str, str, int] | None,
+        map_id: str, items: Sequence[tuple[int, Any]],
+    ) -> list[Outcome]:  # fmt: skip
+        """Run a chunk of one map's items, at most ``slots`` of that map at once on this node."""
+        self.busy += 1
+        try:
+            component, gate, need = await self._component(key, component_ref, slots)
+            ctx = self._context(run) if run is not None else None
+
+            async def one(index: int, item: Any) -> Outcome:
+                async with gate:
+                    await self.units.take(need)
+                    try:
+                        ref = StepRef(id=f"{map_id}/{index}:{component.name}", name=component.name)
+                        with item_scope(ctx, ref):
+                            value = await component._call_direct((item,), {})
+                        return index, True, component.codec.encode(value)
+                    except Exception as exc:
+                        error = ErrorInfo.from_exception(exc).model_dump(exclude={"traceback"})
+                        return index, False, error
+                    finally:
+                        await self.units.give(need)
+
+            outcomes = await asyncio.gather(*(one(i, item) for i, item in items))
+            if ctx is not None:
+                await ctx.writer.flush()  # its events are stored before its results go back
+            return list(outcomes)
+        finally:
+            self.busy -= 1
+            self.last_used = time.monotonic()
+
+    async def _component(
+        self, key: str, ref: list[Any], slots: int
+    ) -> tuple[Component[Any, Any], asyncio.Semaphore, dict[str, float]]:
+        cached = self.components.get(key)
+        if cached is None:
+            placed = await ref[0]
+            # The item runs here, in this process: the placement that brought it here is spent.
+            here = placed._replace(_remote=False, num_cpus=None, resources={}, node_labels={})
+            cached = self.components[key] = (here, asyncio.Semaphore(slots), requirements(placed))
+            while len(self.components) > 64:
+                self.components.popitem(last=False)
+        self.components.move_to_end(key)
+        return cached
+
+    def _context(self, run: tuple[str, str, int]) -> RunContext:
+        from genx_ray.writer import RunWriter
+
+        run_id, workflow, attempt = run
+        ctx = self.contexts.get((run_id, attempt))
+        if ctx is None:
+            writer = RunWriter(self.events, run_id, attempt)
+            ctx = self.contexts[(run_id, attempt)] = RunContext(
+                run_id, workflow, attempt, self.redis, writer, {}
+            )
+            while len(self.contexts) > 32:
+                old = self.contexts.popitem(last=False)[1]
+                asyncio.get_event_loop().create_task(old.writer.close())
+        self.contexts.move_to_end((run_id, attempt))
+        return ctx
+
+    async def _leave_when_idle(self) -> None:
+        import ray
+
+        while True:
+            await asyncio.sleep(min(IDLE_SECONDS / 4, 60.0))
+            if self.busy == 0 and time.monotonic() - self.last_used > IDLE_SECONDS:
+                ray.actor.exit_actor()  # type: ignore[no-untyped-call]
+
+
+def _pool_actor(node_id: str, resources: Mapping[str, float], fresh: bool = False) -> Any:
+    """The node's pool actor, created if there is none (by whichever run asks first)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from genx_ray.cluster import NAMESPACE
+
+    name = f"{_ACTOR_PREFIX}{node_id[:24]}"
+    if fresh:
+        with contextlib.suppress(ValueError):
+            ray.kill(ray.get_actor(name, namespace=NAMESPACE))
+    options = {
+        "name": name, "namespace": NAMESPACE, "get_if_exists": True, "lifetime": "detached",
+        "num_cpus": 0, "max_concurrency": 4096, "max_restarts": 0,
+        "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id, soft=False),
+    }  # fmt: skip
+    return ray.remote(PoolActor).options(**options).remote(dict(resources))
+
+
+async def map_on_cluster(
+    component: Component[Any, Any],
+    todo: Sequence[Any],
+    indexes: Sequence[int],
+    *,
+    concurrency: int,
+    ctx: RunContext | None,
+    map_id: str,
+    on_result: Callable[[int, Any, bool], None],
+) -> None:
+    """Run ``component`` on ``todo[i]`` for each of ``indexes`` across the cluster.
+
+    ``on_result(i, value or StepError, ok)`` is called for each item as its chunk returns; in
+    a run, each chunk's items are journaled before that.
+    """
+    import ray
+
+    from genx_ray.cluster import ensure_ray
+
+    if not indexes:
+        return
+    ensure_ray()
+    placement = plan(component, concurrency)
+    component_ref = ray.put(component)
+    key = f"{component.name}:{secrets.token_hex(8)}"
+    run = (ctx.run_id, ctx.workflow, ctx.attempt) if ctx is not None else None
+    pending = deque(indexes)
+
+    async def lane(node_id: str, slots: int, resources: dict[str, float], chunk: int) -> None:
+        actor = _pool_actor(node_id, resources)
+        retried = False
+        while pending:
+            batch = [pending.popleft() for _ in range(min(chunk, len(pending)))]
+            ref = actor.run.remote(
+                key, [component_ref], slots, run, map_id, [(i, todo[i]) for i in batch]
+            )
+            try:
+                outcomes: list[Outcome] = await ref
+            except asyncio.CancelledError:
+                ray.cancel(ref)
+                raise
+            except ray.exceptions.RayActorError:
+                pending.extendleft(reversed(batch))  # another lane (or a fresh actor) takes them
+                if retried or not _alive(node_id):
+                    log.warning("map %s: node %s lost; its items go elsewhere", map_id, node_id)
+                    return
+                actor, retried = _pool_actor(node_id, resources, fresh=True), True
+                continue
+            await _deliver(component, ctx, map_id, todo, outcomes, on_result)
+
+    async with asyncio.TaskGroup() as tg:
+        for node_id, (slots, resources) in placement.items():
+            chunk = max(1, min(CHUNK_MAX, slots // 4))
+            for _ in range(math.ceil(slots / chunk) + 1):  # +1: the next chunk already waits there
+                tg.create_task(lane(node_id, slots, resources, chunk))
+    if pending:
+        raise UserError(f"{component.name}.map: every node that could run it was lost")
+
+
+async def _deliver(
+    component: Component[Any, Any], ctx: RunContext | None, map_id: str, todo: Sequence[Any],
+    outcomes: list[Outcome], on_result: Callable[[int, Any, bool], None],
+) -> None:  # fmt: skip
+    entries: list[tuple[str, str]] = []
+    delivered: list[tuple[int, Any, bool]] = []
+    for index, ok, payload in outcomes:
+        step_id = f"{map_id}/{index}:{component.name}"
+        input_hash = canonical_hash((todo[index],), {})
+        if ok:
+            entry = JournalEntry(component.name, input_hash, value=payload)
+            delivered.append((index, component.codec.decode(payload), True))
+        else:
+            error = ErrorInfo.model_validate(payload)
+            entry = JournalEntry(component.name, input_hash, error=payload)
+            delivered.append((index, StepError(step_id, component.name, 1, error.type,
+                                               error.message), False))  # fmt: skip
+        entries.append((step_id, entry.dumps()))
+    if ctx is not None:
+        await ctx.writer.commit((), entries)
+    for index, value, ok in delivered:
+        on_result(index, value, ok)
+
+
+def _alive(node_id: str) -> bool:
+    import ray
+
+    nodes = ray.nodes()  # type: ignore[no-untyped-call]
+    return any(n["NodeID"] == node_id and n.get("Alive") for n in nodes)

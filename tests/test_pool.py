@@ -1,0 +1,136 @@
+"""Component.map over the Ray cluster (pool actors), on the session's one-node local Ray. The
+multi-node behaviour (spread, per-node caps, labels) is tests/chaos/test_multinode_map.py."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+import pytest
+import redis as sync_redis_mod
+
+from genx_ray import component, start, workflow
+from genx_ray.errors import StepError
+from genx_ray.events import RunRestarted
+from genx_ray.executor import execute_run
+from genx_ray.runs import RunStatus, RunStore
+from genx_ray.streams import EventStore
+from genx_ray.workflow import Registry
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+reg = Registry()
+
+
+def _redis() -> sync_redis_mod.Redis:
+    return sync_redis_mod.Redis.from_url(os.environ["GENX_REDIS_URL"], decode_responses=True)
+
+
+@component(remote=True)
+async def square(x: int) -> int:
+    if x % 7 == 3:
+        raise ValueError(f"{x} is unlucky")
+    return x * x
+
+
+@workflow(name="pool-squares", registry=reg)
+async def squares(n: int) -> list[Any]:
+    out = await square.map(range(n), concurrency=16)
+    return [o if isinstance(o, int) else f"{type(o).__name__}: {o}" for o in out]
+
+
+@component(remote=True)
+async def counted(item: tuple[int, str]) -> int:
+    from genx_ray.connections import async_redis
+
+    x, tag = item
+    client = async_redis(os.environ["GENX_REDIS_URL"])
+    await client.hincrby(f"test:pool:{tag}", str(x), 1)  # how many times each item ran
+    await asyncio.sleep(0.1)
+    await client.aclose()
+    return x
+
+
+@workflow(name="pool-counted", registry=reg)
+async def counted_wf(n: int, tag: str) -> int:
+    out = await counted.map([(i, tag) for i in range(n)], concurrency=4)
+    return sum(isinstance(o, int) for o in out)
+
+
+def test_results_in_order_with_errors_in_place() -> None:
+    out = start(squares, {"n": 30}).result(120)
+    assert out == [
+        f"StepError: step /0:square.map/{x}:square failed after 1 attempt(s): ValueError: {x} is"
+        " unlucky" if x % 7 == 3 else x * x
+        for x in range(30)
+    ]  # fmt: skip
+
+
+def test_outside_a_run_map_still_uses_the_pool() -> None:
+    out = asyncio.run(square.map(range(10)))
+    assert [o if isinstance(o, int) else "err" for o in out] == [
+        "err" if x % 7 == 3 else x * x for x in range(10)
+    ]
+    assert isinstance(out[3], StepError)
+
+
+def test_progress_events_stay_few_for_10k_items() -> None:
+    handle = start(squares, {"n": 10_000})
+    out = handle.result(300)
+    assert len(out) == 10_000 and out[9998] == 9998 * 9998
+    events = [e.event for e in handle.events(follow=False)]
+    progress = [e for e in events if e.type == "progress"]
+    duration = handle.get().finished_at - handle.get().started_at  # type: ignore[operator]
+    assert 1 <= len(progress) <= 2 * duration.total_seconds() + 2  # a couple a second at most
+    last = progress[-1].data  # type: ignore[attr-defined]
+    assert (last["done"], last["failed"], last["total"]) == (10_000, 1429, 10_000)
+    assert [e.type for e in events][:3] == ["run.queued", "run.started", "step.started"]
+
+
+async def test_a_restarted_run_does_not_redo_finished_items(redis: Any, runs: RunStore) -> None:
+    tag = os.urandom(4).hex()
+    run = await runs.create("pool-counted", {"n": 40, "tag": tag})
+    host = asyncio.create_task(execute_run(redis, run.id, registry=reg))
+    journal = f"genx:run:{{{run.id}}}:journal"
+    while await redis.hlen(journal) < 12:  # noqa: ASYNC110 - polling the journal
+        await asyncio.sleep(0.02)
+    host.cancel()  # the run host dies mid-batch
+    with pytest.raises(asyncio.CancelledError):
+        await host
+    finished = {k.split("/")[-1].split(":")[0] for k in await redis.hkeys(journal)}
+    await runs.transition(
+        run.id, RunStatus.QUEUED, allowed={RunStatus.RUNNING}, fields={"attempt": "2"},
+        event=RunRestarted(run_id=run.id, attempt=2, reason="heartbeat lost"),
+    )  # fmt: skip
+    assert await execute_run(redis, run.id, registry=reg) is RunStatus.SUCCEEDED
+    assert (await runs.get(run.id)).output == 40
+    ran = {int(k): int(v) for k, v in (await redis.hgetall(f"test:pool:{tag}")).items()}
+    assert sorted(ran) == list(range(40))  # every item ran...
+    assert all(ran[int(i)] == 1 for i in finished)  # ...and the journaled ones only once
+    assert len(finished) >= 12
+
+
+def test_the_item_runs_in_its_run(redis_url: str) -> None:
+    """Inside the pool actor, publish() reaches the run's stream with the item's step."""
+    handle = start(publishing, {"n": 3})
+    assert handle.result(60) == 3
+    notes = [e.event for e in handle.events(follow=False) if e.event.type == "progress"]
+    items = sorted(
+        (e.data["i"], e.step.id)  # type: ignore[attr-defined,union-attr]
+        for e in notes
+        if e.kind == "note"  # type: ignore[attr-defined]
+    )
+    assert items == [(i, f"/0:note.map/{i}:note") for i in range(3)]
+
+
+@component(remote=True)
+async def note(i: int) -> int:
+    from genx_ray import publish
+
+    publish("note", {"i": i})
+    return i
+
+
+@workflow(name="pool-publishing", registry=reg)
+async def publishing(n: int) -> int:
+    return len(await note.map(range(n)))
