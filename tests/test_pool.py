@@ -15,7 +15,6 @@ from genx_ray.errors import StepError
 from genx_ray.events import RunRestarted
 from genx_ray.executor import execute_run
 from genx_ray.runs import RunStatus, RunStore
-from genx_ray.streams import EventStore
 from genx_ray.workflow import Registry
 
 pytestmark = pytest.mark.usefixtures("ray_local")
