@@ -1,13 +1,14 @@
 """``Component.map`` over the Ray cluster: items in chunks to async actors placed on the nodes.
 
 One Ray task per item is the wrong grain for LLM calls (a round trip and a process each), so a
-placed component's map goes to *pool actors* instead: one detached async actor per node, shared
-by every run, each running many items at once. The run host plans how many items each node may
-run at a time (its share of ``concurrency``, capped by what the node's resources allow for the
-component's ``resources``/``num_cpus``, only on nodes with its ``node_labels``), then keeps that
-many in flight per node in small chunks. The pool actor also holds each node's resources as a
-shared budget, so maps of different runs on the same node never exceed the node's capacity
-together. The run host journals every finished item, so a restarted run does not redo it.
+placed component's map goes to *pool actors* instead: detached async actors, one per CPU of a
+node (up to four), shared by every run, each running many items at once. The run host plans how
+many items each node may run at a time (its share of ``concurrency``, capped by what the node's
+resources allow for the component's ``resources``/``num_cpus``, only on nodes with its
+``node_labels``), then keeps that many in flight per node in small chunks. The pool actors also
+hold each node's resources as a shared budget (split evenly between them), so maps of different
+runs on the same node never exceed the node's capacity together. The run host journals every
+finished item, so a restarted run does not redo it.
 
 Inside the actor an item runs with its run's context: ``publish``, LLM usage and LLM events
 reach the run's stream, fenced by the run's attempt like every other write.
@@ -36,6 +37,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("genx_ray.pool")
 
 CHUNK_MAX = 16  # items per remote call, at most: few calls, yet slots refill promptly
+# Pool actors per node: one per CPU, up to this many. An LLM call costs the client ~2-3 ms of
+# CPU (the SDK, HTTP): one process tops out near 400 calls/s, so a node uses its cores.
+MAX_ACTORS_PER_NODE = 4
 IDLE_SECONDS = 600.0  # a pool actor nobody used for this long leaves
 _ACTOR_PREFIX = "genx-pool-"
 
@@ -206,14 +210,23 @@ class PoolActor:
                 ray.actor.exit_actor()  # type: ignore[no-untyped-call]
 
 
-def _pool_actor(node_id: str, resources: Mapping[str, float], fresh: bool = False) -> Any:
-    """The node's pool actor, created if there is none (by whichever run asks first)."""
+def actors_per_node(resources: Mapping[str, float]) -> int:
+    return max(1, min(MAX_ACTORS_PER_NODE, int(resources.get("CPU", 1.0))))
+
+
+def _pool_actor(
+    node_id: str, index: int, resources: Mapping[str, float], fresh: bool = False
+) -> Any:
+    """A pool actor of the node, created if there is none (by whichever run asks first). The
+    node's resources are split evenly between its actors, each holding its share as a budget:
+    together they never exceed the node's capacity."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from genx_ray.cluster import NAMESPACE
 
-    name = f"{_ACTOR_PREFIX}{node_id[:24]}"
+    name = f"{_ACTOR_PREFIX}{node_id[:24]}-{index}"
+    share = {r: q / actors_per_node(resources) for r, q in resources.items()}
     if fresh:
         with contextlib.suppress(ValueError):
             ray.kill(ray.get_actor(name, namespace=NAMESPACE))
@@ -222,7 +235,7 @@ def _pool_actor(node_id: str, resources: Mapping[str, float], fresh: bool = Fals
         "num_cpus": 0, "max_concurrency": 4096, "max_restarts": 0,
         "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id, soft=False),
     }  # fmt: skip
-    return ray.remote(PoolActor).options(**options).remote(dict(resources))
+    return ray.remote(PoolActor).options(**options).remote(share)
 
 
 async def map_on_cluster(
@@ -253,8 +266,10 @@ async def map_on_cluster(
     run = (ctx.run_id, ctx.workflow, ctx.attempt) if ctx is not None else None
     pending = deque(indexes)
 
-    async def lane(node_id: str, slots: int, resources: dict[str, float], chunk: int) -> None:
-        actor = _pool_actor(node_id, resources)
+    async def lane(
+        node_id: str, index: int, slots: int, resources: dict[str, float], chunk: int
+    ) -> None:
+        actor = _pool_actor(node_id, index, resources)
         retried = False
         while pending:
             batch = [pending.popleft() for _ in range(min(chunk, len(pending)))]
@@ -271,15 +286,18 @@ async def map_on_cluster(
                 if retried or not _alive(node_id):
                     log.warning("map %s: node %s lost; its items go elsewhere", map_id, node_id)
                     return
-                actor, retried = _pool_actor(node_id, resources, fresh=True), True
+                actor, retried = _pool_actor(node_id, index, resources, fresh=True), True
                 continue
             await _deliver(component, ctx, map_id, todo, outcomes, on_result)
 
     async with asyncio.TaskGroup() as tg:
-        for node_id, (slots, resources) in placement.items():
-            chunk = max(1, min(CHUNK_MAX, slots // 4))
-            for _ in range(math.ceil(slots / chunk) + 1):  # +1: the next chunk already waits there
-                tg.create_task(lane(node_id, slots, resources, chunk))
+        for node_id, (node_slots, resources) in placement.items():
+            actors = min(actors_per_node(resources), node_slots)
+            for index in range(actors):  # the node's slots, shared out between its actors
+                slots = node_slots // actors + (1 if index < node_slots % actors else 0)
+                chunk = max(1, min(CHUNK_MAX, slots // 4))
+                for _ in range(math.ceil(slots / chunk) + 1):  # +1: the next chunk waits there
+                    tg.create_task(lane(node_id, index, slots, resources, chunk))
     if pending:
         raise UserError(f"{component.name}.map: every node that could run it was lost")
 
