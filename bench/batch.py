@@ -117,7 +117,7 @@ def main() -> None:
     procs = {
         "sim": subprocess.Popen(
             [*cli, "sim", "--port", str(sim_port), "--latency-ms", "100"], env=env
-        ),  # fmt: skip
+        ),
         "gateway": subprocess.Popen([*cli, "gateway", "--port", str(api_port)], env=env),
         "worker": subprocess.Popen([*cli, "worker"], env=env, stderr=subprocess.DEVNULL),
     }
@@ -147,8 +147,9 @@ def main() -> None:
         print(f"  {N} LLM calls, 100 ms latency, cap {CAP}, median of 3: ideal {ideal:.2f} s")
         print(f"    plain asyncio + openai SDK, semaphore {CAP}       {b:6.2f} s  x{b / ideal:.2f}"
               " ideal")  # fmt: skip
+        runs = ", ".join(f"{x:.2f}" for x in ours)
         print(f"    gateway -> worker -> run host -> pool actors   {o:6.2f} s  x{o / b:.2f} plain"
-              f"  x{o / ideal:.2f} ideal   (runs: {', '.join(f'{x:.2f}' for x in ours)})")  # fmt: skip
+              f"  x{o / ideal:.2f} ideal   (runs: {runs})")  # fmt: skip
         print("      CPU seconds per run: " + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items()))
         for n in (10_000, 100_000):
             elapsed = through_gateway(api, "bench-batch-items", n)
