@@ -288,7 +288,8 @@ async def map_on_cluster(
                     return
                 actor, retried = _pool_actor(node_id, index, resources, fresh=True), True
                 continue
-            await _deliver(component, ctx, map_id, todo, outcomes, on_result)
+            # Journal them while the next chunk is already on its way.
+            tg.create_task(_deliver(component, ctx, map_id, todo, outcomes, on_result))
 
     async with asyncio.TaskGroup() as tg:
         for node_id, (node_slots, resources) in placement.items():
