@@ -51,10 +51,11 @@ from genx_ray.workflow import registry as default_registry
 
 log = logging.getLogger("genx_ray.worker")
 
-# KEYS: the watched-runs set. ARGV: cap, run id, now. Admit (and watch) the run if under the cap.
+# KEYS: the watched-runs set. ARGV: cap, run id, now, oldest renewal of a live lease. Admit (and
+# watch) the run if the live leases are under the cap.
 _ADMIT = """
 if redis.call('ZSCORE', KEYS[1], ARGV[2]) then return 1 end
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+if redis.call('ZCOUNT', KEYS[1], ARGV[4], '+inf') >= tonumber(ARGV[1]) then return 0 end
 redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
 return 1
 """
@@ -151,7 +152,10 @@ class Worker:
         """Wait for a cluster-wide slot (``GENX_MAX_RUNNING``); False if stopping first."""
         cap = self.settings.max_running
         while cap:
-            if await self._admit_script(keys=[keys.LEASES], args=[cap, run_id, time.time()]):
+            now = time.time()
+            # A stale lease (a dead host the supervisor has not requeued yet) holds no slot.
+            live = now - self.settings.lease_seconds
+            if await self._admit_script(keys=[keys.LEASES], args=[cap, run_id, now, live]):
                 return True
             if self._stopping.is_set():
                 return False
