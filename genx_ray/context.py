@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -129,14 +129,19 @@ def current_scope() -> Scope | None:
 
 
 @contextmanager
-def run_scope(ctx: RunContext) -> Iterator[None]:
-    tokens = (_run.set(ctx), _scope.set(Scope("")), _step.set(None))
+def _bound(ctx: RunContext | None, scope: Scope | None, step: StepRef | None) -> Iterator[None]:
+    tokens = (_run.set(ctx), _scope.set(scope), _step.set(step))
     try:
         yield
     finally:
         _step.reset(tokens[2])
         _scope.reset(tokens[1])
         _run.reset(tokens[0])
+
+
+def run_scope(ctx: RunContext) -> AbstractContextManager[None]:
+    """The workflow body of ``ctx``: steps are numbered from the top."""
+    return _bound(ctx, Scope(""), None)
 
 
 @contextmanager
@@ -149,18 +154,11 @@ def step_scope(step: StepRef) -> Iterator[None]:
         _scope.reset(tokens[0])
 
 
-@contextmanager
-def item_scope(ctx: RunContext | None, step: StepRef) -> Iterator[None]:
+def item_scope(ctx: RunContext | None, step: StepRef) -> AbstractContextManager[None]:
     """A map item run away from its run host (in a pool actor): it belongs to the run (publish,
     LLM usage and events reach it) and to its step, but what it calls runs as plain calls, not
     journaled steps: the run host journals the item itself."""
-    tokens = (_run.set(ctx), _scope.set(None), _step.set(step))
-    try:
-        yield
-    finally:
-        _step.reset(tokens[2])
-        _scope.reset(tokens[1])
-        _run.reset(tokens[0])
+    return _bound(ctx, None, step)
 
 
 def publish(kind: str, data: JsonValue = None) -> None:

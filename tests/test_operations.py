@@ -126,8 +126,7 @@ async def test_cluster_wide_cap_on_running_runs(
 
     async with serving(redis_url, max_running=2) as _, serving(redis_url, max_running=2) as _:
         ids = [
-            (await runs.create("ticker", {"n": 6, "delay": 0.1}, enqueue=True)).id
-            for _ in range(6)
+            (await runs.create("ticker", {"n": 6, "delay": 0.1}, enqueue=True)).id for _ in range(6)
         ]
         stop = asyncio.Event()
         watcher = asyncio.create_task(watch(stop))

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -39,3 +41,19 @@ def spawn_worker(redis_url: str) -> Iterator[WorkerFactory]:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def run_script(name: str, redis_url: str, timeout: float) -> tuple[dict[str, Any], str]:
+    """Run tests/chaos/<name> (a scenario that needs a Ray cluster of its own) with the tests on
+    its path; returns the JSON line it printed last, and its stderr."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [TESTS, os.environ.get("PYTHONPATH")])),
+    }
+    proc = subprocess.run(
+        [sys.executable, os.path.join(TESTS, "chaos", name), redis_url],
+        env=env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result, proc.stderr

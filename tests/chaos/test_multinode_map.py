@@ -3,30 +3,17 @@ with two runs mapping at once), node labels respected, failed items in place."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from collections import Counter
 
 import pytest
 
+from .conftest import run_script
+
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(400)]
-HERE = os.path.dirname(__file__)
-TESTS = os.path.dirname(HERE)
 
 
 def test_map_spreads_over_nodes_within_their_caps(redis_url: str) -> None:
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [TESTS, os.environ.get("PYTHONPATH")])),
-    }
-    proc = subprocess.run(
-        [sys.executable, os.path.join(HERE, "multinode_map.py"), redis_url],
-        env=env, capture_output=True, text=True, timeout=380,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out, _ = run_script("multinode_map.py", redis_url, timeout=380)
     zones, caps, peaks = out["zones"], out["caps"], out["peaks"]
     assert sorted(zones.values()) == ["a", "b", "b"]
 
