@@ -22,6 +22,7 @@ from genx_ray import component, start, workflow
 from genx_ray.connections import sync_redis
 from genx_ray.errors import ConfigError
 from genx_ray.llm import AsyncOpenAI, OpenAI, Policy
+from genx_ray.llm.transport import _Pools
 
 from .conftest import Sim
 
@@ -65,7 +66,8 @@ async def test_a_client_per_call_shares_one_pool_and_budget(
     sim: Sim, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The common pattern of building a client inside the component: 200 calls, 200 clients,
-    yet one connection pool and one limiter queue (the cap of 16 holds, connections stay 16)."""
+    yet one set of connection pools and one limiter queue (the cap of 16 holds, and connections
+    stay near 16, not 200)."""
     model = _uniq("per-call")
     monkeypatch.setenv("GENX_LLM_LIMITS", json.dumps({model: {"concurrency": 16}}))
 
@@ -77,7 +79,9 @@ async def test_a_client_per_call_shares_one_pool_and_budget(
     assert len(set(answers)) == 200
     stats = sim.stats()
     assert stats["served"] == 200 and stats["peak_concurrency"] <= 16
-    assert stats["connections"] <= 16
+    # Not one per client: about one per slot (requests are dealt over a few pools in turn, so a
+    # pool may open one while another has one idle).
+    assert stats["connections"] <= 16 + _Pools.SHARDS
 
 
 async def test_rpm_budget(sim: Sim, monkeypatch: pytest.MonkeyPatch) -> None:
