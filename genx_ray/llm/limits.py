@@ -163,8 +163,7 @@ class Limiter:
         # it goes straight to the next caller waiting here, or is parked for PARK_SECONDS for
         # the next one to come (no round trip either way); else it goes back through Redis.
         self._contended: dict[str, tuple[bool, float]] = {}
-        self._parked: dict[str, list[Slot]] = {}
-        self._park_deadlines: dict[tuple[str, str], float] = {}  # (budget, id) -> monotonic
+        self._parked: dict[str, dict[str, tuple[Slot, float]]] = {}  # budget -> id -> until
         self._parker: asyncio.Task[None] | None = None
         # (budget, slot id) -> new lease expiry (ms), written with the next batch: a parked slot
         # gets a short lease (its process may end before it is taken), a slot taken from the
@@ -192,8 +191,7 @@ class Limiter:
             return Slot(glob, "", tokens)
         parked = self._parked.get(glob)
         if parked and not self._queues.get(glob) and self._local(glob):
-            slot = parked.pop()
-            self._park_deadlines.pop((glob, slot.id), None)
+            slot = parked.popitem()[1][0]
             self._held.setdefault(glob, set()).add(slot.id)
             self._touch(slot, self.lease_seconds)
             return Slot(glob, slot.id, tokens)
@@ -317,8 +315,7 @@ class Limiter:
             if not waiter.done():
                 waiter.set_result(Slot(slot.glob, slot.id, tokens))
                 return True
-        self._parked.setdefault(slot.glob, []).append(slot)
-        self._park_deadlines[(slot.glob, slot.id)] = time.monotonic() + PARK_SECONDS
+        self._parked.setdefault(slot.glob, {})[slot.id] = (slot, time.monotonic() + PARK_SECONDS)
         self._touch(slot, PARK_SECONDS + 1.0)
         if self._parker is None or self._parker.done():
             self._parker = asyncio.create_task(self._unpark())
@@ -327,26 +324,22 @@ class Limiter:
     async def _unpark(self) -> None:
         """Give parked slots nobody took back to the budget. (If the loop ends first, their
         short lease frees them.)"""
-        while self._park_deadlines:
+        while any(self._parked.values()):
             now = time.monotonic()
-            for (glob, slot_id), deadline in list(self._park_deadlines.items()):
-                if deadline <= now:
-                    del self._park_deadlines[(glob, slot_id)]
-                    parked = self._parked.get(glob, [])
-                    slot = next((p for p in parked if p.id == slot_id), None)
-                    if slot is not None:
-                        parked.remove(slot)
-                        self._touches.pop((glob, slot_id), None)
-                        self._batch.append((slot, -1, None))
-                        self._start_flush()
-            if self._park_deadlines:
+            for parked in self._parked.values():
+                for slot, _ in [entry for entry in parked.values() if entry[1] <= now]:
+                    del parked[slot.id]
+                    self._touches.pop((slot.glob, slot.id), None)
+                    self._batch.append((slot, -1, None))
+                    self._start_flush()
+            deadlines = [until for parked in self._parked.values() for _, until in parked.values()]
+            if deadlines:
                 try:
-                    await asyncio.sleep(max(0.0, min(self._park_deadlines.values()) - now))
+                    await asyncio.sleep(max(0.0, min(deadlines) - now))
                 except asyncio.CancelledError:  # the loop is ending: give them all back now
-                    parked = [slot for slots in self._parked.values() for slot in slots]
+                    left = [slot for parked in self._parked.values() for slot, _ in parked.values()]
                     self._parked.clear()
-                    self._park_deadlines.clear()
-                    await self._write_last([(slot, -1, None) for slot in parked])
+                    await self._write_last([(slot, -1, None) for slot in left])
                     raise
 
     async def _write_last(self, batch: list[tuple[Slot, int, Booking | None]]) -> None:
