@@ -317,12 +317,12 @@ class Component(Generic[P, R]):
             raise UserError("map concurrency must be at least 1")
         todo = list(items)
         results: list[Any] = [None] * len(todo)
-        ctx, scope = current_run(), current_scope()
-        in_run = ctx is not None and scope is not None
+        scope = current_scope()
+        ctx = current_run() if scope is not None else None  # a run, and a place in it
         map_id = scope.next_step_id(f"{self.name}.map") if scope is not None else ""
         ref = StepRef(id=map_id, name=f"{self.name}.map")
-        tracker = _MapProgress(ctx, ref, len(todo)) if ctx is not None and in_run else None
-        if ctx is not None and in_run:
+        tracker = _MapProgress(ctx, ref, len(todo)) if ctx is not None else None
+        if ctx is not None:
             ctx.writer.emit(StepStarted(run_id=ctx.run_id, step=ref))
         started = time.perf_counter()
 
@@ -337,16 +337,16 @@ class Component(Generic[P, R]):
             from genx_ray.pool import map_on_cluster
 
             left = list(range(len(todo)))
-            if ctx is not None and in_run:
+            if ctx is not None:
                 left = self._replay_items(ctx, map_id, todo, settle)
             try:
                 await map_on_cluster(
-                    self, todo, left, concurrency=concurrency, ctx=ctx if in_run else None,
+                    self, todo, left, concurrency=concurrency, ctx=ctx,
                     map_id=map_id, on_result=settle,
                 )  # fmt: skip
             except BaseExceptionGroup as group:  # fail_fast: the caller wants the item's error
                 raise group.exceptions[0] from None
-        elif ctx is None or not in_run:
+        elif ctx is None:
 
             async def direct(i: int) -> None:
                 try:
