@@ -10,6 +10,7 @@ per call with the GenAI semantic-convention attributes.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -52,6 +53,13 @@ def _settings() -> Settings:
     return settings
 
 
+@functools.cache
+def _platform() -> Any:
+    from openai._base_client import get_platform
+
+    return get_platform()
+
+
 class AsyncOpenAI(openai.AsyncOpenAI):
     """``openai.AsyncOpenAI`` with genx-ray's limits, retries, fallback, cache and events."""
 
@@ -71,6 +79,10 @@ class AsyncOpenAI(openai.AsyncOpenAI):
         kwargs.setdefault("max_retries", 0)  # retries are ours: cluster-aware, with fallback
         kwargs["http_client"] = openai.DefaultAsyncHttpxClient(transport=transport)
         super().__init__(*args, **kwargs)
+        if getattr(self, "_platform", False) is None:
+            # The SDK looks the platform up on a worker thread at each client's first request
+            # (a thread hop per call when a client is made per call); it is the same all along.
+            self._platform = _platform()
 
 
 class OpenAI(openai.OpenAI):

@@ -84,6 +84,26 @@ async def test_a_client_per_call_shares_one_pool_and_budget(
     assert stats["connections"] <= 16 + _Pools.SHARDS
 
 
+async def test_a_client_per_call_runs_nothing_on_a_thread(sim: Sim) -> None:
+    """The SDK looks the platform up on a worker thread at each client's first request: with a
+    client per call, that would be a thread hop per call. Ours looks it up once per process."""
+    loop = asyncio.get_running_loop()
+    handed: list[object] = []
+    original = loop.run_in_executor
+
+    def counting(executor: Any, func: Any, *args: Any) -> Any:
+        handed.append(func)
+        return original(executor, func, *args)
+
+    loop.run_in_executor = counting  # type: ignore[method-assign]
+    try:
+        for i in range(3):
+            await AsyncOpenAI().chat.completions.create(model="gpt-4o-mini", messages=_msg(str(i)))
+    finally:
+        del loop.run_in_executor
+    assert handed == []
+
+
 async def test_rpm_budget(sim: Sim, monkeypatch: pytest.MonkeyPatch) -> None:
     model = _uniq("rpm")
     monkeypatch.setenv("GENX_LLM_LIMITS", json.dumps({model: {"rpm": 5}}))
