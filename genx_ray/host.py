@@ -1,13 +1,13 @@
 """Run hosts: each running run executes in its own detached Ray actor.
 
 Detached, so the worker that launched it can die (or be redeployed) without taking the run with
-it: Ray kills what a dead owner owned, but not detached actors. The host holds the run's lease;
-when it finishes, the worker kills it, and if the worker is gone it exits by itself shortly after.
+it: Ray kills what a dead owner owned, but not detached actors. The host holds the run's lease.
 
-Starting an actor costs seconds (a process, imports), so each worker keeps a few hosts started
-ahead (:class:`WarmHosts`): a run takes a ready one and a replacement starts in the background.
-A warm host nobody takes exits by itself after ``IDLE_EXIT_SECONDS``, so a worker that dies leaks
-none for long.
+Starting an actor costs seconds of CPU (a process, imports), so each worker keeps a few hosts
+started ahead (:class:`WarmHosts`), and a host whose run ended well goes back there for the next
+run (one run at a time, up to ``MAX_RUNS_PER_HOST``): back-to-back runs start no process at all.
+A host nobody takes exits by itself after ``IDLE_EXIT_SECONDS``, and one whose worker died during
+its run (nobody took it back) after ``ORPHAN_EXIT_SECONDS``, so a dead worker leaks none for long.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 from typing import Any
 
 from genx_ray.connections import async_redis
@@ -22,10 +23,14 @@ from genx_ray.errors import InvalidTransition, RunNotFound
 from genx_ray.executor import execute_run
 from genx_ray.settings import Settings
 
-# After its run ends, a host whose worker did not kill it (the worker died) exits by itself.
+# After its run ends, a host its worker did not take back (the worker died) exits by itself.
 ORPHAN_EXIT_SECONDS = 30.0
-# A started host that no run takes within this long exits by itself.
+# A host that no run takes within this long exits by itself.
 IDLE_EXIT_SECONDS = 600.0
+# Runs one host process executes, one after the other, before it is retired for a fresh one.
+MAX_RUNS_PER_HOST = 100
+# How long after a run takes a host the worker starts replacements, if it still needs them.
+REFILL_DELAY_SECONDS = 1.0
 _host_class: Any = None
 
 
@@ -36,18 +41,23 @@ class _RunHost:
         self.settings = Settings.from_env()
         self.registry = registry.load(self.settings.workflows)
         self.redis_url = redis_url
-        self._taken = threading.Event()
-        threading.Thread(target=self._exit_if_idle, args=(idle_exit,), daemon=True).start()
+        self.runs = 0
+        self._running = False
+        self._exit_at = time.monotonic() + idle_exit
+        threading.Thread(target=self._exit_when_unwanted, daemon=True).start()
 
-    def _exit_if_idle(self, idle_exit: float) -> None:
-        if not self._taken.wait(idle_exit):
-            os._exit(0)
+    def _exit_when_unwanted(self) -> None:
+        """Exit once idle past the deadline (a thread: it needs no event loop to notice)."""
+        while True:
+            time.sleep(min(1.0, max(0.05, self._exit_at - time.monotonic())))
+            if not self._running and time.monotonic() >= self._exit_at:
+                os._exit(0)
 
     def pid(self) -> int:
         return os.getpid()
 
     async def execute(self, run_id: str, attempt: int | None, worker: str) -> str | None:
-        self._taken.set()
+        self._running, self.runs = True, self.runs + 1
         client = async_redis(self.redis_url)
         try:
             status = await execute_run(
@@ -59,7 +69,15 @@ class _RunHost:
             return "skipped"  # another worker has it, or it was cancelled while queued
         finally:
             await client.aclose()
-            asyncio.get_running_loop().call_later(ORPHAN_EXIT_SECONDS, os._exit, 0)
+            self._exit_at = time.monotonic() + ORPHAN_EXIT_SECONDS
+            self._running = False
+
+    def keep(self) -> bool:
+        """Taken back by its worker for another run: whether it has runs left to give."""
+        if self.runs >= MAX_RUNS_PER_HOST:
+            return False
+        self._exit_at = time.monotonic() + IDLE_EXIT_SECONDS
+        return True
 
 
 def host_class() -> Any:
@@ -88,33 +106,71 @@ def start_host(redis_url: str) -> Any:
 
 
 class WarmHosts:
-    """Hosts started ahead of the runs that will take them."""
+    """Hosts started ahead of the runs that will take them, and taken back after a run.
+
+    ``size`` are started ahead. A run takes the newest ready one (or starts one if none is
+    ready); a moment later the pool tops itself up to one ready host at least, and to ``size``
+    counting the hosts out on runs, which come back when their run ends: back-to-back runs reuse
+    the same processes, a burst starts new ones and reuses them while it lasts, and at most
+    ``size`` idle ones are kept once it is over.
+    """
 
     def __init__(self, redis_url: str, size: int) -> None:
-        self.redis_url, self.size = redis_url, size
-        self._ready: list[Any] = [start_host(redis_url) for _ in range(size)]
+        self.redis_url, self.size = redis_url, max(1, size)
+        now = time.monotonic()
+        self._ready: list[tuple[Any, float]] = [  # (host, ready since), the newest last
+            (start_host(redis_url), now) for _ in range(self.size)
+        ]
+        self._out = 0
+        self._closed = False
 
     def take(self) -> Any:
-        host = self._ready.pop(0) if self._ready else start_host(self.redis_url)
-        while len(self._ready) < self.size:
-            self._ready.append(start_host(self.redis_url))
+        import ray
+
+        now = time.monotonic()
+        # Too close to exiting by itself for idleness: not worth the race.
+        while self._ready and now - self._ready[0][1] > IDLE_EXIT_SECONDS - 30:
+            ray.kill(self._ready.pop(0)[0])
+        host = self._ready.pop()[0] if self._ready else start_host(self.redis_url)
+        self._out += 1
+        # Refill a moment later: a host whose run just ended is usually on its way back.
+        asyncio.get_running_loop().call_later(REFILL_DELAY_SECONDS, self._refill)
         return host
+
+    def _refill(self) -> None:
+        while not self._closed and (not self._ready or len(self._ready) + self._out < self.size):
+            self._ready.insert(0, (start_host(self.redis_url), time.monotonic()))
+
+    def give(self, host: Any, reusable: bool) -> None:
+        """A host back from its run: kept if reusable and the pool is not above ``size`` plus
+        the hosts still out (a burst keeps its hosts while it lasts, then the pool shrinks)."""
+        import ray
+
+        self._out -= 1
+        if reusable and not self._closed:
+            self._ready.append((host, time.monotonic()))
+        else:
+            ray.kill(host)
+        while len(self._ready) > self.size + self._out:
+            ray.kill(self._ready.pop(0)[0])  # the one idle longest
+
+    async def run(self, run_id: str, worker: str) -> str | None:
+        """Execute the run on a host and wait for it. The host comes back for another run if
+        the run ended (whatever its status) and the host has runs left; it is killed if it
+        died, or on cancellation (a drain)."""
+        host = self.take()
+        reusable = False
+        try:
+            result: str | None = await host.execute.remote(run_id, None, worker)
+            reusable = bool(await host.keep.remote())
+            return result
+        finally:
+            self.give(host, reusable)
 
     def close(self) -> None:
         import ray
 
-        for host in self._ready:
+        self._closed = True
+        for host, _ in self._ready:
             ray.kill(host)
         self._ready.clear()
-
-
-async def run_on_host(host: Any, run_id: str, worker: str) -> str | None:
-    """Execute the run in ``host`` and wait for it; the host is killed afterwards, and on
-    cancellation (a drain) too."""
-    import ray
-
-    try:
-        result: str | None = await host.execute.remote(run_id, None, worker)
-        return result
-    finally:
-        ray.kill(host)

@@ -205,9 +205,7 @@ class Worker:
                 await self.queue.ack(entry_id)
                 return
             if self._warm is not None:
-                from genx_ray.host import run_on_host
-
-                await run_on_host(self._warm.take(), run_id, self.name)
+                await self._warm.run(run_id, self.name)
             else:
                 await execute_run(
                     self.redis, run_id, registry=self.registry, settings=self.settings,

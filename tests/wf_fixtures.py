@@ -38,3 +38,9 @@ async def ticker(n: int = 50, delay: float = 0.01) -> int:
 async def sleepy(seconds: float = 30.0) -> str:
     await asyncio.sleep(seconds)
     return "awake"
+
+
+@workflow(name="boom")
+async def boom(message: str = "boom") -> str:
+    """Fail with the message."""
+    raise ValueError(message)

@@ -111,3 +111,36 @@ async def test_a_run_whose_hosts_keep_dying_fails_with_the_reason(
     failed = await runs.get(run.id)
     assert failed.status is RunStatus.FAILED and failed.error is not None
     assert failed.error.type == "RunHostLost" and "1 of 1 attempts" in failed.error.message
+
+
+async def _host_of_finished_run(runs: RunStore, events: EventStore, run_id: str) -> str:
+    async for _ in events.follow(run_id):
+        pass
+    return str(await runs.redis.hget(keys.run(run_id), "host"))
+
+
+async def test_a_host_takes_the_next_run_unless_it_died(
+    spawn_worker: WorkerFactory, runs: RunStore, events: EventStore
+) -> None:
+    spawn_worker()  # keeps two hosts warm
+    used = []
+    # Runs one after the other, whatever their ending, reuse those processes: none is started.
+    for workflow, inputs in [("ticker", {"n": 3, "delay": 0.01}), ("boom", {"message": "no"}),
+                             ("ticker", {"n": 3, "delay": 0.01}), ("echo", {"text": "hi"})]:  # fmt: skip
+        run = await runs.create(workflow, inputs, enqueue=True)
+        used.append(await _host_of_finished_run(runs, events, run.id))
+        status = (await runs.get(run.id)).status
+        assert status is (RunStatus.FAILED if workflow == "boom" else RunStatus.SUCCEEDED)
+    assert len(set(used)) <= 2, used
+
+    # A host killed during its run is not handed another one.
+    doomed = await runs.create("ticker", {"n": 20, "delay": 0.1}, enqueue=True)
+    await _until(lambda: _progress_at_least(events, doomed.id, 2))
+    killed = str(await runs.redis.hget(keys.run(doomed.id), "host"))
+    os.kill(int(killed.rsplit(":", 1)[1]), signal.SIGKILL)
+    after = await runs.create("ticker", {"n": 3, "delay": 0.01}, enqueue=True)
+    assert await _host_of_finished_run(runs, events, after.id) != killed
+    assert (await runs.get(after.id)).status is RunStatus.SUCCEEDED
+    # ...and the killed run finishes elsewhere (the supervisor restarts it).
+    assert await _host_of_finished_run(runs, events, doomed.id) != killed
+    assert (await runs.get(doomed.id)).status is RunStatus.SUCCEEDED
