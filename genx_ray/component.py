@@ -39,6 +39,7 @@ from genx_ray.events import (
     StepStarted,
 )
 from genx_ray.retry import NO_RETRY, RetryPolicy
+from genx_ray.settings import Settings
 from genx_ray.values import Codec, canonical_hash, dumps, to_json, type_hints
 
 P = ParamSpec("P")
@@ -298,9 +299,11 @@ class Component(Generic[P, R]):
     # -- fan-out --------------------------------------------------------------------------------
 
     async def map(
-        self, items: Iterable[Any], *, concurrency: int = 16, fail_fast: bool = False
+        self, items: Iterable[Any], *, concurrency: int | None = None, fail_fast: bool = False
     ) -> list[R | StepError]:
-        """Call the component on every item, at most ``concurrency`` at a time.
+        """Call the component on every item, at most ``concurrency`` at a time: by default the
+        largest concurrency budget of ``GENX_LLM_LIMITS`` (the limiter still holds each model to
+        its own), or 16 without one.
 
         Results come back in input order. An item that fails after its retries gives its
         :class:`StepError` in its place instead of failing the batch (``fail_fast=True`` raises
@@ -313,6 +316,8 @@ class Component(Generic[P, R]):
         ``concurrency`` spread over the nodes within what each node's resources allow
         (see :mod:`genx_ray.pool`). Any other component maps on the run's own event loop.
         """
+        if concurrency is None:
+            concurrency = default_map_concurrency()
         if concurrency < 1:
             raise UserError("map concurrency must be at least 1")
         todo = list(items)
@@ -400,6 +405,15 @@ class Component(Generic[P, R]):
             else:
                 settle(i, self.codec.decode(recorded.value), True)
         return left
+
+
+DEFAULT_MAP_CONCURRENCY = 16
+
+
+def default_map_concurrency() -> int:
+    """What ``map`` keeps in flight when not told: enough for the largest LLM budget."""
+    caps = [limit.concurrency for limit in Settings.from_env().llm_limits.values()]
+    return max((cap for cap in caps if cap), default=DEFAULT_MAP_CONCURRENCY)
 
 
 async def _bounded(fn: Callable[[int], Awaitable[None]], n: int, concurrency: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections import Counter
@@ -332,6 +333,32 @@ def test_map_order_errors_and_concurrency() -> None:
     assert [e.step.id for e in failed] == [f"/0:item.map/{x}:item" for x in range(40) if x % 7 == 3]
     final = step_events(h, "progress")[-1]
     assert final.data["done"] == 40 and final.data["failed"] == 6 and final.data["total"] == 40
+
+
+async def test_map_keeps_as_many_in_flight_as_the_largest_llm_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    active = {"now": 0, "peak": 0}
+
+    @component
+    async def call(x: int) -> int:
+        active["now"] += 1
+        active["peak"] = max(active["peak"], active["now"])
+        await asyncio.sleep(0.02)
+        active["now"] -= 1
+        return x
+
+    monkeypatch.delenv("GENX_LLM_LIMITS", raising=False)
+    assert await call.map(range(60)) == list(range(60))
+    assert active["peak"] == 16
+    limits = {"gpt-4o*": {"concurrency": 40}, "*": {"concurrency": 8}, "o1": {"rpm": 100}}
+    monkeypatch.setenv("GENX_LLM_LIMITS", json.dumps(limits))
+    active["peak"] = 0
+    assert await call.map(range(60)) == list(range(60))
+    assert active["peak"] == 40
+    active["peak"] = 0
+    await call.map(range(60), concurrency=3)  # said explicitly: that, whatever the budgets
+    assert active["peak"] == 3
 
 
 def test_map_fail_fast_raises() -> None:
