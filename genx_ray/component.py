@@ -145,16 +145,29 @@ class Component(Generic[P, R]):
         # coroutines are scheduled by gather in another order.
         return self._call_step(ctx, scope.next_step_id(self.name), args, kwargs)
 
-    async def _call_direct(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> R:
+    async def _call_direct(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], step_id: str | None = None
+    ) -> R:
+        """Call outside a run, with retries. Gives up with the call's own exception; a map
+        item (``step_id``) with a :class:`StepError` naming it, that exception as its cause."""
         attempt = 1
         while True:
             try:
                 return cast(R, await self._attempt(None, None, args, kwargs))
             except Exception as exc:
                 if attempt >= self.retry.max_attempts or not self.retry.retryable(exc):
-                    raise
+                    if step_id is None:
+                        raise
+                    ref = StepRef(id=step_id, name=self.name, attempt=attempt)
+                    raise self._step_error(ref, exc) from exc
                 await asyncio.sleep(self.retry.delay(attempt, exc))
                 attempt += 1
+
+    def _item_error(self, step_id: str, error: Mapping[str, Any]) -> StepError:
+        """A map item's error as it was recorded (journal, pool actor), as a StepError again."""
+        kind = StepTimeout if error["type"] == "TimeoutError" else StepError
+        return kind(step_id, self.name, int(error.get("attempts", 1)), error["type"],
+                    error["message"])  # fmt: skip
 
     async def _call_step(
         self,
@@ -324,7 +337,7 @@ class Component(Generic[P, R]):
         results: list[Any] = [None] * len(todo)
         scope = current_scope()
         ctx = current_run() if scope is not None else None  # a run, and a place in it
-        map_id = scope.next_step_id(f"{self.name}.map") if scope is not None else ""
+        map_id = scope.next_step_id(f"{self.name}.map") if scope is not None else f"{self.name}.map"
         ref = StepRef(id=map_id, name=f"{self.name}.map")
         tracker = _MapProgress(ctx, ref, len(todo)) if ctx is not None else None
         if ctx is not None:
@@ -355,8 +368,9 @@ class Component(Generic[P, R]):
 
             async def direct(i: int) -> None:
                 try:
-                    results[i] = await self._call_direct((todo[i],), {})
-                except Exception as exc:
+                    step_id = f"{map_id}/{i}:{self.name}"
+                    results[i] = await self._call_direct((todo[i],), {}, step_id)
+                except StepError as exc:
                     if fail_fast:
                         raise
                     results[i] = exc
@@ -400,8 +414,7 @@ class Component(Generic[P, R]):
             recorded = ctx.recorded(step_id, self.name, canonical_hash((item,), {}))
             assert recorded is not None
             if recorded.error is not None:
-                error = ErrorInfo.model_validate(recorded.error)
-                settle(i, StepError(step_id, self.name, 1, error.type, error.message), False)
+                settle(i, self._item_error(step_id, recorded.error), False)
             else:
                 settle(i, self.codec.decode(recorded.value), True)
         return left

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from genx_ray.context import JournalEntry, RunContext, item_scope
 from genx_ray.errors import StepError, UserError
-from genx_ray.events import ErrorInfo, StepRef
+from genx_ray.events import StepRef
 from genx_ray.values import canonical_hash
 
 if TYPE_CHECKING:
@@ -152,13 +152,14 @@ class PoolActor:
             async def one(index: int, item: Any) -> Outcome:
                 async with gate:
                     await self.units.take(need)
+                    step_id = f"{map_id}/{index}:{component.name}"
                     try:
-                        ref = StepRef(id=f"{map_id}/{index}:{component.name}", name=component.name)
-                        with item_scope(ctx, ref):
-                            value = await component._call_direct((item,), {})
+                        with item_scope(ctx, StepRef(id=step_id, name=component.name)):
+                            value = await component._call_direct((item,), {}, step_id)
                         return index, True, component.codec.encode(value)
-                    except Exception as exc:
-                        error = ErrorInfo.from_exception(exc).model_dump(exclude={"traceback"})
+                    except StepError as exc:
+                        error = {"type": exc.error_type, "message": exc.error_message,
+                                 "attempts": exc.attempt}  # fmt: skip
                         return index, False, error
                     finally:
                         await self.units.give(need)
@@ -316,10 +317,8 @@ async def _deliver(
             entry = JournalEntry(component.name, input_hash, value=payload)
             delivered.append((index, component.codec.decode(payload), True))
         else:
-            error = ErrorInfo.model_validate(payload)
             entry = JournalEntry(component.name, input_hash, error=payload)
-            delivered.append((index, StepError(step_id, component.name, 1, error.type,
-                                               error.message), False))  # fmt: skip
+            delivered.append((index, component._item_error(step_id, payload), False))
         entries.append((step_id, entry.dumps()))
     if ctx is not None:
         await ctx.writer.commit((), entries)

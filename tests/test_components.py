@@ -202,7 +202,7 @@ def test_a_timeout_is_a_failed_attempt() -> None:
 
 
 def test_cache_hit_and_expiry() -> None:
-    @component(cache_ttl=0.5, name="cached_square")
+    @component(cache_ttl=2.0, name="cached_square")  # long enough for a loaded machine
     async def square(x: int) -> int:
         calls["square"] += 1
         return x * x
@@ -219,14 +219,14 @@ def test_cache_hit_and_expiry() -> None:
     assert hit.cached is True
     assert types(h) == ["run.queued", "run.started", "step.completed", "run.succeeded"]
 
-    bumped = square.with_cache(0.5, version="2")  # new version: a miss, original untouched
+    bumped = square.with_cache(2.0, version="2")  # new version: a miss, original untouched
 
     @workflow(name="cache-v2")
     async def wf2(x: int) -> int:
         return await bumped(x)
 
     assert start(wf2, {"x": 7}).result(5) == 49 and calls["square"] == 2
-    time.sleep(0.6)
+    time.sleep(2.1)
     assert start(wf, {"x": 7}).result(5) == 49
     assert calls["square"] == 3  # expired
 
@@ -394,14 +394,31 @@ def test_progress_events_stay_few_for_big_maps() -> None:
 
 
 async def test_map_outside_a_run_returns_errors_in_place() -> None:
-    @component
+    """As in a run: a StepError in the failed item's place, its own exception as the cause."""
+    calls: list[int] = []
+
+    @component(retry=RetryPolicy(max_attempts=2, initial_interval=0, retry_on=(TimeoutError,)))
     async def half(x: int) -> float:
+        calls.append(x)
         if x == 0:
-            raise ZeroDivisionError("zero")
+            raise TimeoutError("slow provider")
+        if x == 3:
+            raise ZeroDivisionError("zero")  # not retried
         return 1 / x
 
-    results = await half.map([0, 1, 2])
-    assert isinstance(results[0], ZeroDivisionError) and results[1:] == [1.0, 0.5]
+    results = await half.map([0, 1, 2, 3])
+    assert results[1:3] == [1.0, 0.5]
+    timed_out, zero = results[0], results[3]
+    assert isinstance(timed_out, StepTimeout) and isinstance(zero, StepError)
+    assert (timed_out.step_id, timed_out.attempt, timed_out.error_type) == (
+        "half.map/0:half", 2, "TimeoutError",
+    )  # fmt: skip
+    assert (zero.step_id, zero.attempt, zero.error_message) == ("half.map/3:half", 1, "zero")
+    assert isinstance(zero.__cause__, ZeroDivisionError)
+    assert sorted(calls) == [0, 0, 1, 2, 3]
+    with pytest.raises(StepError) as raised:
+        await half.map([1, 3], fail_fast=True)
+    assert raised.value.step_id == "half.map/1:half"
 
 
 # -- configuration ---------------------------------------------------------------------------------
