@@ -163,6 +163,9 @@ class Component(Generic[P, R]):
                 await asyncio.sleep(self.retry.delay(attempt, exc))
                 attempt += 1
 
+    def _cache_key(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        return keys.cache(self.name, self.cache_version, canonical_hash(self.name, args, kwargs))
+
     def _item_error(self, step_id: str, error: Mapping[str, Any]) -> StepError:
         """A map item's error as it was recorded (journal, pool actor), as a StepError again."""
         kind = StepTimeout if error["type"] == "TimeoutError" else StepError
@@ -189,9 +192,7 @@ class Component(Generic[P, R]):
 
         cache_key = None
         if self.cache_ttl:
-            cache_key = keys.cache(
-                self.name, self.cache_version, canonical_hash(self.name, args, kwargs)
-            )
+            cache_key = self._cache_key(args, kwargs)
             hit = await ctx.redis.get(cache_key)
             if hit is not None:
                 entry = JournalEntry(self.name, input_hash, value=json.loads(hit))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import secrets
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from genx_ray.context import JournalEntry, RunContext, item_scope
 from genx_ray.errors import StepError, UserError
 from genx_ray.events import StepRef
-from genx_ray.values import canonical_hash
+from genx_ray.values import canonical_hash, dumps
 
 if TYPE_CHECKING:
     from genx_ray.component import Component
@@ -164,13 +165,39 @@ class PoolActor:
                     finally:
                         await self.units.give(need)
 
+            cached: list[Outcome] = []
+            if component.cache_ttl:  # one read for the chunk; hits do not run
+                cached, items = await self._cached(component, items)
             outcomes = await asyncio.gather(*(one(i, item) for i, item in items))
+            if component.cache_ttl:
+                await self._cache(component, items, outcomes)
             if ctx is not None:
                 await ctx.writer.flush()  # its events are stored before its results go back
-            return list(outcomes)
+            return cached + list(outcomes)
         finally:
             self.busy -= 1
             self.last_used = time.monotonic()
+
+    async def _cached(
+        self, component: Component[Any, Any], items: Sequence[tuple[int, Any]]
+    ) -> tuple[list[Outcome], list[tuple[int, Any]]]:
+        """The items the component's cache answers, as outcomes, and the others."""
+        found = await self.redis.mget([component._cache_key((item,), {}) for _, item in items])
+        answered = zip(items, found, strict=True)
+        hits = [(i, True, json.loads(raw)) for (i, _), raw in answered if raw is not None]
+        return hits, [entry for entry, raw in zip(items, found, strict=True) if raw is None]
+
+    async def _cache(
+        self, component: Component[Any, Any], items: Sequence[tuple[int, Any]],
+        outcomes: Sequence[Outcome],
+    ) -> None:  # fmt: skip
+        assert component.cache_ttl
+        ttl = int(component.cache_ttl * 1000)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for (_, item), (_, ok, encoded) in zip(items, outcomes, strict=True):
+                if ok:
+                    pipe.set(component._cache_key((item,), {}), dumps(encoded), px=ttl)
+            await pipe.execute()
 
     async def _component(
         self, key: str, ref: list[Any], slots: int

@@ -73,6 +73,17 @@ def test_outside_a_run_map_still_uses_the_pool() -> None:
     assert isinstance(out[3], StepError)
 
 
+def test_a_cached_component_maps_only_what_its_cache_lacks() -> None:
+    tag = os.urandom(4).hex()
+    cached = counted.with_cache(ttl=60)
+    first = asyncio.run(cached.map([(i, tag) for i in range(10)]))
+    assert first == list(range(10))
+    again = asyncio.run(cached.map([(i, tag) for i in range(15)]))  # 10 known, 5 new
+    assert again == list(range(15))
+    runs = _redis().hgetall(f"test:pool:{tag}")
+    assert runs == {str(i): "1" for i in range(15)}  # each item ran once
+
+
 def test_progress_events_stay_few_for_10k_items() -> None:
     handle = start(squares, {"n": 10_000})
     out = handle.result(300)
