@@ -4,8 +4,8 @@ Detached, so the worker that launched it can die (or be redeployed) without taki
 it: Ray kills what a dead owner owned, but not detached actors. The host holds the run's lease.
 
 Starting an actor costs seconds of CPU (a process, imports), so each worker keeps a few hosts
-started ahead (:class:`WarmHosts`), and a host whose run ended well goes back there for the next
-run (one run at a time, up to ``MAX_RUNS_PER_HOST``): back-to-back runs start no process at all.
+started ahead (:class:`WarmHosts`), and a host whose run ended goes back there for the next
+run (one run at a time, up to ``GENX_HOST_MAX_RUNS``): back-to-back runs start no process.
 A host nobody takes exits by itself after ``IDLE_EXIT_SECONDS``, and one whose worker died during
 its run (nobody took it back) after ``ORPHAN_EXIT_SECONDS``, so a dead worker leaks none for long.
 """
@@ -27,8 +27,6 @@ from genx_ray.settings import Settings
 ORPHAN_EXIT_SECONDS = 30.0
 # A host that no run takes within this long exits by itself.
 IDLE_EXIT_SECONDS = 600.0
-# Runs one host process executes, one after the other, before it is retired for a fresh one.
-MAX_RUNS_PER_HOST = 100
 # How long after a run takes a host the worker starts replacements, if it still needs them.
 REFILL_DELAY_SECONDS = 1.0
 _host_class: Any = None
@@ -74,7 +72,7 @@ class _RunHost:
 
     def keep(self) -> bool:
         """Taken back by its worker for another run: whether it has runs left to give."""
-        if self.runs >= MAX_RUNS_PER_HOST:
+        if self.runs >= self.settings.host_max_runs:
             return False
         self._exit_at = time.monotonic() + IDLE_EXIT_SECONDS
         return True

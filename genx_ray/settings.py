@@ -61,6 +61,9 @@ class Settings:
     # Ray custom resources each run host asks for (e.g. {"hosts": 0.01} keeps them on the nodes
     # that offer "hosts"): where the long-lived, lightweight run hosts may live.
     host_resources: Mapping[str, float] = field(default_factory=dict)
+    # Runs one run host process executes, one after the other, before a fresh one replaces it
+    # (1: a fresh process for every run, for code that leaves state behind in its process).
+    host_max_runs: int = 100
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -84,6 +87,7 @@ class Settings:
             webhook_url=_webhook_url(env.get("GENX_WEBHOOK_URL", "").strip()),
             webhook_secret=env.get("GENX_WEBHOOK_SECRET", ""),
             host_resources=_resources("GENX_HOST_RESOURCES", env.get("GENX_HOST_RESOURCES", "")),
+            host_max_runs=_positive_int(env, "GENX_HOST_MAX_RUNS", 100),
         )
 
 

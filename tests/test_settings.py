@@ -10,6 +10,7 @@ def test_defaults() -> None:
     s = Settings.from_env({})
     assert s.redis_url == DEFAULT_REDIS_URL and not s.redis_url_explicit
     assert s.ray_address == "local" and s.api_keys == {} and s.llm_limits == {}
+    assert s.host_max_runs == 100
 
 
 def test_values_are_parsed() -> None:
@@ -19,8 +20,9 @@ def test_values_are_parsed() -> None:
         "GENX_WORKFLOWS": "a.b, c",
         "GENX_API_KEYS": "k1:acme, k2:globex",
         "GENX_LLM_LIMITS": '{"gpt-4o*": {"concurrency": 64, "rpm": 5000}, "*": {"tpm": 9}}',
+        "GENX_HOST_MAX_RUNS": "1",
     })  # fmt: skip
-    assert s.redis_url_explicit and s.workflows == ("a.b", "c")
+    assert s.redis_url_explicit and s.workflows == ("a.b", "c") and s.host_max_runs == 1
     assert s.api_keys == {"k1": "acme", "k2": "globex"}
     assert s.llm_limits == {"gpt-4o*": LLMLimit(64, 5000, None), "*": LLMLimit(tpm=9)}
 
@@ -37,6 +39,7 @@ def test_values_are_parsed() -> None:
         ("GENX_LLM_LIMITS", '{"*": {"rpn": 5}}'),
         ("GENX_LLM_LIMITS", "[1]"),
         ("GENX_MAX_BODY_BYTES", "lots"),
+        ("GENX_HOST_MAX_RUNS", "0"),
     ],
 )
 def test_bad_values_name_the_setting(name: str, value: str) -> None:

@@ -144,3 +144,14 @@ async def test_a_host_takes_the_next_run_unless_it_died(
     # ...and the killed run finishes elsewhere (the supervisor restarts it).
     assert await _host_of_finished_run(runs, events, doomed.id) != killed
     assert (await runs.get(doomed.id)).status is RunStatus.SUCCEEDED
+
+
+async def test_one_run_per_host_when_asked(
+    spawn_worker: WorkerFactory, runs: RunStore, events: EventStore
+) -> None:
+    spawn_worker(GENX_HOST_MAX_RUNS="1")  # for code that leaves state behind in its process
+    used = []
+    for i in range(3):
+        run = await runs.create("echo", {"text": str(i)}, enqueue=True)
+        used.append(await _host_of_finished_run(runs, events, run.id))
+    assert len(set(used)) == 3, used
