@@ -124,9 +124,10 @@ async def test_cluster_wide_cap_on_running_runs(
             peak = max(peak, running)
             await asyncio.sleep(0.01)
 
-    # Only this test's runs: runs earlier tests left queued, or taken by a worker they killed
-    # (pending, so claimable), would take slots of the cap while they run.
-    await redis.delete(keys.QUEUE)
+    # Only this test's runs count: runs earlier tests left queued, or taken by a worker they
+    # killed (pending, so claimable), and leases their killed hosts left (live for 30 s here)
+    # would take slots of the cap.
+    await redis.delete(keys.QUEUE, keys.LEASES)
     async with serving(redis_url, max_running=2) as _, serving(redis_url, max_running=2) as _:
         ids = [
             (await runs.create("ticker", {"n": 6, "delay": 0.1}, enqueue=True)).id for _ in range(6)
