@@ -166,11 +166,13 @@ class PoolActor:
                         await self.units.give(need)
 
             cached: list[Outcome] = []
+            cache_keys: dict[int, str] = {}
             if component.cache_ttl:  # one read for the chunk; hits do not run
-                cached, items = await self._cached(component, items)
+                cache_keys = {i: component._cache_key((item,), {}) for i, item in items}
+                cached, items = await self._cached(cache_keys, items)
             outcomes = await asyncio.gather(*(one(i, item) for i, item in items))
             if component.cache_ttl:
-                await self._cache(component, items, outcomes)
+                await self._cache(cache_keys, int(component.cache_ttl * 1000), outcomes)
             if ctx is not None:
                 await ctx.writer.flush()  # its events are stored before its results go back
             return cached + list(outcomes)
@@ -179,24 +181,26 @@ class PoolActor:
             self.last_used = time.monotonic()
 
     async def _cached(
-        self, component: Component[Any, Any], items: Sequence[tuple[int, Any]]
+        self, cache_keys: Mapping[int, str], items: Sequence[tuple[int, Any]]
     ) -> tuple[list[Outcome], list[tuple[int, Any]]]:
-        """The items the component's cache answers, as outcomes, and the others."""
-        found = await self.redis.mget([component._cache_key((item,), {}) for _, item in items])
-        answered = zip(items, found, strict=True)
-        hits = [(i, True, json.loads(raw)) for (i, _), raw in answered if raw is not None]
-        return hits, [entry for entry, raw in zip(items, found, strict=True) if raw is None]
+        """The items the cache answers, as outcomes, and the others."""
+        found = await self.redis.mget([cache_keys[i] for i, _ in items])
+        hits: list[Outcome] = []
+        misses: list[tuple[int, Any]] = []
+        for (i, item), raw in zip(items, found, strict=True):
+            if raw is None:
+                misses.append((i, item))
+            else:
+                hits.append((i, True, json.loads(raw)))
+        return hits, misses
 
     async def _cache(
-        self, component: Component[Any, Any], items: Sequence[tuple[int, Any]],
-        outcomes: Sequence[Outcome],
-    ) -> None:  # fmt: skip
-        assert component.cache_ttl
-        ttl = int(component.cache_ttl * 1000)
+        self, cache_keys: Mapping[int, str], ttl_ms: int, outcomes: Sequence[Outcome]
+    ) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:
-            for (_, item), (_, ok, encoded) in zip(items, outcomes, strict=True):
+            for i, ok, encoded in outcomes:
                 if ok:
-                    pipe.set(component._cache_key((item,), {}), dumps(encoded), px=ttl)
+                    pipe.set(cache_keys[i], dumps(encoded), px=ttl_ms)
             await pipe.execute()
 
     async def _component(
