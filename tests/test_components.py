@@ -307,15 +307,25 @@ def test_nested_and_gathered_steps_have_deterministic_ids() -> None:
 # -- map -----------------------------------------------------------------------------------------
 
 
+class _InFlight:
+    """How many calls are in flight at once, at most."""
+
+    def __init__(self) -> None:
+        self.now = self.peak = 0
+
+    async def hold(self, seconds: float) -> None:
+        self.now += 1
+        self.peak = max(self.peak, self.now)
+        await asyncio.sleep(seconds)
+        self.now -= 1
+
+
 def test_map_order_errors_and_concurrency() -> None:
-    active = {"now": 0, "peak": 0}
+    active = _InFlight()
 
     @component
     async def item(x: int) -> int:
-        active["now"] += 1
-        active["peak"] = max(active["peak"], active["now"])
-        await asyncio.sleep(0.002)
-        active["now"] -= 1
+        await active.hold(0.002)
         if x % 7 == 3:
             raise ValueError(f"bad item {x}")
         return x * 2
@@ -328,7 +338,7 @@ def test_map_order_errors_and_concurrency() -> None:
     h = start(wf, {"n": 40})
     out = h.result(10)
     assert out == ["ValueError" if x % 7 == 3 else str(x * 2) for x in range(40)]
-    assert active["peak"] == 5
+    assert active.peak == 5
     failed = step_events(h, "step.failed")
     assert [e.step.id for e in failed] == [f"/0:item.map/{x}:item" for x in range(40) if x % 7 == 3]
     final = step_events(h, "progress")[-1]
@@ -338,27 +348,24 @@ def test_map_order_errors_and_concurrency() -> None:
 async def test_map_keeps_as_many_in_flight_as_the_largest_llm_budget(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    active = {"now": 0, "peak": 0}
+    active = _InFlight()
 
     @component
     async def call(x: int) -> int:
-        active["now"] += 1
-        active["peak"] = max(active["peak"], active["now"])
-        await asyncio.sleep(0.02)
-        active["now"] -= 1
+        await active.hold(0.02)
         return x
 
     monkeypatch.delenv("GENX_LLM_LIMITS", raising=False)
     assert await call.map(range(60)) == list(range(60))
-    assert active["peak"] == 16
+    assert active.peak == 16
     limits = {"gpt-4o*": {"concurrency": 40}, "*": {"concurrency": 8}, "o1": {"rpm": 100}}
     monkeypatch.setenv("GENX_LLM_LIMITS", json.dumps(limits))
-    active["peak"] = 0
+    active.peak = 0
     assert await call.map(range(60)) == list(range(60))
-    assert active["peak"] == 40
-    active["peak"] = 0
+    assert active.peak == 40
+    active.peak = 0
     await call.map(range(60), concurrency=3)  # said explicitly: that, whatever the budgets
-    assert active["peak"] == 3
+    assert active.peak == 3
 
 
 def test_map_fail_fast_raises() -> None:
