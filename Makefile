@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-fast lint bench clean
 
 install: $(STAMP)
 
@@ -17,13 +17,17 @@ $(STAMP): pyproject.toml
 demo: install  ## the main job: the whole stack on embedded defaults
 	$(BIN)/genx demo
 
-test: install
-	$(BIN)/pytest -q $(PYTEST_ARGS)
+test: install  ## the whole suite (what CI runs): chaos, multi-node, demo and notebooks included
+	$(BIN)/pytest -q --durations=25 $(PYTEST_ARGS)
+
+test-fast: install  ## daily work: unit and API tests, no chaos or whole-stack runs
+	$(BIN)/pytest -q -m "not chaos and not slow" $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check genx_ray gateway tests bench
 	$(BIN)/ruff format --check genx_ray gateway tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 bench: install
 	$(BIN)/python -m bench

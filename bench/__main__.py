@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-SUITES = ("runtime", "gateway", "hosts", "llm", "batch")
+SUITES = ("runtime", "gateway", "serving", "llm", "batch")
 
 
 def main(argv: list[str]) -> None:

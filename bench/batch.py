@@ -142,7 +142,7 @@ def main() -> None:
         asyncio.run(plain(base_url))
         ours, base = [], []
         roles = {"gateway": [procs["gateway"].pid], "worker": [procs["worker"].pid],
-                 "sim": [procs["sim"].pid], "run hosts": _ray_processes("ray::_RunHost"),
+                 "sim": [procs["sim"].pid], "run hosts": _ray_processes("ray::RunHost"),
                  "pool actor": _ray_processes("ray::PoolActor")}  # fmt: skip
         cpu: dict[str, float] = dict.fromkeys(roles, 0.0)
         busy = {"plain": 0.0, "ours": 0.0}
@@ -172,7 +172,7 @@ def main() -> None:
               f" {floor:.2f} s (x{floor / ideal:.2f} ideal)")  # fmt: skip
         for n in (10_000, 100_000):
             elapsed = through_gateway(api, "bench-batch-items", n)
-            hosts = _ray_processes("ray::_RunHost")
+            hosts = _ray_processes("ray::RunHost")
             pools = _ray_processes("ray::PoolActor")
             peaks = {
                 "gateway": _peak_mb(procs["gateway"].pid),

@@ -10,31 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
 import statistics
-import subprocess
-import sys
 import time
 from typing import Any
 
 import httpx
 
+from bench.stack import bench_env, pct, stack
 from genx_ray import events as ev
 from genx_ray import keys
 from genx_ray.connections import async_redis, resolve_redis_url
-from genx_ray.embedded import free_port
 from genx_ray.runs import RunStatus, RunStore
 from genx_ray.streams import EventStore
 
 CLIENTS = 200
 ROUNDS = 20
 REPLAY_EVENTS = 20_000
-
-
-def pct(values: list[float], p: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(p / 100 * len(values)))]
 
 
 async def _running_runs(store: RunStore, n: int) -> list[str]:
@@ -51,8 +42,8 @@ async def _publish_rounds(events: EventStore, run_ids: list[str]) -> None:
         await asyncio.sleep(0.05)
         async with events.redis.pipeline(transaction=False) as pipe:
             for rid in run_ids:
-                event = ev.Progress(run_id=rid, kind="t", data=time.time())
-                pipe.xadd(keys.events(rid), {"e": ev.dumps(event)})
+                event = ev.ProgressEvent(run_id=rid, kind="t", data=time.time())
+                pipe.xadd(keys.events(rid), {"t": event.type, "e": ev.dumps(event)})
             await pipe.execute()
 
 
@@ -116,11 +107,11 @@ async def bare_latency(redis_url: str, store: RunStore, events: EventStore) -> l
 
 async def replay(base: str, store: RunStore, events: EventStore) -> tuple[float, float]:
     (rid,) = await _running_runs(store, 1)
-    batch = [ev.Progress(run_id=rid, kind="k", data={"i": i}) for i in range(1000)]
+    batch = [ev.ProgressEvent(run_id=rid, kind="k", data={"i": i}) for i in range(1000)]
     for _ in range(REPLAY_EVENTS // 1000):
         await events.append(rid, *batch)
     await store.transition(rid, RunStatus.SUCCEEDED, allowed={RunStatus.RUNNING},
-                           event=ev.RunSucceeded(run_id=rid))  # fmt: skip
+                           event=ev.RunSucceededEvent(run_id=rid))  # fmt: skip
     t0 = time.perf_counter()
     n = 0
     async with (
@@ -183,27 +174,8 @@ async def run(base: str, redis_url: str) -> None:
 
 def main() -> None:
     redis_url = resolve_redis_url()
-    env = {**os.environ, "GENX_REDIS_URL": redis_url}
-    port = free_port()
-    cli = [sys.executable, "-m", "genx_ray.cli"]
-    procs = [
-        subprocess.Popen([*cli, "gateway", "--port", str(port)], env=env),
-        subprocess.Popen([*cli, "worker"], env=env, stderr=subprocess.DEVNULL),
-    ]
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(200):
-            try:
-                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+    with stack(bench_env(redis_url, "genx_ray.examples")) as (base, _):
         asyncio.run(run(base, redis_url))
-    finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            p.wait(30)
 
 
 if __name__ == "__main__":

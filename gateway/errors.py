@@ -24,11 +24,6 @@ class PayloadTooLarge(UserError):
     code = "payload_too_large"
 
 
-class IdempotencyConflict(GenxError):
-    status_code = 409
-    code = "idempotency_conflict"
-
-
 def error_response(status: int, code: str, message: str) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
     return JSONResponse(

@@ -3,6 +3,8 @@
 A client first replays what is stored (``XRANGE`` pages, no connection held), then joins the hub:
 a single task that ``XREAD``s all followed streams at once and hands each subscriber the entries
 after its own last id. Many concurrent clients cost one blocking Redis connection, no thread each.
+Entries pass through as stored (type and JSON), never parsed: what the gateway does per event is
+string work.
 """
 
 from __future__ import annotations
@@ -14,32 +16,25 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-import redis.asyncio
-
 from genx_ray import keys
-from genx_ray.events import is_terminal
-from genx_ray.streams import TERMINAL_STATUSES, EventStore, StreamEntry, parse_entries
+from genx_ray.status import TERMINAL
+from genx_ray.streams import EventStore, StreamEntry, id_key, parse_entries
 
 log = logging.getLogger("gateway.hub")
-_PAGE = 1000
-
-
-def _key(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
+PAGE = 1000
 
 
 @dataclass(eq=False)
 class _Subscriber:
     run_id: str
     last: str
-    queue: asyncio.Queue[StreamEntry] = field(default_factory=asyncio.Queue)
+    queue: asyncio.Queue[list[StreamEntry]] = field(default_factory=asyncio.Queue)
 
 
 class EventHub:
     def __init__(
         self,
-        client: redis.asyncio.Redis,
+        client: Any,
         *,
         block_ms: int = 100,
         recheck_seconds: float = 5.0,
@@ -54,6 +49,7 @@ class EventHub:
         self._subs: dict[str, set[_Subscriber]] = {}
         self._has_subs = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False  # checked too: a cancelled blocking read can come back empty
 
     @property
     def followers(self) -> int:
@@ -63,22 +59,27 @@ class EventHub:
         self._task = asyncio.create_task(self._read_forever(), name="gateway-event-hub")
 
     async def stop(self) -> None:
+        self._stopping = True
+        self._has_subs.set()
         if self._task:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    async def stream(self, run_id: str, after: str) -> AsyncIterator[StreamEntry]:
-        """Every event after ``after``, then live ones, ending after the terminal event."""
+    async def stream(self, run_id: str, after: str) -> AsyncIterator[list[StreamEntry]]:
+        """Every event after ``after`` in batches, then live ones, ending with the terminal
+        event. An empty batch now and then means "still running, nothing new"."""
         last = after
-        while True:  # replay what is stored
-            page = await self.events.read(run_id, last, count=_PAGE)
-            for entry in page:
-                last = entry.id
-                yield entry
-                if is_terminal(entry.event):
+        while True:  # replay what is stored, a page at a time
+            page = await self.events.read(run_id, last, count=PAGE)
+            for i, entry in enumerate(page):
+                if entry.terminal:
+                    yield page[: i + 1]
                     return
-            if len(page) < _PAGE:
+            if page:
+                last = page[-1].id
+                yield page
+            if len(page) < PAGE:
                 break
         sub = _Subscriber(run_id, last)
         self._subs.setdefault(run_id, set()).add(sub)
@@ -86,17 +87,23 @@ class EventHub:
         try:
             while True:
                 try:
-                    entry = await asyncio.wait_for(sub.queue.get(), self.recheck_seconds)
+                    batch = await asyncio.wait_for(sub.queue.get(), self.recheck_seconds)
                 except TimeoutError:
                     status = await self.redis.hget(keys.run(run_id), "status")
-                    if status is None or status in TERMINAL_STATUSES:
-                        for entry in await self.events.read(run_id, sub.last):
-                            yield entry
+                    if status is None or status in TERMINAL:
+                        rest = await self.events.read(run_id, sub.last)
+                        if rest:
+                            yield rest
                         return
+                    yield []
                     continue
-                yield entry
-                if is_terminal(entry.event):
-                    return
+                while not sub.queue.empty():
+                    batch += sub.queue.get_nowait()
+                for i, entry in enumerate(batch):
+                    if entry.terminal:
+                        yield batch[: i + 1]
+                        return
+                yield batch
         finally:
             subs = self._subs.get(run_id)
             if subs is not None:
@@ -105,27 +112,27 @@ class EventHub:
                     del self._subs[run_id]
 
     async def _read_forever(self) -> None:
-        while True:
+        while not self._stopping:
             if not self._subs:
                 self._has_subs.clear()
                 await self._has_subs.wait()
             streams: dict[Any, Any] = {
-                keys.events(run_id): min((s.last for s in subs), key=_key)
+                keys.events(run_id): min((s.last for s in subs), key=id_key)
                 for run_id, subs in self._subs.items()
             }
             try:
                 resp = cast(
-                    list[Any], await self.redis.xread(streams, count=_PAGE, block=self.block_ms)
+                    list[Any], await self.redis.xread(streams, count=PAGE, block=self.block_ms)
                 )
-            except (OSError, redis.RedisError) as exc:
+            except Exception as exc:
                 log.warning("event hub: XREAD failed (%s); retrying", exc)
                 await asyncio.sleep(0.5)
                 continue
             for stream, raw in resp or ():
-                run_id = str(stream).split("{", 1)[1].split("}", 1)[0]
                 entries = parse_entries(raw)
-                for sub in list(self._subs.get(run_id, ())):
-                    for entry in entries:
-                        if _key(entry.id) > _key(sub.last):
-                            sub.last = entry.id
-                            sub.queue.put_nowait(entry)
+                for sub in list(self._subs.get(keys.run_id_of(str(stream)), ())):
+                    after = id_key(sub.last)
+                    fresh = [e for e in entries if id_key(e.id) > after]
+                    if fresh:
+                        sub.last = fresh[-1].id
+                        sub.queue.put_nowait(fresh)

@@ -3,6 +3,8 @@
 Importing this package never imports Ray: the gateway depends on it and must stay Ray-free.
 """
 
+__version__ = "0.2.0"  # the one place: pyproject.toml and the API read it from here
+
 from genx_ray.component import Component, component
 from genx_ray.context import publish
 from genx_ray.errors import (
@@ -39,4 +41,3 @@ __all__ = [
     "start",
     "workflow",
 ]
-__version__ = "0.1.0"

@@ -32,7 +32,7 @@ def info() -> None:
     from genx_ray.connections import resolve_redis_url
     from genx_ray.settings import Settings
 
-    settings = Settings.from_env()
+    settings = Settings.current()
     typer.echo(f"redis:     {resolve_redis_url(settings)}")
     typer.echo(f"ray:       {settings.ray_address}")
     typer.echo(f"workflows: {', '.join(settings.workflows)}")
@@ -50,7 +50,7 @@ def gateway(
     from gateway.app import create_app
     from genx_ray.settings import Settings
 
-    settings = Settings.from_env()
+    settings = Settings.current()
     uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", lifespan="on")
 
 
@@ -59,12 +59,19 @@ def worker(
     address: Annotated[
         str | None, typer.Option(help="Ray cluster: local, auto or host:port.")
     ] = None,
-    max_runs: Annotated[int, typer.Option(help="Runs executed at once by this worker.")] = 32,
+    max_runs: Annotated[
+        int | None,
+        typer.Option(help="Runs executed at once by this worker [default: what its hosts hold]."),
+    ] = None,
     drain_timeout: Annotated[
         float, typer.Option(help="Seconds SIGTERM waits for running runs before handing back.")
     ] = 30.0,
     hosts: Annotated[
-        str, typer.Option(help="Where runs execute: 'ray' (a detached actor each) or 'inline'.")
+        str,
+        typer.Option(
+            help="Where runs execute: 'ray' (run hosts: detached actors, many runs each) or "
+            "'inline' (this process; no Ray)."
+        ),
     ] = "ray",
 ) -> None:
     """The compute plane: takes runs from Redis and executes them (steps placed on Ray)."""

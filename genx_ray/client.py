@@ -15,7 +15,6 @@ from typing import Any
 import httpx
 
 from genx_ray.errors import GenxError
-from genx_ray.events import Event, is_terminal, parse
 from genx_ray.streams import StreamEntry
 
 DEFAULT_API_URL = "http://127.0.0.1:8000"
@@ -96,7 +95,7 @@ class Client:
                     for entry in _parse_sse(resp.iter_lines()):
                         last, last_progress = entry.id, time.monotonic()
                         yield entry
-                        if is_terminal(entry.event):
+                        if entry.terminal:
                             return
             except (httpx.TransportError, httpx.RemoteProtocolError):
                 if time.monotonic() - last_progress > retry_for:
@@ -105,14 +104,16 @@ class Client:
 
 
 def _parse_sse(lines: Iterator[str]) -> Iterator[StreamEntry]:
-    entry_id, data = "", list[str]()
+    entry_id, kind, data = "", "", list[str]()
     for line in lines:
         if not line:
             if data and entry_id:
-                event: Event = parse(json.loads("\n".join(data)))
-                yield StreamEntry(entry_id, event)
-            entry_id, data = "", []
+                text = "\n".join(data)
+                yield StreamEntry(entry_id, kind or json.loads(text)["type"], text)
+            entry_id, kind, data = "", "", []
         elif line.startswith("id:"):
             entry_id = line[3:].strip()
+        elif line.startswith("event:"):
+            kind = line[6:].strip()
         elif line.startswith("data:"):
             data.append(line[5:].lstrip())

@@ -30,7 +30,7 @@ def ensure_ray(address: str | None = None, *, redis_url: str | None = None) -> N
     with _lock:
         if ray.is_initialized():
             return
-        address = address or Settings.from_env().ray_address
+        address = address or Settings.current().ray_address
         # No usage-stats prompt or upload (there is no internet here, and it is not ours to send).
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         # Tasks and run hosts read the same configuration as the process that started them.

@@ -43,7 +43,7 @@ def ping(url: str, timeout: float = 1.0) -> str | None:
 
 def resolve_redis_url(settings: Settings | None = None) -> str:
     """The Redis URL this process should use, starting an embedded Redis if that is the rule."""
-    settings = settings or Settings.from_env()
+    settings = settings or Settings.current()
     if settings.redis_url == EMBEDDED:
         return _start_embedded(reason="GENX_REDIS_URL=embedded")
     reason = ping(settings.redis_url)

@@ -20,7 +20,7 @@ import redis.asyncio
 from pydantic import JsonValue
 
 from genx_ray.errors import NondeterminismError
-from genx_ray.events import Progress, StepRef
+from genx_ray.events import ProgressEvent, StepRef
 from genx_ray.writer import RunWriter
 
 
@@ -53,9 +53,14 @@ class Scope:
 
     step_id: str
     counter: Iterator[int] = field(default_factory=itertools.count)
+    # Publishes from the workflow body are numbered apart, so they do not shift step positions.
+    publishes: Iterator[int] = field(default_factory=itertools.count)
 
     def next_step_id(self, name: str) -> str:
         return f"{self.step_id}/{next(self.counter)}:{name}"
+
+    def next_publish_id(self) -> str:
+        return f"{self.step_id}/!{next(self.publishes)}:publish"
 
 
 @dataclass
@@ -161,12 +166,26 @@ def item_scope(ctx: RunContext | None, step: StepRef) -> AbstractContextManager[
     return _bound(ctx, None, step)
 
 
+_PUBLISHED = JournalEntry("publish", "").dumps()
+
+
 def publish(kind: str, data: JsonValue = None) -> None:
     """Append a ``progress`` event with ``kind`` and ``data`` to the current run's stream.
 
     Returns at once (the write is batched). Outside a run it does nothing, so a component that
-    publishes stays callable on its own.
+    publishes stays callable on its own. Published from the workflow body (not from inside a
+    step), the event is journaled with its write: a restarted run does not send it again.
+    (Inside a step it belongs to the step: a step that re-runs publishes again.)
     """
     ctx = _run.get()
-    if ctx is not None:
-        ctx.writer.emit(Progress(run_id=ctx.run_id, kind=kind, data=data, step=_step.get()))
+    if ctx is None:
+        return
+    step = _step.get()
+    event = ProgressEvent(run_id=ctx.run_id, kind=kind, data=data, step=step)
+    scope = _scope.get()
+    if step is not None or scope is None:
+        ctx.writer.emit(event)
+        return
+    publish_id = scope.next_publish_id()
+    if publish_id not in ctx.journal:
+        ctx.writer.queue((event,), ((publish_id, _PUBLISHED),))

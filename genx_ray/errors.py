@@ -9,7 +9,8 @@
     │   ├── RunNotFound
     │   └── WorkflowNotFound
     ├── Conflict                   HTTP 409: the request contradicts the current state
-    │   └── InvalidTransition      a run status change that is not allowed (e.g. out of terminal)
+    │   ├── InvalidTransition      a run status change that is not allowed (e.g. out of terminal)
+    │   └── IdempotencyConflict    an Idempotency-Key reused with another input
     ├── RedisUnavailable           nothing answers at the Redis URL
     ├── StepError                  a step failed for good (after retries); raised into the workflow
     │   └── StepTimeout            ... its last attempt timed out
@@ -30,6 +31,8 @@ from typing import Any, ClassVar
 
 
 class GenxError(Exception):
+    """The root of everything genx-ray raises; ``code`` and ``status_code`` say what it is."""
+
     status_code: ClassVar[int] = 500
     code: ClassVar[str] = "internal"
 
@@ -41,6 +44,8 @@ class GenxError(Exception):
 
 
 class UserError(GenxError):
+    """Misuse: fix the code or the configuration; retrying won't help."""
+
     status_code = 400
     code = "invalid_request"
 
@@ -104,6 +109,10 @@ class InvalidTransition(Conflict):
         self.run_id, self.current, self.target = run_id, current, target
 
 
+class IdempotencyConflict(Conflict):
+    code = "idempotency_conflict"
+
+
 class RedisUnavailable(GenxError):
     status_code = 503
     code = "redis_unavailable"
@@ -129,10 +138,14 @@ class StepError(GenxError):
 
 
 class StepTimeout(StepError):
+    """A step failed after its retries, its last attempt having timed out."""
+
     code = "step_timeout"
 
 
 class RunFailed(GenxError):
+    """What ``handle.result()`` raises for a run that failed (its error's type and message)."""
+
     code = "run_failed"
 
     def __init__(self, run_id: str, error_type: str, message: str) -> None:
@@ -141,6 +154,8 @@ class RunFailed(GenxError):
 
 
 class RunCancelled(GenxError):
+    """A run stopped because it was cancelled (``handle.result()``, or inside its steps)."""
+
     code = "run_cancelled"
 
     def __init__(self, run_id: str) -> None:

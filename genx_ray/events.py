@@ -1,15 +1,16 @@
 """Run events: one typed union shared by the runtime, the gateway, the CLI and notebooks.
 
-Each event is a small frozen pydantic model with a ``type`` literal; :data:`Event` joins them in a
-discriminated union, and that union is the wire format (SSE ``data:``, NDJSON lines, the Redis
-stream entry). Every event has ``type``, ``run_id`` and ``ts``; step events add ``step``.
+Each event is a small frozen pydantic model named ``...Event`` with a ``type`` literal;
+:data:`Event` joins them in a discriminated union, and that union is the wire format (SSE
+``data:``, NDJSON lines, the Redis stream entry). Every event has ``type``, ``run_id`` and ``ts``;
+step events add ``step``. :data:`EVENT_TYPES` and :data:`TERMINAL_TYPES` are read off the union.
 """
 
 from __future__ import annotations
 
 import time
 import traceback as tb
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter
 
@@ -38,27 +39,41 @@ class ErrorInfo(BaseModel):
         return cls(type=type(exc).__name__, message=str(exc)[:2000], traceback=trace)
 
 
-class _Event(BaseModel):
+class MapProgress(BaseModel):
+    """The ``data`` of a ``progress`` event of kind ``map``: how far a ``Component.map`` is."""
+
+    model_config = ConfigDict(frozen=True)
+
+    step: str  # the map's step id
+    done: int  # items finished, failed ones included
+    failed: int
+    total: int
+    rate: float  # items per second since the map started
+    eta: float | None = None  # seconds left at that rate (0 once done; None before any item)
+
+
+class BaseEvent(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")
+    terminal: ClassVar[bool] = False  # the run's last event: a stream closes after it
 
     run_id: str
     ts: float = Field(default_factory=time.time)
 
 
-class RunQueued(_Event):
+class RunQueuedEvent(BaseEvent):
     type: Literal["run.queued"] = "run.queued"
     workflow: str
     attempt: int = 1
 
 
-class RunStarted(_Event):
+class RunStartedEvent(BaseEvent):
     type: Literal["run.started"] = "run.started"
     workflow: str
     attempt: int = 1
     worker: str | None = None
 
 
-class RunRestarted(_Event):
+class RunRestartedEvent(BaseEvent):
     """A new attempt of the run, after its previous one stopped without finishing."""
 
     type: Literal["run.restarted"] = "run.restarted"
@@ -66,19 +81,19 @@ class RunRestarted(_Event):
     reason: str
 
 
-class StepStarted(_Event):
+class StepStartedEvent(BaseEvent):
     type: Literal["step.started"] = "step.started"
     step: StepRef
 
 
-class StepRetrying(_Event):
+class StepRetryingEvent(BaseEvent):
     type: Literal["step.retrying"] = "step.retrying"
     step: StepRef
     delay: float
     error: ErrorInfo
 
 
-class StepCompleted(_Event):
+class StepCompletedEvent(BaseEvent):
     type: Literal["step.completed"] = "step.completed"
     step: StepRef
     cached: bool = False
@@ -86,21 +101,24 @@ class StepCompleted(_Event):
     duration_ms: float | None = None
 
 
-class StepFailed(_Event):
+class StepFailedEvent(BaseEvent):
     type: Literal["step.failed"] = "step.failed"
     step: StepRef
     error: ErrorInfo
     replayed: bool = False
 
 
-class Progress(_Event):
+class ProgressEvent(BaseEvent):
+    """What ``publish(kind, data)`` sends; genx-ray's own kinds: ``map`` (:class:`MapProgress`),
+    ``llm.retry``, ``llm.fallback``, ``llm.usage``."""
+
     type: Literal["progress"] = "progress"
     kind: str
     data: JsonValue = None
     step: StepRef | None = None
 
 
-class Output(_Event):
+class OutputEvent(BaseEvent):
     """One chunk of streamed output (e.g. LLM tokens) of a step."""
 
     type: Literal["output"] = "output"
@@ -108,43 +126,43 @@ class Output(_Event):
     step: StepRef | None = None
 
 
-class RunSucceeded(_Event):
+class RunSucceededEvent(BaseEvent):
+    terminal = True
     type: Literal["run.succeeded"] = "run.succeeded"
     output: JsonValue = None
 
 
-class RunFailed(_Event):
+class RunFailedEvent(BaseEvent):
+    terminal = True
     type: Literal["run.failed"] = "run.failed"
     error: ErrorInfo
 
 
-class RunCancelled(_Event):
+class RunCancelledEvent(BaseEvent):
+    terminal = True
     type: Literal["run.cancelled"] = "run.cancelled"
     reason: str | None = None
 
 
 Event = Annotated[
-    RunQueued
-    | RunStarted
-    | RunRestarted
-    | StepStarted
-    | StepRetrying
-    | StepCompleted
-    | StepFailed
-    | Progress
-    | Output
-    | RunSucceeded
-    | RunFailed
-    | RunCancelled,
+    RunQueuedEvent
+    | RunStartedEvent
+    | RunRestartedEvent
+    | StepStartedEvent
+    | StepRetryingEvent
+    | StepCompletedEvent
+    | StepFailedEvent
+    | ProgressEvent
+    | OutputEvent
+    | RunSucceededEvent
+    | RunFailedEvent
+    | RunCancelledEvent,
     Field(discriminator="type"),
 ]
 
-TERMINAL_TYPES = frozenset({"run.succeeded", "run.failed", "run.cancelled"})
-EVENT_TYPES = (
-    "run.queued", "run.started", "run.restarted", "step.started", "step.retrying",
-    "step.completed", "step.failed", "progress", "output", "run.succeeded", "run.failed",
-    "run.cancelled",
-)  # fmt: skip
+EVENT_MODELS: tuple[type[BaseEvent], ...] = get_args(get_args(Event)[0])
+EVENT_TYPES: tuple[str, ...] = tuple(m.model_fields["type"].default for m in EVENT_MODELS)
+TERMINAL_TYPES = frozenset(m.model_fields["type"].default for m in EVENT_MODELS if m.terminal)
 
 _adapter: TypeAdapter[Event] = TypeAdapter(Event)
 

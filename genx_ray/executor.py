@@ -1,153 +1,170 @@
 """Executing one attempt of a run: claim it, replay its journal, run the body, record the end.
 
-Used by every place a run executes: the worker's run hosts and ``genx_ray.start`` in a script.
+Used by every process that executes runs (see :class:`genx_ray.runtime.Runtime`): run hosts,
+an inline worker, ``genx_ray.start`` in a script. Many attempts share the process's Redis
+client, batch writer and lease renewer; each attempt is one asyncio task with its own context.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
 import time
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-import redis.asyncio
-
-from genx_ray import keys
+from genx_ray import keys, lua
 from genx_ray.context import JournalEntry, RunContext, run_scope
-from genx_ray.errors import Fenced, GenxError, InvalidTransition, RunCancelled
-from genx_ray.events import ErrorInfo, RunFailed, RunStarted, RunSucceeded
-from genx_ray.events import RunCancelled as RunCancelledEvent
-from genx_ray.lease import Lease
-from genx_ray.runs import Run, RunStatus, RunStore
-from genx_ray.settings import Settings
-from genx_ray.streams import EventStore
+from genx_ray.errors import Fenced, GenxError, InvalidTransition, RunCancelled, RunNotFound
+from genx_ray.events import (
+    ErrorInfo,
+    RunCancelledEvent,
+    RunFailedEvent,
+    RunStartedEvent,
+    RunSucceededEvent,
+)
+from genx_ray.status import RunStatus
 from genx_ray.values import dumps
 from genx_ray.webhooks import notify
-from genx_ray.workflow import Registry
-from genx_ray.workflow import registry as default_registry
-from genx_ray.writer import RunWriter
+
+if TYPE_CHECKING:
+    from genx_ray.runtime import Runtime
 
 log = logging.getLogger("genx_ray.executor")
-CANCEL_POLL_SECONDS = 0.2
 HOST_ID = f"{socket.gethostname()}:{os.getpid()}"
+SKIPPED = "skipped"  # what an attempt that was not to run (cancelled, taken, superseded) returns
 
 
-async def execute_run(
-    client: redis.asyncio.Redis,
+@dataclass(eq=False)
+class Attempt:
+    """An attempt this process executes: what the runtime's signals act on."""
+
+    run_id: str
+    attempt: int | None
+    task: asyncio.Task[Any] | None = None
+    ctx: RunContext | None = None
+    cancel_asked: bool = False  # a cancel arrived (maybe before the body started)
+    lost: bool = False  # superseded: another attempt owns the run now
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def cancel(self) -> None:
+        self.cancel_asked = True
+        if self.ctx is not None:
+            self.ctx.cancel_requested = True
+        if self.task is not None:
+            self.task.cancel()
+
+    def lose(self) -> None:
+        self.lost = True
+        if self.task is not None:
+            self.task.cancel()
+
+
+async def execute(
+    rt: Runtime,
     run_id: str,
+    worker: str,
     *,
-    registry: Registry | None = None,
-    settings: Settings | None = None,
-    worker: str | None = None,
-    lease_redis_url: str | None = None,
     attempt: int | None = None,
-) -> RunStatus | None:
-    """Run ``run_id`` (status ``queued``) to its end. Returns the final status, or None when the
-    attempt lost its claim (another attempt took the run over: this one wrote nothing more).
-
-    With ``lease_redis_url`` the attempt holds a heartbeat lease (see :mod:`genx_ray.lease`), so
-    a supervisor restarts the run if this process dies. ``attempt``: run only that attempt (a
-    stale delivery for another one raises :class:`InvalidTransition`).
-    """
-    settings = settings or Settings.from_env()
-    runs = RunStore(
-        client, maxlen=settings.stream_maxlen, retention_seconds=settings.retention_seconds
-    )
-    events = EventStore(client, maxlen=settings.stream_maxlen)
-    run = await runs.get(run_id)
-    if attempt is not None and run.attempt != attempt:
-        raise InvalidTransition(run_id, f"{run.status.value} (attempt {run.attempt})", "running")
-    attempt = run.attempt
-    if lease_redis_url:
-        await client.zadd(keys.LEASES, {run_id: time.time()})  # watched before it is claimed
-    await runs.transition(
-        run_id,
-        RunStatus.RUNNING,
-        allowed={RunStatus.QUEUED},
-        event=RunStarted(run_id=run_id, workflow=run.workflow, attempt=attempt, worker=worker),
-        # Where the attempt runs, for operators (and chaos tests) to find the host process.
-        fields={
-            "started_at": repr(time.time()),
-            "worker": worker or "",
-            "host": HOST_ID,
-            "version": settings.deployment,  # the deployment that runs (and resumes) it
-        },
-        fence_attempt=attempt,
-    )
-    writer = RunWriter(events, run_id, attempt)
-    lost = asyncio.Event()
-    lease = None
-    if lease_redis_url:
-        loop = asyncio.get_running_loop()
-        lease = Lease(
-            lease_redis_url, run_id, attempt, settings.lease_seconds,
-            on_lost=lambda: loop.call_soon_threadsafe(lost.set),
-        )  # fmt: skip
-        await asyncio.to_thread(lease.start)
+    workflow: str | None = None,
+    extra: dict[str, str] | None = None,
+) -> str | None:
+    """Run ``attempt`` of ``run_id`` (status ``queued``) to its end. Returns the final status,
+    :data:`SKIPPED` when the run was not this attempt's to run (cancelled while queued, taken by
+    another, superseded), or None when the attempt lost its claim while running (another attempt
+    owns the run: this one wrote nothing more). Without ``attempt`` and ``workflow`` (which the
+    queue entry usually carries), they are read from the run."""
+    if attempt is None or workflow is None:
+        raw_attempt, raw_workflow = await rt.redis.hmget(keys.run(run_id), "attempt", "workflow")
+        if raw_attempt is None:
+            return SKIPPED
+        attempt, workflow = int(raw_attempt), str(raw_workflow)
+    me = Attempt(run_id, attempt)
+    while (other := rt.active.setdefault(run_id, me)) is not me:
+        if other.attempt is not None and other.attempt >= attempt:
+            return SKIPPED  # this process runs it already (a duplicate delivery)
+        other.lose()  # an older attempt still here (this process was frozen): the new one wins
+        await other.done.wait()
     try:
-        status = await _finish(
-            runs, writer, lost, run, attempt, registry or default_registry, client
-        )
+        return await _execute(rt, me, attempt, workflow, worker, extra or {})
+    finally:
+        me.done.set()
+        if rt.active.get(run_id) is me:
+            del rt.active[run_id]
+
+
+async def _execute(
+    rt: Runtime, me: Attempt, attempt: int, workflow: str, worker: str, extra: dict[str, str]
+) -> str | None:
+    run_id, settings = me.run_id, rt.settings
+    leased = rt.leases is not None
+    fields = {
+        "started_at": repr(time.time()), "worker": worker, "host": HOST_ID,
+        "version": settings.deployment, **extra,  # the deployment that runs (and resumes) it
+    }  # fmt: skip
+    started = RunStartedEvent(run_id=run_id, workflow=workflow, attempt=attempt, worker=worker)
+    try:
+        run, raw_journal = await rt.runs.claim(
+            run_id, attempt, started, fields, settings.lease_seconds if leased else None,
+            watch=leased,
+        )  # fmt: skip
+    except (InvalidTransition, RunNotFound, Fenced):
+        return SKIPPED
+    if rt.leases is not None:
+        rt.leases.hold(run_id, attempt)
+    try:
+        journal = {k: JournalEntry.loads(v) for k, v in raw_journal.items()}
+        writer = rt.writes.writer(run_id, attempt)
+        ctx = RunContext(run_id, run.workflow, attempt, rt.redis, writer, journal)
+        ctx.cancel_requested = me.cancel_asked or run.cancel_requested
+        me.ctx = ctx
+        status = await _finish(rt, me, ctx, run.workflow, run.input)
         if status is not None:
-            await notify(client, settings, run_id)
-        return status
+            await notify(rt.redis, settings, run_id)
+        return status.value if status is not None else None
     finally:
         # Released only once the run has its terminal status (or was handed on): a crash before
         # that leaves the lease to expire, and the supervisor restarts the run.
-        if lease is not None:
-            await asyncio.to_thread(lease.release)
+        if rt.leases is not None:
+            rt.leases.drop(run_id, attempt)
+            await release_lease(rt.redis, run_id, attempt)
+
+
+async def release_lease(client: Any, run_id: str, attempt: int) -> None:
+    try:
+        if await lua.RELEASE(client, [keys.lease(run_id)], [attempt]):
+            await client.zrem(keys.LEASES, run_id)
+    except Exception as exc:  # the lease expires by itself
+        log.warning("run %s: lease release failed (%s)", run_id, exc)
 
 
 async def _finish(
-    runs: RunStore,
-    writer: RunWriter,
-    lost: asyncio.Event,
-    run: Run,
-    attempt: int,
-    registry: Registry,
-    client: redis.asyncio.Redis,
+    rt: Runtime, me: Attempt, ctx: RunContext, workflow: str, raw_input: Any
 ) -> RunStatus | None:
     try:
-        outcome = await _run_body(
-            client, runs, writer, lost, run.id, run.workflow, run.input, attempt, registry
-        )
+        outcome = await _run_body(rt, me, ctx, workflow, raw_input)
     finally:
-        await writer.close()
-    if outcome is None or writer.fenced:
+        await ctx.writer.close()
+    if outcome is None or ctx.writer.fenced:
         return None
     status, fields, final_event = outcome
-    fields["finished_at"] = repr(time.time())
     try:
-        await runs.transition(
-            run.id, status, allowed={RunStatus.RUNNING}, event=final_event, fields=fields,
-            fence_attempt=attempt,
-        )  # fmt: skip
-    except Fenced:
+        await rt.runs.finish(ctx.run_id, ctx.attempt, status, final_event, fields)
+    except (Fenced, InvalidTransition, RunNotFound):
         return None
     return status
 
 
 async def _run_body(
-    client: redis.asyncio.Redis,
-    runs: RunStore,
-    writer: RunWriter,
-    lost: asyncio.Event,
-    run_id: str,
-    workflow_name: str,
-    raw_input: Any,
-    attempt: int,
-    registry: Registry,
-) -> tuple[RunStatus, dict[str, Any], Any] | None:
+    rt: Runtime, me: Attempt, ctx: RunContext, workflow: str, raw_input: Any
+) -> tuple[RunStatus, dict[str, str], Any] | None:
     """The run's outcome: status, fields and terminal event; None when this attempt lost its
     lease or was fenced (another attempt owns the run: write nothing more)."""
-    raw_journal = await client.hgetall(keys.journal(run_id))
-    journal = {str(k): JournalEntry.loads(str(v)) for k, v in raw_journal.items()}
-    ctx = RunContext(run_id, workflow_name, attempt, client, writer, journal)
+    run_id = ctx.run_id
     try:
-        wf = registry.get(workflow_name)
+        wf = rt.registry.get(workflow)
         inp = wf.parse_input(raw_input)
     except GenxError as exc:
         return _failed(run_id, exc)
@@ -156,64 +173,41 @@ async def _run_body(
         with run_scope(ctx):
             return await wf.invoke(inp)
 
-    task = asyncio.create_task(body(), name=f"genx-run-{run_id}")
-    watcher = asyncio.create_task(_watch(runs, run_id, ctx, task, lost))
+    me.task = asyncio.create_task(body(), name=f"genx-run-{run_id}")
+    if ctx.cancel_requested:
+        me.task.cancel()
     try:
-        output = wf.output.encode(await task)
+        output = wf.output.encode(await me.task)
         if ctx.cancel_requested:  # finished in the same instant it was cancelled: honour cancel
             raise RunCancelled(run_id)
-        await writer.flush()
-        fields = {"output": dumps(output)}
-        return RunStatus.SUCCEEDED, fields, RunSucceeded(run_id=run_id, output=output)
+        await ctx.writer.flush()
+        return (
+            RunStatus.SUCCEEDED,
+            {"output": dumps(output)},
+            RunSucceededEvent(run_id=run_id, output=output),
+        )
     except (asyncio.CancelledError, RunCancelled):
-        if lost.is_set():
+        if me.lost:
             return None
         if not ctx.cancel_requested:
-            raise  # the host itself is being torn down: not the user's cancel
-        return (
-            RunStatus.CANCELLED,
-            {},
-            RunCancelledEvent(run_id=run_id, reason="cancel requested"),
-        )
+            raise  # the process itself is being torn down: not the user's cancel
+        return _cancelled(run_id)
     except Fenced:
         return None
     except Exception as exc:
         if ctx.cancel_requested:
-            return (
-                RunStatus.CANCELLED,
-                {},
-                RunCancelledEvent(run_id=run_id, reason="cancel requested"),
-            )
+            return _cancelled(run_id)
         return _failed(run_id, exc)
-    finally:
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
 
 
-def _failed(run_id: str, exc: BaseException) -> tuple[RunStatus, dict[str, Any], Any]:
+def _cancelled(run_id: str) -> tuple[RunStatus, dict[str, str], Any]:
+    return RunStatus.CANCELLED, {}, RunCancelledEvent(run_id=run_id, reason="cancel requested")
+
+
+def _failed(run_id: str, exc: BaseException) -> tuple[RunStatus, dict[str, str], Any]:
     error = ErrorInfo.from_exception(exc)
     return (
         RunStatus.FAILED,
         {"error": error.model_dump_json()},
-        RunFailed(run_id=run_id, error=error),
+        RunFailedEvent(run_id=run_id, error=error),
     )
-
-
-async def _watch(
-    runs: RunStore, run_id: str, ctx: RunContext, task: asyncio.Task[Any], lost: asyncio.Event
-) -> None:
-    """Poll the cancel flag; on cancel, mark the context (steps stop at their next boundary) and
-    cancel the body, which stops in-flight steps sooner (Ray tasks included). A lost lease stops
-    the body at once."""
-    while not task.done():
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(lost.wait(), CANCEL_POLL_SECONDS)
-        if lost.is_set():
-            task.cancel()
-            return
-        with contextlib.suppress(Exception):  # a Redis blip must not kill the run
-            if await runs.cancel_requested(run_id):
-                ctx.cancel_requested = True
-                task.cancel()
-                return

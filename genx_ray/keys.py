@@ -1,31 +1,59 @@
-"""Every Redis key genx-ray uses, in one place.
+"""Every Redis key genx-ray uses, in one place: the data model at a glance.
 
-All keys of one run share the hash tag ``{run_id}`` so they live in one Redis Cluster slot and
-the Lua scripts that touch several of them (status + event, journal + event) stay valid there.
+Keys of one run share the hash tag ``{run_id}``, so they live in one Redis Cluster slot and the
+Lua scripts that touch several of them (status + event, journal + event, lease + status) stay
+valid there. An LLM budget's keys share a tag of their own for the same reason. Every other key
+is touched alone, or in pipelines that a cluster client splits by slot.
+
+Names that come from users (tenants, workflows, idempotency keys) are escaped with :func:`part`,
+so no two different tuples of names can build the same key, and none can smuggle in a hash tag.
 """
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass
+from urllib.parse import quote
+
 PREFIX = "genx"
 
-# The run queue: a stream the gateway appends run ids to; workers read it through a consumer
-# group, so a run handed to the compute plane is delivered to exactly one worker at a time.
+# Stream: the run queue. The gateway appends run ids; workers read it through one consumer
+# group, so a queued run is delivered to exactly one worker at a time.
 QUEUE = f"{PREFIX}:queue"
 QUEUE_GROUP = "workers"
 
-
-# Sorted set: run id -> last heartbeat (unix seconds) of every run a host holds a lease on. The
-# supervisor reads the stale end of it; the lease key itself decides whether a run is orphaned.
+# Sorted set: run id -> last lease renewal (unix seconds) of every run a host holds a lease on.
+# The supervisor reads its stale end; the run's lease key decides whether the run is orphaned.
 LEASES = f"{PREFIX}:leases"
 
-
-# Hash: worker name -> JSON {version, draining, seen}; the live workers and their deployment.
+# Hash: worker name -> JSON {version, draining, seen, hosts}: the live workers, their deployment.
 WORKERS = f"{PREFIX}:workers"
 
-# Stream: runs that reached a terminal status and whose webhook is still to be delivered (an
-# outbox: a host that dies right after finishing cannot lose the notification).
+# Stream: control signals for running runs (cancel requested), read by every run host from its
+# tail, so a cancel reaches a run among thousands without polling each one. Capped: a host that
+# misses a signal still finds the flag at its next lease renewal.
+SIGNALS = f"{PREFIX}:signals"
+SIGNALS_MAXLEN = 10_000
+
+# Stream: runs that ended and whose webhook is still to be delivered (an outbox: a host that dies
+# right after finishing cannot lose the notification).
 WEBHOOKS = f"{PREFIX}:webhooks"
 WEBHOOK_GROUP = "senders"
+
+# Sorted set: tenant index keys (members) -> 0. The supervisor walks it to trim expired runs.
+INDEXES = f"{PREFIX}:indexes"
+
+# What a stream entry of a run's events holds: the event type apart (readers that pass the event
+# through, such as the gateway's SSE, need no JSON parsing) and the event as JSON.
+TYPE_FIELD = "t"
+EVENT_FIELD = "e"
+
+
+def part(name: str) -> str:
+    """A user-supplied name made safe for a key: characters outside ``[A-Za-z0-9_.-]``
+    percent-encoded (``:``, ``{``, ``}``, ``%`` included). Injective, and readable for the
+    names people actually use."""
+    return quote(name, safe="-_.~")
 
 
 def run(run_id: str) -> str:
@@ -53,17 +81,51 @@ def run_keys(run_id: str) -> tuple[str, str, str]:
     return run(run_id), events(run_id), journal(run_id)
 
 
+def run_id_of(key: str) -> str:
+    """The run id inside one of the run's keys (the reverse of :func:`run`, :func:`events`...)."""
+    return key.split("{", 1)[1].split("}", 1)[0]
+
+
 def run_index(tenant: str, workflow: str | None = None) -> str:
     """Sorted set (all scores 0, ordered by id = creation time): a tenant's runs, newest last."""
-    base = f"{PREFIX}:runs:{tenant}"
-    return base if workflow is None else f"{base}:wf:{workflow}"
+    base = f"{PREFIX}:runs:{part(tenant)}"
+    return base if workflow is None else f"{base}:wf:{part(workflow)}"
+
+
+def idempotency(tenant: str, workflow: str, key: str) -> str:
+    """String: the run an ``Idempotency-Key`` created (kept 24 h, see :mod:`genx_ray.runs`).
+    The client's key is hashed: any length or character set makes a short, safe key."""
+    digest = hashlib.sha256(key.encode()).hexdigest()[:32]
+    return f"{PREFIX}:idem:{part(tenant)}:{part(workflow)}:{digest}"
 
 
 def cache(component: str, version: str, digest: str) -> str:
     """String: a component's cached result, with the TTL the component asked for."""
-    return f"{PREFIX}:cache:{component}:{version}:{digest}"
+    return f"{PREFIX}:cache:{part(component)}:{part(version)}:{digest}"
 
 
-def idempotency(tenant: str, workflow: str, key: str) -> str:
-    """String: the run an ``Idempotency-Key`` created (kept 24 h, see gateway)."""
-    return f"{PREFIX}:idem:{tenant}:{workflow}:{key}"
+def llm_cache(digest: str) -> str:
+    """String: a cached LLM response (``genx_ray.llm`` clients with ``cache_ttl``)."""
+    return f"{PREFIX}:llmcache:{digest}"
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetKeys:
+    """The keys of one LLM budget (a model glob of ``GENX_LLM_LIMITS``), all in one slot."""
+
+    concurrency: str  # sorted set: slot id -> lease expiry (ms)
+    requests: str  # sorted set: slot id -> when granted (ms), the last minute's
+    tokens: str  # sorted set: "<slot id>:<tokens>" -> when granted (ms), the last minute's
+    pause: str  # string with a TTL: a provider's Retry-After, in force for every process
+    waiting: str  # sorted set: process id -> until when it has callers waiting (ms)
+
+    @property
+    def all(self) -> list[str]:
+        """In the order the limiter's scripts take them."""
+        return [self.concurrency, self.requests, self.tokens, self.pause, self.waiting]
+
+
+def llm_budget(glob: str) -> BudgetKeys:
+    # A glob may hold any character ('*', '{'...): its hash is the tag, one slot per budget.
+    tag = f"{PREFIX}:llm:{{{hashlib.sha256(glob.encode()).hexdigest()[:16]}}}"
+    return BudgetKeys(f"{tag}:conc", f"{tag}:req", f"{tag}:tok", f"{tag}:pause", f"{tag}:waiting")

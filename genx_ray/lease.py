@@ -1,13 +1,16 @@
-"""A run host's heartbeat: a lease in Redis, renewed from a thread.
+"""Heartbeat leases of every run a process executes, renewed together from one thread.
 
-The lease is a key with a TTL holding the attempt number. A thread renews it (user code that
-blocks the event loop cannot stop the heartbeat) through a script that refuses once the run has
-moved to another attempt or left ``running``: then the host is a zombie and is told to stop.
+A run's lease is a key with a TTL holding its attempt number (set when the run is claimed, see
+:data:`genx_ray.lua.CLAIM`). One thread per process renews every lease it holds in one pipeline
+(a round trip per Redis node, however many runs), every third of the TTL: user code that blocks
+the event loop cannot stop the heartbeat. The renewal script refuses once a run has moved to
+another attempt or left ``running``, and says when a cancel was requested: the thread tells the
+run's owner, which stops it (a zombie of a superseded attempt could write nothing anyway: every
+write is fenced).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -15,77 +18,96 @@ from collections.abc import Callable
 
 import redis
 
-from genx_ray import keys
+from genx_ray import keys, lua
 from genx_ray.connections import sync_redis
 
 log = logging.getLogger("genx_ray.lease")
 
-# KEYS: run hash, lease. ARGV: attempt, ttl ms. 1 = renewed, 0 = this attempt is superseded.
-_RENEW = """
-local st = redis.call('HMGET', KEYS[1], 'status', 'attempt')
-if st[1] ~= 'running' or st[2] ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
-return 1
-"""
+# Renewal outcomes of lua.RENEW.
+SUPERSEDED, RENEWED, CANCEL_REQUESTED = 0, 1, 2
 
 
-# KEYS: lease. ARGV: attempt. Delete the lease only if this attempt still holds it.
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
+class Leases:
+    """The leases of the runs one process executes. ``on_lost(run_id, attempt)`` and
+    ``on_cancel(run_id, attempt)`` are called from the renewer thread."""
 
-
-class Lease:
     def __init__(
         self,
         redis_url: str,
-        run_id: str,
-        attempt: int,
         ttl: float,
-        on_lost: Callable[[], object],
+        *,
+        on_lost: Callable[[str, int], object],
+        on_cancel: Callable[[str, int], object],
     ) -> None:
-        self.run_id, self.attempt, self.ttl = run_id, attempt, ttl
-        self.on_lost = on_lost
+        self.ttl = ttl
+        self.on_lost, self.on_cancel = on_lost, on_cancel
         self._redis = sync_redis(redis_url)
-        self._renew = self._redis.register_script(_RENEW)
-        self._release = self._redis.register_script(_RELEASE)
+        self._held: dict[str, int] = {}  # run id -> attempt
+        self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name=f"lease-{run_id}", daemon=True)
-
-    def start(self) -> None:
-        self.renew()
+        self._thread = threading.Thread(target=self._beat, name="genx-leases", daemon=True)
         self._thread.start()
 
-    def renew(self) -> bool:
-        ok = bool(
-            self._renew(
-                keys=[keys.run(self.run_id), keys.lease(self.run_id)],
-                args=[self.attempt, int(self.ttl * 1000)],
-            )
-        )
-        if ok:
-            self._redis.zadd(keys.LEASES, {self.run_id: time.time()})
-        return ok
+    @property
+    def held(self) -> int:
+        return len(self._held)
+
+    def hold(self, run_id: str, attempt: int) -> None:
+        """Renew this attempt's lease from now on (it was set when the run was claimed)."""
+        with self._lock:
+            self._held[run_id] = attempt
+
+    def drop(self, run_id: str, attempt: int) -> None:
+        """Stop renewing (the run ended or was handed on); its lease is released separately."""
+        with self._lock:
+            if self._held.get(run_id) == attempt:
+                del self._held[run_id]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self._redis.close()
+
+    def renew_all(self) -> dict[str, int]:
+        """One round of renewals: run id -> outcome (0 superseded, 1 renewed, 2 cancel asked)."""
+        with self._lock:
+            held = list(self._held.items())
+        if not held:
+            return {}
+        ttl_ms = int(self.ttl * 1000)
+        with self._redis.pipeline(transaction=False) as pipe:
+            for run_id, attempt in held:
+                pipe.execute_command(  # type: ignore[no-untyped-call]
+                    "EVALSHA", lua.RENEW.sha, 2, keys.run(run_id), keys.lease(run_id), attempt,
+                    ttl_ms,
+                )  # fmt: skip
+            results = pipe.execute(raise_on_error=False)
+        outcomes: dict[str, int] = {}
+        for (run_id, attempt), result in zip(held, results, strict=True):
+            if isinstance(result, redis.exceptions.NoScriptError):
+                result = lua.RENEW.sync(
+                    self._redis, [keys.run(run_id), keys.lease(run_id)], [attempt, ttl_ms]
+                )
+            if isinstance(result, Exception):
+                log.warning("run %s: lease renewal failed (%s)", run_id, result)
+                continue
+            outcomes[run_id] = int(result)
+        alive = [r for r, outcome in outcomes.items() if outcome != SUPERSEDED]
+        if alive:
+            self._redis.zadd(keys.LEASES, dict.fromkeys(alive, time.time()))
+        for run_id, attempt in held:
+            outcome = outcomes.get(run_id)
+            if outcome == SUPERSEDED:
+                log.warning("run %s attempt %d: superseded; stopping it", run_id, attempt)
+                self.drop(run_id, attempt)
+                self.on_lost(run_id, attempt)
+            elif outcome == CANCEL_REQUESTED:
+                self.on_cancel(run_id, attempt)
+        return outcomes
 
     def _beat(self) -> None:
         while not self._stop.wait(self.ttl / 3):
             try:
-                if not self.renew():
-                    log.warning(
-                        "run %s attempt %d: superseded; stopping", self.run_id, self.attempt
-                    )
-                    self.on_lost()
-                    return
-            except (redis.RedisError, OSError) as exc:  # keep trying: the lease has slack
-                log.warning("run %s: lease renewal failed (%s)", self.run_id, exc)
-
-    def release(self) -> None:
-        """Stop heartbeating; the run has ended (or its host is stopping)."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=2)
-        with contextlib.suppress(redis.RedisError, OSError):
-            if self._release(keys=[keys.lease(self.run_id)], args=[self.attempt]):
-                self._redis.zrem(keys.LEASES, self.run_id)
-        self._redis.close()
+                self.renew_all()
+            except (redis.RedisError, OSError) as exc:  # keep trying: the leases have slack
+                log.warning("lease renewal failed (%s); retrying", exc)

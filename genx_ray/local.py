@@ -1,9 +1,11 @@
 """Running workflows from a script or a notebook: ``run`` and ``start``.
 
 Runs started here execute on a background event loop in this process (a notebook's own loop is
-never blocked), write everything to Redis like any other run, and use the local Ray only when a
-step asks for it. The handle reads the run back from Redis, so it works the same for a run any
-worker executes.
+never blocked), write everything to Redis like any other run, hold a lease like any other, and
+use the local Ray only when a step asks for it. If this process dies, a supervisor (a worker's,
+or the next script's) fails its runs with the reason: they are not restarted elsewhere, since
+workers may not have their code. The handle reads the run back from Redis, so it works the same
+for a run any worker executes.
 """
 
 from __future__ import annotations
@@ -20,19 +22,12 @@ import redis
 from genx_ray import keys
 from genx_ray.connections import async_redis, resolve_redis_url, sync_redis
 from genx_ray.errors import RunCancelled, RunFailed
-from genx_ray.events import RunCancelled as RunCancelledEvent
-from genx_ray.events import is_terminal
-from genx_ray.executor import execute_run
 from genx_ray.runs import Run, RunStatus, RunStore
+from genx_ray.runtime import Runtime
 from genx_ray.settings import Settings
-from genx_ray.streams import (
-    MAX_BLOCK_MS,
-    START,
-    TERMINAL_STATUSES,
-    StreamEntry,
-    check_event_id,
-    parse_entries,
-)
+from genx_ray.status import TERMINAL
+from genx_ray.streams import MAX_BLOCK_MS, START, StreamEntry, check_event_id, parse_entries
+from genx_ray.supervisor import Supervisor
 from genx_ray.workflow import Registry, Workflow, registry
 
 T = TypeVar("T")
@@ -78,10 +73,10 @@ class RunHandle:
                 for entry in parse_entries(resp[0][1]):
                     last = entry.id
                     yield entry
-                    if is_terminal(entry.event):
+                    if entry.terminal:
                         return
                 continue
-            if not follow or self._redis.hget(keys.run(self.id), "status") in TERMINAL_STATUSES:
+            if not follow or self._redis.hget(keys.run(self.id), "status") in TERMINAL:
                 return
 
     def result(self, timeout: float | None = None) -> Any:
@@ -108,17 +103,13 @@ class RunHandle:
         raise RunFailed(self.id, error.type if error else "Error", error.message if error else "")
 
     def cancel(self) -> RunStatus:
-        """Ask the run to stop; it does at its next step boundary (or sooner)."""
-        event = RunCancelledEvent(run_id=self.id, reason="cancel requested")
-        return _runner().call(_cancel(self.id, event.model_dump_json(exclude_none=True)))
-
-
-async def _cancel(run_id: str, event_json: str) -> RunStatus:
-    return await RunStore(_runner().redis).request_cancel(run_id, event_json)
+        """Ask the run to stop; it does within a second (at once if it is still queued)."""
+        return _runner().call(RunStore(_runner().redis).request_cancel(self.id))
 
 
 class _LocalRunner:
-    """A daemon thread with an event loop and a Redis client, executing runs for this process."""
+    """A daemon thread with an event loop, a Redis client and a runtime (with a supervisor),
+    executing runs for this process."""
 
     def __init__(self, redis_url: str) -> None:
         self.redis_url = redis_url
@@ -127,10 +118,16 @@ class _LocalRunner:
             target=self.loop.run_forever, name="genx-runner", daemon=True
         )
         self._thread.start()
-        self.redis = self.call(self._client())
+        self.settings = Settings.current()
+        self.redis, self.runtime = self.call(self._start())
 
-    async def _client(self) -> Any:
-        return async_redis(self.redis_url)
+    async def _start(self) -> tuple[Any, Runtime]:
+        client = async_redis(self.redis_url)
+        runtime = Runtime(client, Registry(), self.settings, redis_url=self.redis_url)
+        self.supervisor = Supervisor(client, self.settings)
+        self._stop = asyncio.Event()
+        self.loop.create_task(self.supervisor.serve(self._stop))
+        return client, runtime
 
     def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
@@ -165,7 +162,8 @@ def start(wf: Workflow[Any, Any] | str, input: Any = None, *, tenant: str = "def
     workflow = _resolve(wf)
     payload = workflow.encode_input(input)
     runner = _runner()
-    settings = Settings.from_env()
+    runner.runtime.registry.add(workflow)
+    settings = runner.settings
 
     async def create() -> str:
         store = RunStore(
@@ -173,13 +171,12 @@ def start(wf: Workflow[Any, Any] | str, input: Any = None, *, tenant: str = "def
             maxlen=settings.stream_maxlen,
             retention_seconds=settings.retention_seconds,
         )
-        return (await store.create(workflow.name, payload, tenant=tenant)).id
+        run = await store.create(workflow.name, payload, tenant=tenant, extra={"origin": "local"})
+        return run.id
 
     run_id = runner.call(create())
     future = runner.submit(
-        execute_run(
-            runner.redis, run_id, registry=Registry(workflow), settings=settings, worker="local"
-        )
+        runner.runtime.execute(run_id, "local", attempt=1, workflow=workflow.name)
     )
     return RunHandle(run_id, runner.redis_url, workflow, future)
 

@@ -30,10 +30,12 @@ from typing import TYPE_CHECKING, Any
 from genx_ray.context import JournalEntry, RunContext, item_scope
 from genx_ray.errors import StepError, UserError
 from genx_ray.events import StepRef
+from genx_ray.mapping import item_step_id
+from genx_ray.steps import StepSpec, cache_key, call_direct, item_error
 from genx_ray.values import canonical_hash, dumps
 
 if TYPE_CHECKING:
-    from genx_ray.component import Component
+    from genx_ray.writer import BatchWriter
 
 log = logging.getLogger("genx_ray.pool")
 
@@ -48,29 +50,26 @@ _ACTOR_PREFIX = "genx-pool-"
 Outcome = tuple[int, bool, Any]
 
 
-def requirements(component: Component[Any, Any]) -> dict[str, float]:
+def requirements(spec: StepSpec) -> dict[str, float]:
     """What one item of the component takes on its node."""
-    need = {r: q for r, q in component.resources.items() if q > 0}
-    if component.num_cpus:
-        need["CPU"] = component.num_cpus
+    need = {r: q for r, q in spec.resources.items() if q > 0}
+    if spec.num_cpus:
+        need["CPU"] = spec.num_cpus
     return need
 
 
 def plan(
-    component: Component[Any, Any], concurrency: int
+    spec: StepSpec, concurrency: int, nodes: Sequence[Mapping[str, Any]]
 ) -> dict[str, tuple[int, dict[str, float]]]:
     """node id -> (items it may run at once, its resources): ``concurrency`` spread evenly over
-    the alive nodes with the component's labels, none above what its resources allow."""
-    import ray
-
-    need = requirements(component)
+    the alive ``nodes`` (as ``ray.nodes()`` lists them) with the component's labels, none above
+    what its resources allow."""
+    need = requirements(spec)
     caps: dict[str, int] = {}
     resources: dict[str, dict[str, float]] = {}
-    for node in ray.nodes():  # type: ignore[no-untyped-call]
+    for node in nodes:
         labels = node.get("Labels") or {}
-        if not node.get("Alive") or any(
-            labels.get(k) != v for k, v in component.node_labels.items()
-        ):
+        if not node.get("Alive") or any(labels.get(k) != v for k, v in spec.node_labels.items()):
             continue
         have: dict[str, float] = node.get("Resources") or {}
         cap = min((int(have.get(r, 0.0) / q + 1e-9) for r, q in need.items()), default=concurrency)
@@ -78,8 +77,8 @@ def plan(
             caps[node["NodeID"]], resources[node["NodeID"]] = cap, have
     if not caps:
         raise UserError(
-            f"{component.name}.map: no alive node offers {need or 'room'}"
-            + (f" with labels {component.node_labels}" if component.node_labels else "")
+            f"{spec.name}.map: no alive node offers {need or 'room'}"
+            + (f" with labels {dict(spec.node_labels)}" if spec.node_labels else "")
         )
     slots = dict.fromkeys(caps, 0)
     left = concurrency
@@ -121,15 +120,16 @@ class PoolActor:
 
     def __init__(self, resources: Mapping[str, float]) -> None:
         from genx_ray.connections import async_redis, resolve_redis_url
-        from genx_ray.streams import EventStore
+        from genx_ray.settings import Settings
+        from genx_ray.writer import BatchWriter
 
         self.units = _Units(resources)
         self.redis = async_redis(resolve_redis_url())
-        self.events = EventStore(self.redis)
-        # map key -> (the component, to run here; its map's gate on this node; an item's needs)
-        self.components: OrderedDict[
-            str, tuple[Component[Any, Any], asyncio.Semaphore, dict[str, float]]
-        ] = OrderedDict()
+        self.writes: BatchWriter = BatchWriter(self.redis, maxlen=Settings.current().stream_maxlen)
+        # map key -> (the spec, to run here; its map's gate on this node; an item's needs)
+        self.components: OrderedDict[str, tuple[StepSpec, asyncio.Semaphore, dict[str, float]]] = (
+            OrderedDict()
+        )
         self.contexts: OrderedDict[tuple[str, int], RunContext] = OrderedDict()
         self.last_used = time.monotonic()
         self.busy = 0
@@ -147,17 +147,17 @@ class PoolActor:
         """Run a chunk of one map's items, at most ``slots`` of that map at once on this node."""
         self.busy += 1
         try:
-            component, gate, need = await self._component(key, component_ref, slots)
+            spec, gate, need = await self._component(key, component_ref, slots)
             ctx = self._context(run) if run is not None else None
 
             async def one(index: int, item: Any) -> Outcome:
                 async with gate:
                     await self.units.take(need)
-                    step_id = f"{map_id}/{index}:{component.name}"
+                    step_id = item_step_id(map_id, index, spec.name)
                     try:
-                        with item_scope(ctx, StepRef(id=step_id, name=component.name)):
-                            value = await component._call_direct((item,), {}, step_id)
-                        return index, True, component.codec.encode(value)
+                        with item_scope(ctx, StepRef(id=step_id, name=spec.name)):
+                            value = await call_direct(spec, (item,), {}, step_id)
+                        return index, True, spec.codec.encode(value)
                     except StepError as exc:
                         error = {"type": exc.error_type, "message": exc.error_message,
                                  "attempts": exc.attempt}  # fmt: skip
@@ -167,12 +167,12 @@ class PoolActor:
 
             cached: list[Outcome] = []
             cache_keys: dict[int, str] = {}
-            if component.cache_ttl:  # one read for the chunk; hits do not run
-                cache_keys = {i: component._cache_key((item,), {}) for i, item in items}
+            if spec.cache_ttl:  # one read for the chunk; hits do not run
+                cache_keys = {i: cache_key(spec, (item,), {}) for i, item in items}
                 cached, items = await self._cached(cache_keys, items)
             outcomes = await asyncio.gather(*(one(i, item) for i, item in items))
-            if component.cache_ttl:
-                await self._cache(cache_keys, int(component.cache_ttl * 1000), outcomes)
+            if spec.cache_ttl:
+                await self._cache(cache_keys, int(spec.cache_ttl * 1000), outcomes)
             if ctx is not None:
                 await ctx.writer.flush()  # its events are stored before its results go back
             return cached + list(outcomes)
@@ -183,8 +183,12 @@ class PoolActor:
     async def _cached(
         self, cache_keys: Mapping[int, str], items: Sequence[tuple[int, Any]]
     ) -> tuple[list[Outcome], list[tuple[int, Any]]]:
-        """The items the cache answers, as outcomes, and the others."""
-        found = await self.redis.mget([cache_keys[i] for i, _ in items])
+        """The items the cache answers, as outcomes, and the others. One pipeline of GETs, not an
+        MGET: the keys live in many slots of a Redis Cluster."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for i, _ in items:
+                pipe.get(cache_keys[i])
+            found = await pipe.execute()
         hits: list[Outcome] = []
         misses: list[tuple[int, Any]] = []
         for (i, item), raw in zip(items, found, strict=True):
@@ -205,25 +209,26 @@ class PoolActor:
 
     async def _component(
         self, key: str, ref: list[Any], slots: int
-    ) -> tuple[Component[Any, Any], asyncio.Semaphore, dict[str, float]]:
+    ) -> tuple[StepSpec, asyncio.Semaphore, dict[str, float]]:
         cached = self.components.get(key)
         if cached is None:
-            placed = await ref[0]
+            placed: StepSpec = await ref[0]
             # The item runs here, in this process: the placement that brought it here is spent.
-            here = placed._replace(_remote=False, num_cpus=None, resources={}, node_labels={})
-            cached = self.components[key] = (here, asyncio.Semaphore(slots), requirements(placed))
+            cached = self.components[key] = (
+                placed.here(),
+                asyncio.Semaphore(slots),
+                requirements(placed),
+            )
             while len(self.components) > 64:
                 self.components.popitem(last=False)
         self.components.move_to_end(key)
         return cached
 
     def _context(self, run: tuple[str, str, int]) -> RunContext:
-        from genx_ray.writer import RunWriter
-
         run_id, workflow, attempt = run
         ctx = self.contexts.get((run_id, attempt))
         if ctx is None:
-            writer = RunWriter(self.events, run_id, attempt)
+            writer = self.writes.writer(run_id, attempt)
             ctx = self.contexts[(run_id, attempt)] = RunContext(
                 run_id, workflow, attempt, self.redis, writer, {}
             )
@@ -271,7 +276,7 @@ def _pool_actor(
 
 
 async def map_on_cluster(
-    component: Component[Any, Any],
+    spec: StepSpec,
     todo: Sequence[Any],
     indexes: Sequence[int],
     *,
@@ -280,7 +285,7 @@ async def map_on_cluster(
     map_id: str,
     on_result: Callable[[int, Any, bool], None],
 ) -> None:
-    """Run ``component`` on ``todo[i]`` for each of ``indexes`` across the cluster.
+    """Run ``spec`` on ``todo[i]`` for each of ``indexes`` across the cluster.
 
     ``on_result(i, value or StepError, ok)`` is called for each item as its chunk returns; in
     a run, each chunk's items are journaled before that.
@@ -292,9 +297,9 @@ async def map_on_cluster(
     if not indexes:
         return
     ensure_ray()
-    placement = plan(component, concurrency)
-    component_ref = ray.put(component)
-    key = f"{component.name}:{secrets.token_hex(8)}"
+    placement = plan(spec, concurrency, ray.nodes())  # type: ignore[no-untyped-call]
+    component_ref = ray.put(spec)
+    key = f"{spec.name}:{secrets.token_hex(8)}"
     run = (ctx.run_id, ctx.workflow, ctx.attempt) if ctx is not None else None
     pending = deque(indexes)
 
@@ -321,7 +326,7 @@ async def map_on_cluster(
                 actor, retried = _pool_actor(node_id, index, resources, fresh=True), True
                 continue
             # Journal them while the next chunk is already on its way.
-            tg.create_task(_deliver(component, ctx, map_id, todo, outcomes, on_result))
+            tg.create_task(_deliver(spec, ctx, map_id, todo, outcomes, on_result))
 
     async with asyncio.TaskGroup() as tg:
         for node_id, (node_slots, resources) in placement.items():
@@ -332,24 +337,24 @@ async def map_on_cluster(
                 for _ in range(math.ceil(slots / chunk) + 1):  # +1: the next chunk waits there
                     tg.create_task(lane(node_id, index, slots, resources, chunk))
     if pending:
-        raise UserError(f"{component.name}.map: every node that could run it was lost")
+        raise UserError(f"{spec.name}.map: every node that could run it was lost")
 
 
 async def _deliver(
-    component: Component[Any, Any], ctx: RunContext | None, map_id: str, todo: Sequence[Any],
+    spec: StepSpec, ctx: RunContext | None, map_id: str, todo: Sequence[Any],
     outcomes: list[Outcome], on_result: Callable[[int, Any, bool], None],
 ) -> None:  # fmt: skip
     entries: list[tuple[str, str]] = []
     delivered: list[tuple[int, Any, bool]] = []
     for index, ok, payload in outcomes:
-        step_id = f"{map_id}/{index}:{component.name}"
+        step_id = item_step_id(map_id, index, spec.name)
         input_hash = canonical_hash((todo[index],), {})
         if ok:
-            entry = JournalEntry(component.name, input_hash, value=payload)
-            delivered.append((index, component.codec.decode(payload), True))
+            entry = JournalEntry(spec.name, input_hash, value=payload)
+            delivered.append((index, spec.codec.decode(payload), True))
         else:
-            entry = JournalEntry(component.name, input_hash, error=payload)
-            delivered.append((index, component._item_error(step_id, payload), False))
+            entry = JournalEntry(spec.name, input_hash, error=payload)
+            delivered.append((index, item_error(spec, step_id, payload), False))
         entries.append((step_id, entry.dumps()))
     if ctx is not None:
         await ctx.writer.commit((), entries)

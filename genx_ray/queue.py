@@ -1,15 +1,17 @@
 """The run queue: a Redis stream the gateway appends run ids to, read by workers through one
 consumer group, so each queued run is delivered to one worker at a time.
 
-An entry is acknowledged once its run has ended or been handed back. Entries a dead worker had
+An entry names the run, and usually its attempt and workflow (so a host claims it in one round
+trip). It is acknowledged once its run has ended or been handed back. Entries a dead worker had
 taken stay pending, and :meth:`RunQueue.take` claims those that sat idle too long.
 """
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from typing import Any, cast
 
-import redis.asyncio
 from redis.exceptions import ResponseError
 
 from genx_ray import keys
@@ -17,12 +19,28 @@ from genx_ray import keys
 # A pending entry untouched this long belongs to a worker that died: another worker claims it.
 # Generous on purpose: the run's own status and heartbeat decide whether it is really orphaned.
 STALE_PENDING_MS = 60_000
+CLAIM_EVERY_SECONDS = 5.0  # how often a worker looks for such entries
+
+
+@dataclass(frozen=True, slots=True)
+class QueueEntry:
+    id: str  # the stream entry's id, to acknowledge
+    run_id: str
+    attempt: int | None = None
+    workflow: str | None = None
+
+    @classmethod
+    def of(cls, entry_id: str, fields: dict[str, str]) -> QueueEntry:
+        attempt = fields.get("attempt")
+        return cls(str(entry_id), fields["run"], int(attempt) if attempt else None,
+                   fields.get("workflow"))  # fmt: skip
 
 
 class RunQueue:
-    def __init__(self, client: redis.asyncio.Redis, stream: str = keys.QUEUE) -> None:
+    def __init__(self, client: Any, stream: str = keys.QUEUE) -> None:
         self.redis = client
         self.stream = stream
+        self._claimed_at = 0.0
 
     async def ensure_group(self) -> None:
         try:
@@ -31,27 +49,34 @@ class RunQueue:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    async def put(self, run_id: str) -> str:
-        return str(await self.redis.xadd(self.stream, {"run": run_id}))
+    async def put(self, run_id: str, attempt: int | None = None) -> str:
+        fields = {"run": run_id} if attempt is None else {"run": run_id, "attempt": str(attempt)}
+        return str(await self.redis.xadd(self.stream, fields))
 
-    async def take(self, consumer: str, count: int, block_ms: int) -> list[tuple[str, str]]:
-        """Up to ``count`` (entry id, run id): stale pending entries first, then new ones."""
-        claimed: list[Any] = await self.redis.xautoclaim(
-            self.stream, keys.QUEUE_GROUP, consumer, STALE_PENDING_MS, "0-0", count=count
-        )
-        entries = [(str(i), f["run"]) for i, f in claimed[1] if f]
-        if entries:
-            return entries
+    async def take(self, consumer: str, count: int, block_ms: int) -> list[QueueEntry]:
+        """Up to ``count`` entries: stale pending ones first (looked for every few seconds), then
+        new ones."""
+        now = time.monotonic()
+        if now - self._claimed_at >= CLAIM_EVERY_SECONDS:
+            claimed: list[Any] = await self.redis.xautoclaim(
+                self.stream, keys.QUEUE_GROUP, consumer, STALE_PENDING_MS, "0-0", count=count
+            )
+            entries = [QueueEntry.of(i, f) for i, f in claimed[1] if f]
+            if entries:
+                return entries  # there may be more: look again next time
+            self._claimed_at = now
         resp = cast(
             list[Any],
             await self.redis.xreadgroup(
                 keys.QUEUE_GROUP, consumer, {self.stream: ">"}, count=count, block=block_ms
             ),
         )
-        return [(str(i), f["run"]) for i, f in resp[0][1]] if resp else []
+        return [QueueEntry.of(i, f) for i, f in resp[0][1]] if resp else []
 
-    async def ack(self, entry_id: str) -> None:
+    async def ack(self, *entry_ids: str) -> None:
+        if not entry_ids:
+            return
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.xack(self.stream, keys.QUEUE_GROUP, entry_id)
-            pipe.xdel(self.stream, entry_id)
+            pipe.xack(self.stream, keys.QUEUE_GROUP, *entry_ids)
+            pipe.xdel(self.stream, *entry_ids)
             await pipe.execute()

@@ -11,11 +11,11 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from genx_ray.component import Component
+    from genx_ray.steps import StepSpec
 
 # One Ray remote function per component function: Ray exports its code once, not per call.
 _remote_fns: dict[Callable[..., Any], Any] = {}
@@ -33,31 +33,29 @@ def _trampoline(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str,
     return fn(*args, **kwargs)
 
 
-async def run_as_task(
-    component: Component[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> Any:
+async def run_as_task(spec: StepSpec, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
     import ray
 
     from genx_ray.cluster import ensure_ray
 
     ensure_ray(redis_url=os.environ.get("GENX_REDIS_URL"))
-    remote_fn = _remote_fns.get(component.fn)
+    remote_fn = _remote_fns.get(spec.fn)
     if remote_fn is None:
-        fn = component.fn
+        fn = spec.fn
 
         def call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             return _trampoline(fn, args, kwargs)
 
-        call.__name__ = call.__qualname__ = component.name
-        remote_fn = _remote_fns[component.fn] = ray.remote(max_retries=0)(call)
-    options: dict[str, Any] = {"name": component.name}
-    if component.num_cpus is not None:
-        options["num_cpus"] = component.num_cpus
-    if component.resources:
-        options["resources"] = dict(component.resources)
-    if component.node_labels:
-        options["label_selector"] = dict(component.node_labels)
-    ref = remote_fn.options(**options).remote(args, kwargs)
+        call.__name__ = call.__qualname__ = spec.name
+        remote_fn = _remote_fns[spec.fn] = ray.remote(max_retries=0)(call)
+    options: dict[str, Any] = {"name": spec.name}
+    if spec.num_cpus is not None:
+        options["num_cpus"] = spec.num_cpus
+    if spec.resources:
+        options["resources"] = dict(spec.resources)
+    if spec.node_labels:
+        options["label_selector"] = dict(spec.node_labels)
+    ref = remote_fn.options(**options).remote(args, dict(kwargs))
     try:
         return await ref
     except asyncio.CancelledError:  # timeout or run cancelled: stop the task too

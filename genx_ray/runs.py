@@ -1,10 +1,11 @@
-"""Run records in Redis: create, get, list (newest first, filtered, cursor-paginated) and atomic
-status transitions.
+"""Run records in Redis: create (idempotently), get, list (newest first, filtered, cursor-paginated)
+and every status change.
 
 Statuses move ``queued -> running -> succeeded | failed | cancelled`` (a restart moves ``running``
-back to ``queued`` with ``attempt + 1``); nothing leaves a terminal status. A transition and its
-event are written by one Lua script: the terminal status is never visible without its event, and
-readers that see a terminal status know the stream is complete.
+back to ``queued`` with ``attempt + 1``); nothing leaves a terminal status. Every change goes
+through this module, each as one Lua script that writes the status and its event together: the
+terminal status is never visible without its event, and readers that see a terminal status know
+the stream is complete. Writes on behalf of an attempt are fenced by its number.
 """
 
 from __future__ import annotations
@@ -12,34 +13,30 @@ from __future__ import annotations
 import json
 import time
 from datetime import UTC, datetime
-from enum import StrEnum
 from typing import Any, cast
 
-import redis.asyncio
 from pydantic import BaseModel, JsonValue
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
-from genx_ray import keys
-from genx_ray.errors import Fenced, InvalidTransition, RunNotFound, UserError
-from genx_ray.events import ErrorInfo, RunQueued, dumps
+from genx_ray import keys, lua
+from genx_ray.errors import Fenced, IdempotencyConflict, InvalidTransition, RunNotFound, UserError
+from genx_ray.events import (
+    ErrorInfo,
+    RunCancelledEvent,
+    RunFailedEvent,
+    RunQueuedEvent,
+    RunRestartedEvent,
+    RunStartedEvent,
+    dumps,
+)
 from genx_ray.ids import RunId, new_run_id
+from genx_ray.status import TERMINAL, RunStatus
+from genx_ray.values import canonical_hash
+
+__all__ = ["DEFAULT_TENANT", "TERMINAL", "Run", "RunStatus", "RunStore"]
 
 DEFAULT_TENANT = "default"
-
-
-class RunStatus(StrEnum):
-    QUEUED = "queued"  # accepted, waiting for a worker (or for a restart)
-    RUNNING = "running"  # a run host is executing it
-    SUCCEEDED = "succeeded"  # finished; ``output`` is set
-    FAILED = "failed"  # an uncaught error or too many restarts; ``error`` says why
-    CANCELLED = "cancelled"  # stopped on request
-
-    @property
-    def terminal(self) -> bool:
-        return self in (RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED)
-
-
-TERMINAL = frozenset(s for s in RunStatus if s.terminal)
+IDEMPOTENCY_TTL = 24 * 3600  # how long an Idempotency-Key maps to its run
 
 
 class Run(BaseModel):
@@ -94,60 +91,14 @@ def _usage(h: dict[str, str]) -> dict[str, float] | None:
     return usage
 
 
-# KEYS: run hash, events stream, journal hash.
-# ARGV: allowed current statuses (space separated), target status, attempt to fence on ('' = any),
-#       event JSON ('' = none), stream maxlen, seconds to expire the run's keys in ('' = keep),
-#       then field/value pairs to set.
-_TRANSITION = """
-local cur = redis.call('HGET', KEYS[1], 'status')
-if not cur then return redis.error_reply('MISSING') end
-if ARGV[3] ~= '' and redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[3] then
-  return redis.error_reply('FENCED ' .. cur)
-end
-if not string.find(' ' .. ARGV[1] .. ' ', ' ' .. cur .. ' ', 1, true) then
-  return redis.error_reply('INVALID ' .. cur)
-end
-redis.call('HSET', KEYS[1], 'status', ARGV[2])
-for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-local id = ''
-if ARGV[4] ~= '' then
-  id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'e', ARGV[4])
-end
-if ARGV[6] ~= '' then
-  for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[6]) end
-end
-return id
-"""
-
-# KEYS: run hash, events stream. ARGV: run.queued event JSON, maxlen, then field/value pairs.
-# Creates the run only if it does not exist yet (a retried create must never reset a run).
-_CREATE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[1])
-return 1
-"""
-
-# KEYS: run hash, events stream. ARGV: event JSON for a queued run, maxlen, now.
-# Queued: cancelled at once. Running: flagged; the run host stops at its next step boundary.
-_CANCEL = """
-local cur = redis.call('HGET', KEYS[1], 'status')
-if not cur then return redis.error_reply('MISSING') end
-if cur == 'queued' then
-  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[3],
-             'cancel_requested', '1')
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[1])
-  return 'cancelled'
-end
-if cur == 'running' then redis.call('HSET', KEYS[1], 'cancel_requested', '1') end
-return cur
-"""
+def _pairs(fields: dict[str, str] | None) -> list[str]:
+    return [item for pair in (fields or {}).items() for item in pair]
 
 
 class RunStore:
     def __init__(
         self,
-        client: redis.asyncio.Redis,
+        client: Any,
         *,
         maxlen: int = 100_000,
         retention_seconds: int = 7 * 24 * 3600,
@@ -155,9 +106,8 @@ class RunStore:
         self.redis = client
         self.maxlen = maxlen
         self.retention_seconds = retention_seconds
-        self._transition = client.register_script(_TRANSITION)
-        self._cancel = client.register_script(_CANCEL)
-        self._create = client.register_script(_CREATE)
+
+    # -- creating ------------------------------------------------------------------------------
 
     async def create(
         self,
@@ -181,21 +131,58 @@ class RunStore:
             "input": json.dumps(input, separators=(",", ":")), "attempt": "1",
             "created_at": repr(now), "tenant": tenant, **(extra or {}),
         }  # fmt: skip
-        event = dumps(RunQueued(run_id=run_id, workflow=workflow, ts=now))
-        args: list[str | int] = [event, self.maxlen]
-        for name, value in fields.items():
-            args += [name, value]
-        if not await self._create(keys=[keys.run(run_id), keys.events(run_id)], args=args):
+        event = dumps(RunQueuedEvent(run_id=run_id, workflow=workflow, ts=now))
+        created = await lua.CREATE(
+            self.redis, [keys.run(run_id), keys.events(run_id)],
+            [event, self.maxlen, *_pairs(fields)],
+        )  # fmt: skip
+        if not created:
             return await self.get(run_id)
         # Index and queue live in other slots, so they are separate writes; the queue goes last so
         # a worker never sees a run that is not indexed yet.
+        tenant_index, workflow_index = keys.run_index(tenant), keys.run_index(tenant, workflow)
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zadd(keys.run_index(tenant), {run_id: 0})
-            pipe.zadd(keys.run_index(tenant, workflow), {run_id: 0})
+            pipe.zadd(tenant_index, {run_id: 0})
+            pipe.zadd(workflow_index, {run_id: 0})
+            pipe.zadd(keys.INDEXES, {tenant_index: 0, workflow_index: 0})
             if enqueue:
-                pipe.xadd(keys.QUEUE, {"run": run_id})
+                pipe.xadd(keys.QUEUE, {"run": run_id, "attempt": "1", "workflow": workflow})
             await pipe.execute()
         return Run.from_hash(fields)
+
+    async def create_idempotent(
+        self, workflow: str, input: JsonValue, *, tenant: str, key: str
+    ) -> tuple[Run, bool]:
+        """The run an ``Idempotency-Key`` made before (and True), or a new queued run under it.
+
+        The same key with another input is :class:`IdempotencyConflict`: the key names one
+        request, and a client reusing it for another is a bug to surface, not to paper over.
+        """
+        ikey = keys.idempotency(tenant, workflow, key)
+        digest = canonical_hash(input)
+        for _ in range(3):
+            run_id = new_run_id()
+            record = json.dumps({"run": run_id, "hash": digest})
+            if await self.redis.set(ikey, record, nx=True, ex=IDEMPOTENCY_TTL):
+                run = await self.create(workflow, input, tenant=tenant, run_id=run_id, enqueue=True)
+                return run, False
+            held = await self.redis.get(ikey)
+            if held is None:
+                continue  # expired in between: try to take it again
+            first = json.loads(held)
+            if first["hash"] != digest:
+                raise IdempotencyConflict(
+                    "this Idempotency-Key was used with a different input for this workflow"
+                )
+            # The first request may still be creating its run, or may have died before it did:
+            # creating is idempotent, so this returns its run either way.
+            run_id = first["run"]
+            return await self.create(
+                workflow, input, tenant=tenant, run_id=run_id, enqueue=True
+            ), True
+        raise IdempotencyConflict("the Idempotency-Key is contended; retry")
+
+    # -- reading -------------------------------------------------------------------------------
 
     async def get(self, run_id: str, *, tenant: str | None = None) -> Run:
         """The run; :class:`RunNotFound` if it does not exist or belongs to another tenant."""
@@ -224,7 +211,8 @@ class RunStore:
 
         Ids sort by creation time, so the index is a lexicographic sorted set and the cursor is
         the last id returned. A status filter scans at most ``max_scan`` ids per call; a page can
-        then come back short but with a cursor to go on from.
+        then come back short but with a cursor to go on from. Every run's tenant is checked
+        again: the index decides nothing on its own.
         """
         if not 1 <= limit <= 500:
             raise UserError("limit must be between 1 and 500")
@@ -247,7 +235,11 @@ class RunStore:
                 scanned, last = scanned + 1, run_id
                 if not h:
                     gone.append(run_id)  # expired after its retention period
-                elif status is None or h["status"] == status.value:
+                elif h.get("tenant", DEFAULT_TENANT) != tenant:
+                    continue
+                elif (workflow is None or h["workflow"] == workflow) and (
+                    status is None or h["status"] == status.value
+                ):
                     page.append(Run.from_hash(h))
                     if len(page) == limit:
                         break
@@ -257,6 +249,11 @@ class RunStore:
                 break
             upper = f"({last}"
         return page, last
+
+    async def cancel_requested(self, run_id: str) -> bool:
+        return bool(await self.redis.hget(keys.run(run_id), "cancel_requested") == "1")
+
+    # -- changing status -----------------------------------------------------------------------
 
     async def transition(
         self,
@@ -278,40 +275,131 @@ class RunStore:
             " ".join(s.value for s in allowed),
             target.value,
             "" if fence_attempt is None else str(fence_attempt),
+            getattr(event, "type", "") if event is not None else "",
             dumps(event) if event is not None else "",
             self.maxlen,
             self.retention_seconds if target.terminal else "",
+            *_pairs(fields),  # strings as they are: JSON fields come encoded
         ]
-        for name, value in (fields or {}).items():
-            args += [name, value]  # strings as they are: JSON fields come encoded
         try:
-            entry_id = await self._transition(keys=keys.run_keys(run_id), args=args)
+            entry_id = await lua.TRANSITION(self.redis, keys.run_keys(run_id), args)
         except ResponseError as exc:
-            kind, _, current = str(exc).partition(" ")
-            if kind == "MISSING":
-                raise RunNotFound(run_id) from None
-            if kind == "FENCED":
-                raise Fenced(run_id, fence_attempt or 0) from None
-            if kind == "INVALID":
-                raise InvalidTransition(run_id, current, target.value) from None
-            raise
+            raise self._error(exc, run_id, target, fence_attempt) from None
         return str(entry_id) or None
 
-    async def request_cancel(self, run_id: str, event_json: str) -> RunStatus:
-        """Cancel a queued run now, or flag a running one. Returns the status after the call."""
+    async def claim(
+        self,
+        run_id: str,
+        attempt: int,
+        event: RunStartedEvent,
+        fields: dict[str, str],
+        lease_seconds: float | None,
+        *,
+        watch: bool = True,
+    ) -> tuple[Run, dict[str, str]]:
+        """Move a queued run to running for ``attempt``, with its ``run.started`` event, and take
+        its lease (unless ``lease_seconds`` is None); returns the run and its journal (step id ->
+        entry), all in one round trip. ``watch``: the supervisor watches the run from now on
+        (a host that dies before its first renewal is found too)."""
+        lease_ms = "" if lease_seconds is None else int(lease_seconds * 1000)
+        claim_keys = [*keys.run_keys(run_id), keys.lease(run_id)]
+        args: list[Any] = [attempt, dumps(event), self.maxlen, lease_ms, *_pairs(fields)]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            if watch:
+                pipe.zadd(keys.LEASES, {run_id: time.time()})
+            pipe.execute_command("EVALSHA", lua.CLAIM.sha, len(claim_keys), *claim_keys, *args)
+            result = (await pipe.execute(raise_on_error=False))[-1]
         try:
-            status = await self._cancel(
-                keys=[keys.run(run_id), keys.events(run_id)],
-                args=[event_json, self.maxlen, repr(time.time())],
-            )
+            if isinstance(result, NoScriptError):
+                result = await lua.CLAIM(self.redis, claim_keys, args)
+            elif isinstance(result, Exception):
+                raise result
         except ResponseError as exc:
-            if str(exc) == "MISSING":
-                raise RunNotFound(run_id) from None
-            raise
-        if status == RunStatus.CANCELLED.value:
-            await self.redis.expire(keys.run(run_id), self.retention_seconds)
-            await self.redis.expire(keys.events(run_id), self.retention_seconds)
-        return RunStatus(status)
+            if watch and " running" not in str(exc):  # else another attempt holds the watch
+                await self.redis.zrem(keys.LEASES, run_id)
+            raise self._error(exc, run_id, RunStatus.RUNNING, attempt) from None
+        h, journal = result
+        return Run.from_hash(_as_dict(h)), _as_dict(journal)
 
-    async def cancel_requested(self, run_id: str) -> bool:
-        return await self.redis.hget(keys.run(run_id), "cancel_requested") == "1"
+    async def finish(
+        self,
+        run_id: str,
+        attempt: int,
+        status: RunStatus,
+        event: BaseModel,
+        fields: dict[str, str] | None = None,
+    ) -> str | None:
+        """End a running attempt with a terminal status and its event."""
+        fields = {**(fields or {}), "finished_at": repr(time.time())}
+        return await self.transition(
+            run_id, status, allowed={RunStatus.RUNNING}, event=event, fields=fields,
+            fence_attempt=attempt,
+        )  # fmt: skip
+
+    async def requeue(self, run_id: str, attempt: int, reason: str) -> int:
+        """Hand a running attempt back to the queue as the next attempt (a drain); returns it."""
+        nxt = attempt + 1
+        await self.transition(
+            run_id, RunStatus.QUEUED, allowed={RunStatus.RUNNING},
+            fields={"attempt": str(nxt), "requeued_at": repr(time.time())},
+            event=RunRestartedEvent(run_id=run_id, attempt=nxt, reason=reason),
+            fence_attempt=attempt,
+        )  # fmt: skip
+        await self.redis.xadd(keys.QUEUE, {"run": run_id, "attempt": str(nxt)})
+        return nxt
+
+    async def reap(
+        self, run_id: str, attempt: int, *, max_attempts: int, reason: str, host_dead: bool
+    ) -> str:
+        """An attempt whose host is gone: requeued as the next attempt, or failed with
+        ``RunHostLost`` past ``max_attempts`` (at once for a run started from a script). Unless
+        ``host_dead`` (known, not inferred from a silent lease), a live lease protects the
+        attempt. Returns 'requeued', 'failed', 'alive', 'raced' or 'gone'."""
+        error = ErrorInfo(type="RunHostLost", message=reason)
+        args: list[Any] = [
+            attempt, max_attempts,
+            dumps(RunRestartedEvent(run_id=run_id, attempt=attempt + 1, reason=reason)),
+            dumps(RunFailedEvent(run_id=run_id, error=error)), error.model_dump_json(),
+            repr(time.time()), self.maxlen, self.retention_seconds, "1" if host_dead else "",
+        ]  # fmt: skip
+        outcome = str(
+            await lua.REAP(self.redis, [*keys.run_keys(run_id), keys.lease(run_id)], args)
+        )
+        if outcome == "requeued":
+            await self.redis.xadd(keys.QUEUE, {"run": run_id, "attempt": str(attempt + 1)})
+        if outcome in ("requeued", "failed", "gone"):
+            await self.redis.zrem(keys.LEASES, run_id)
+        return outcome
+
+    async def request_cancel(self, run_id: str, reason: str = "cancel requested") -> RunStatus:
+        """Cancel a queued run now, or flag a running one and signal its host (it stops within a
+        second). Returns the status after the call."""
+        event = dumps(RunCancelledEvent(run_id=run_id, reason=reason))
+        args = [event, self.maxlen, repr(time.time()), self.retention_seconds]
+        try:
+            status = RunStatus(await lua.CANCEL(self.redis, keys.run_keys(run_id), args))
+        except ResponseError as exc:
+            raise self._error(exc, run_id, RunStatus.CANCELLED, None) from None
+        if status is RunStatus.RUNNING:
+            await self.redis.xadd(
+                keys.SIGNALS, {"run": run_id, "signal": "cancel"},
+                maxlen=keys.SIGNALS_MAXLEN, approximate=True,
+            )  # fmt: skip
+        return status
+
+    @staticmethod
+    def _error(
+        exc: ResponseError, run_id: str, target: RunStatus, attempt: int | None
+    ) -> Exception:
+        kind, _, current = str(exc).partition(" ")
+        if kind == "MISSING":
+            return RunNotFound(run_id)
+        if kind == "FENCED":
+            return Fenced(run_id, attempt or 0)
+        if kind == "INVALID":
+            return InvalidTransition(run_id, current, target.value)
+        return exc
+
+
+def _as_dict(flat: list[Any]) -> dict[str, str]:
+    return {str(flat[i]): str(flat[i + 1]) for i in range(0, len(flat), 2)}

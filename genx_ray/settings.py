@@ -61,12 +61,27 @@ class Settings:
     # Ray custom resources each run host asks for (e.g. {"hosts": 0.01} keeps them on the nodes
     # that offer "hosts"): where the long-lived, lightweight run hosts may live.
     host_resources: Mapping[str, float] = field(default_factory=dict)
-    # Runs one run host process executes, one after the other, before a fresh one replaces it
-    # (1: a fresh process for every run, for code that leaves state behind in its process).
-    host_max_runs: int = 100
+    # Runs one run host executes at once (each an asyncio task; 1: a process per run, for code
+    # that must be isolated).
+    host_runs: int = 500
+    # Runs one run host process takes over its life before a fresh one replaces it (1 with
+    # host_runs 1: a fresh process for every run, for code that leaves state behind).
+    host_max_runs: int = 10_000
+
+    @classmethod
+    def current(cls) -> Settings:
+        """The settings of this process's environment, parsed once per distinct value of the
+        variables they read (a changed variable is seen; an unchanged one costs a lookup)."""
+        seen = tuple(os.environ.get(name) for name in ENV_VARS)
+        settings = _parsed.get(seen)
+        if settings is None:
+            settings = _parsed[seen] = cls.from_env()
+        return settings
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Parse ``env`` (the process environment by default); :class:`ConfigError` names the
+        first malformed variable."""
         env = os.environ if env is None else env
         redis_url = env.get("GENX_REDIS_URL", "").strip()
         return cls(
@@ -87,8 +102,20 @@ class Settings:
             webhook_url=_webhook_url(env.get("GENX_WEBHOOK_URL", "").strip()),
             webhook_secret=env.get("GENX_WEBHOOK_SECRET", ""),
             host_resources=_resources("GENX_HOST_RESOURCES", env.get("GENX_HOST_RESOURCES", "")),
-            host_max_runs=_positive_int(env, "GENX_HOST_MAX_RUNS", 100),
+            host_runs=_positive_int(env, "GENX_HOST_RUNS", 500),
+            host_max_runs=_positive_int(env, "GENX_HOST_MAX_RUNS", 10_000),
         )
+
+
+# Every variable Settings reads: a change to any of them is a new parse for Settings.current().
+ENV_VARS = (
+    "GENX_REDIS_URL", "GENX_RAY_ADDRESS", "GENX_WORKFLOWS", "GENX_API_KEYS", "GENX_LLM_LIMITS",
+    "GENX_LLM_LEASE_SECONDS", "GENX_RETENTION_SECONDS", "GENX_STREAM_MAXLEN",
+    "GENX_MAX_BODY_BYTES", "GENX_LEASE_SECONDS", "GENX_MAX_ATTEMPTS", "GENX_MAX_RUNNING",
+    "GENX_DEPLOYMENT", "GENX_WEBHOOK_URL", "GENX_WEBHOOK_SECRET", "GENX_HOST_RESOURCES",
+    "GENX_HOST_RUNS", "GENX_HOST_MAX_RUNS",
+)  # fmt: skip
+_parsed: dict[tuple[str | None, ...], Settings] = {}
 
 
 def _redis_url(value: str) -> str:

@@ -1,82 +1,95 @@
 """A run's event stream in Redis: append, read after an id, follow until the run ends.
 
 Stream entry ids are the SSE event ids: ordered and unique, and ``XREAD`` from an id is exactly
-"resume after". Appends are pipelined (many events, one round trip). A run host's appends go
-through a Lua script that checks its attempt first (fencing), so a zombie from a superseded attempt
-can write nothing.
+"resume after". Each entry keeps the event's type beside its JSON (:mod:`genx_ray.keys`), so a
+reader that only passes events on (the gateway) never parses them. A run host's appends go
+through :mod:`genx_ray.writer`, fenced by its attempt.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import re
 from collections.abc import AsyncIterator, Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any, cast
 
-import redis.asyncio
 from pydantic import BaseModel
 from redis.exceptions import ResponseError
 
-from genx_ray import keys
+from genx_ray import keys, lua
 from genx_ray.errors import Fenced, RunNotFound, UserError
-from genx_ray.events import Event, dumps, is_terminal, loads
+from genx_ray.events import TERMINAL_TYPES, Event, dumps, loads
+from genx_ray.status import TERMINAL
 
-TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 # Blocking reads stay short: redis-py (8.x) times out a blocking read of 5 s or more on its own,
 # and a short block costs nothing because followers re-check the run's status between reads.
 MAX_BLOCK_MS = 1000
-_ID = re.compile(r"^\d{1,20}(-\d{1,20})?$")
+# What Redis accepts as a stream id: <ms>-<seq>, each an unsigned 64-bit number.
+_ID = re.compile(r"(\d{1,20})(?:-(\d{1,20}))?")
+_U64 = 2**64 - 1
 START = "0-0"
 
-# KEYS: run hash, events stream, journal hash.
-# ARGV: attempt, maxlen, n_events, events..., then journal field/value pairs.
-_FENCED_APPEND = """
-local st = redis.call('HMGET', KEYS[1], 'status', 'attempt')
-if st[1] ~= 'running' or st[2] ~= ARGV[1] then
-  return redis.error_reply('FENCED ' .. tostring(st[1]) .. ' ' .. tostring(st[2]))
-end
-local n = tonumber(ARGV[3])
-for i = 4 + n, #ARGV, 2 do redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end
-local ids = {}
-for i = 4, 3 + n do
-  ids[#ids + 1] = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[i])
-end
-return ids
-"""
 
-
-@dataclass(frozen=True, slots=True)
 class StreamEntry:
-    """An event as stored: its stream entry id (the SSE id) and the event."""
+    """An event as stored: its stream entry id (the SSE id), its type, its JSON; ``event``
+    parses the JSON on first use."""
 
-    id: str
-    event: Event
+    __slots__ = ("__dict__", "data", "id", "type")
+
+    def __init__(self, entry_id: str, type: str, data: str) -> None:
+        self.id, self.type, self.data = entry_id, type, data
+
+    @functools.cached_property
+    def event(self) -> Event:
+        return loads(self.data)
+
+    @property
+    def terminal(self) -> bool:
+        return self.type in TERMINAL_TYPES
+
+    @classmethod
+    def of(cls, entry_id: str, event: BaseModel) -> StreamEntry:
+        return cls(entry_id, event.type, dumps(event))  # type: ignore[attr-defined]
+
+    def __repr__(self) -> str:
+        return f"StreamEntry({self.id!r}, {self.type!r})"
 
 
 def check_event_id(value: str) -> str:
-    """Validate a client-supplied event id (``Last-Event-ID``, ``?after=``)."""
-    if not _ID.match(value):
+    """Validate a client-supplied event id (``Last-Event-ID``, ``?after=``): what Redis takes."""
+    m = _ID.fullmatch(value)
+    if not m or int(m.group(1)) > _U64 or int(m.group(2) or 0) > _U64:
         raise UserError(f"malformed event id {value!r}: expected <ms>-<seq> as sent in 'id:'")
     return value
 
 
+def id_key(entry_id: str) -> tuple[int, int]:
+    """A stream id as a sortable pair."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
 def parse_entries(raw: Iterable[Any]) -> list[StreamEntry]:
-    return [StreamEntry(entry_id, loads(fields["e"])) for entry_id, fields in raw]
+    out = []
+    for entry_id, fields in raw:
+        data = fields[keys.EVENT_FIELD]
+        kind = fields.get(keys.TYPE_FIELD) or json.loads(data)["type"]  # entries of older versions
+        out.append(StreamEntry(entry_id, kind, data))
+    return out
 
 
 class EventStore:
-    def __init__(self, client: redis.asyncio.Redis, *, maxlen: int = 100_000) -> None:
+    def __init__(self, client: Any, *, maxlen: int = 100_000) -> None:
         self.redis = client
         self.maxlen = maxlen
-        self._fenced_append = client.register_script(_FENCED_APPEND)
 
     async def append(self, run_id: str, *events: BaseModel) -> list[str]:
-        """Append events in order, in one round trip; returns their ids."""
+        """Append events in order, unfenced, in one round trip; returns their ids."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for event in events:
-                pipe.xadd(
-                    keys.events(run_id), {"e": dumps(event)}, maxlen=self.maxlen, approximate=True
-                )
+                fields = {keys.TYPE_FIELD: event.type, keys.EVENT_FIELD: dumps(event)}  # type: ignore[attr-defined]
+                pipe.xadd(keys.events(run_id), fields, maxlen=self.maxlen, approximate=True)
             return [str(i) for i in await pipe.execute()]
 
     async def append_fenced(
@@ -88,11 +101,12 @@ class EventStore:
     ) -> list[str]:
         """Append events (and journal entries) only while ``attempt`` is the run's live attempt."""
         args: list[str | int] = [attempt, self.maxlen, len(events)]
-        args += [dumps(e) for e in events]
-        for field, value in journal:
-            args += [field, value]
+        for event in events:
+            args += [event.type, dumps(event)]  # type: ignore[attr-defined]
+        for entry in journal:
+            args += entry
         try:
-            ids = await self._fenced_append(keys=keys.run_keys(run_id), args=args)
+            ids = await lua.APPEND(self.redis, keys.run_keys(run_id), args)
         except ResponseError as exc:
             if str(exc).startswith("FENCED"):
                 raise Fenced(run_id, attempt) from None
@@ -125,13 +139,13 @@ class EventStore:
                 for entry in parse_entries(resp[0][1]):
                     last = entry.id
                     yield entry
-                    if is_terminal(entry.event):
+                    if entry.terminal:
                         return
                 continue
             status = await self.redis.hget(keys.run(run_id), "status")
             if status is None:
                 raise RunNotFound(run_id)
-            if status in TERMINAL_STATUSES:
+            if status in TERMINAL:
                 for entry in await self.read(run_id, last):
                     yield entry
                 return

@@ -1,106 +1,172 @@
-"""Finding runs whose host died, and restarting them from their journal.
+"""Finding runs whose host is gone, and restarting them from their journal.
 
-Every worker runs one; any number may run at once. A run is orphaned when it is ``running`` and
-its lease key has expired. One script re-checks that and the attempt number atomically, then
-requeues the run as ``attempt + 1`` with a ``run.restarted`` event, or, past the attempt cap,
-fails it with the reason. Two supervisors racing for one run: the second finds the attempt moved.
+Every worker runs one; any number may run at once. Two ways to notice a lost run:
+
+- **Known deaths, fast.** A worker whose runs share its fate (its hosts are inline, or on a local
+  Ray it started, which dies with it) heartbeats its entry in the worker table twice a second
+  from a thread. Once it has been silent for ``WORKER_DEAD_SECONDS``, its running runs are
+  restarted at once, without waiting for their leases. (A host Ray reports dead is handled by
+  the worker that placed the run, the same way: :mod:`genx_ray.worker`.)
+- **Silent losses, by lease.** A run is orphaned when it is ``running`` and its lease key expired
+  (a frozen process, a partitioned machine, a dead cluster node): the stale end of the leases set
+  says which runs to check.
+
+Either way :meth:`genx_ray.runs.RunStore.reap` re-checks the run's attempt atomically, then
+requeues it as ``attempt + 1`` with a ``run.restarted`` event, or, past the attempt cap (or for
+a run started from a script, whose code workers may lack), fails it with the reason. Two
+supervisors racing for one run: the second finds the attempt moved. The supervisor also trims the
+run indexes of runs past their retention.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from typing import Any, cast
 
-import redis.asyncio
-
 from genx_ray import keys
-from genx_ray.events import ErrorInfo, RunFailed, RunRestarted, dumps
+from genx_ray.runs import RunStore
 from genx_ray.settings import Settings
 from genx_ray.webhooks import notify
 
 log = logging.getLogger("genx_ray.supervisor")
 
-# KEYS: run hash, events, journal, lease. ARGV: attempt seen, max attempts, restarted event,
-# failed event, failed error JSON, now, maxlen, retention seconds.
-_REAP = """
-local st = redis.call('HMGET', KEYS[1], 'status', 'attempt')
-if st[1] ~= 'running' then return 'gone' end
-if st[2] ~= ARGV[1] then return 'raced' end
-if redis.call('EXISTS', KEYS[4]) == 1 then return 'alive' end
-if tonumber(ARGV[1]) >= tonumber(ARGV[2]) then
-  redis.call('HSET', KEYS[1], 'status', 'failed', 'error', ARGV[5], 'finished_at', ARGV[6])
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*', 'e', ARGV[4])
-  for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[8]) end
-  return 'failed'
-end
-redis.call('HSET', KEYS[1], 'status', 'queued', 'attempt', tonumber(ARGV[1]) + 1,
-           'requeued_at', ARGV[6])
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*', 'e', ARGV[3])
-return 'requeued'
-"""
+WORKER_BEAT_SECONDS = 0.5  # how often a worker writes its entry in the worker table
+WORKER_DEAD_SECONDS = 3.0  # a worker silent this long is gone
+TRIM_EVERY_SECONDS = 60.0
+
+
+def worker_alive(entry: dict[str, Any], now: float) -> bool:
+    return now - float(entry.get("seen", 0)) < WORKER_DEAD_SECONDS
 
 
 class Supervisor:
-    def __init__(self, client: redis.asyncio.Redis, settings: Settings) -> None:
+    def __init__(self, client: Any, settings: Settings) -> None:
         self.redis = client
         self.settings = settings
-        self._reap = client.register_script(_REAP)
+        self.runs = RunStore(
+            client, maxlen=settings.stream_maxlen, retention_seconds=settings.retention_seconds
+        )
+        self._trimmed_at = 0.0
 
     async def sweep(self) -> dict[str, int]:
-        """One pass over runs whose last heartbeat is older than the lease; returns counts."""
+        """One pass over runs whose last renewal is older than the lease; returns counts."""
         counts: dict[str, int] = {}
         cutoff = time.time() - self.settings.lease_seconds
         stale = cast(
             list[str],
-            await self.redis.zrangebyscore(keys.LEASES, "-inf", cutoff, start=0, num=200),
+            await self.redis.zrangebyscore(keys.LEASES, "-inf", cutoff, start=0, num=500),
         )
         for run_id in stale:
             outcome = await self._check(run_id)
             counts[outcome] = counts.get(outcome, 0) + 1
         return counts
 
-    async def _check(self, run_id: str) -> str:
-        attempt = await self.redis.hget(keys.run(run_id), "attempt")
+    async def _check(self, run_id: str, *, dead_worker: str | None = None) -> str:
+        attempt, origin = await self.redis.hmget(keys.run(run_id), "attempt", "origin")
         if attempt is None:
             await self.redis.zrem(keys.LEASES, run_id)
             return "gone"
-        n = int(attempt)
-        lease_s = self.settings.lease_seconds
-        reason = (
-            f"the run host of attempt {n} stopped heartbeating (no lease renewal in {lease_s}s)"
-        )
-        error = ErrorInfo(
-            type="RunHostLost",
-            message=f"{reason}; {n} of {self.settings.max_attempts} attempts used",
-        )
-        args: list[Any] = [
-            n, self.settings.max_attempts,
-            dumps(RunRestarted(run_id=run_id, attempt=n + 1, reason=reason)),
-            dumps(RunFailed(run_id=run_id, error=error)), error.model_dump_json(),
-            repr(time.time()), self.settings.stream_maxlen, self.settings.retention_seconds,
-        ]  # fmt: skip
-        outcome = str(
-            await self._reap(keys=[*keys.run_keys(run_id), keys.lease(run_id)], args=args)
+        n, cap = int(attempt), self.settings.max_attempts
+        if dead_worker is not None:
+            reason = f"its worker {dead_worker} died, and its run host with it"
+        else:
+            reason = (
+                f"the run host of attempt {n} stopped heartbeating (no lease renewal in "
+                f"{self.settings.lease_seconds}s)"
+            )
+        if origin == "local":
+            reason = (
+                f"the process that started it with genx_ray.start() stopped ({reason}); a run "
+                "started from a script is not restarted elsewhere"
+            )
+        else:
+            reason = f"{reason}; {n} of {cap} attempts used"
+        outcome = await self.runs.reap(
+            run_id, n, max_attempts=cap, reason=reason, host_dead=dead_worker is not None
         )
         if outcome == "requeued":
             log.warning("run %s: %s; requeued as attempt %d", run_id, reason, n + 1)
-            await self.redis.xadd(keys.QUEUE, {"run": run_id})
         elif outcome == "failed":
-            log.warning("run %s: %s; failed after %d attempts", run_id, reason, n)
+            log.warning("run %s: %s; failed", run_id, reason)
             await notify(self.redis, self.settings, run_id)
-        if outcome in ("requeued", "failed", "gone"):
-            await self.redis.zrem(keys.LEASES, run_id)
         return outcome
 
+    async def sweep_workers(self) -> dict[str, int]:
+        """Restart the runs of workers that died with their runs; returns counts."""
+        counts: dict[str, int] = {}
+        table = await self.redis.hgetall(keys.WORKERS)
+        now = time.time()
+        dead = []
+        for name, raw in table.items():
+            entry = json.loads(raw)
+            if not worker_alive(entry, now) and entry.get("fate") == "shared":
+                dead.append(str(name))
+        if not dead:
+            return counts
+        watched = cast(list[str], await self.redis.zrange(keys.LEASES, 0, -1))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for run_id in watched:
+                pipe.hmget(keys.run(run_id), "worker", "status")
+            owners = await pipe.execute()
+        for run_id, (worker, status) in zip(watched, owners, strict=True):
+            if worker in dead and status == "running":
+                outcome = await self._check(run_id, dead_worker=worker)
+                counts[outcome] = counts.get(outcome, 0) + 1
+        await self.redis.hdel(keys.WORKERS, *dead)
+        return counts
+
+    async def trim_indexes(self, batch: int = 500) -> int:
+        """Drop runs past their retention from every tenant's run index; returns how many.
+
+        Each index is walked from its oldest id (ids sort by creation time, and runs expire
+        roughly in that order) until a batch holds no expired run: the work stays proportional
+        to what expired, not to the length of the index.
+        """
+        removed = 0
+        for index in cast(list[str], await self.redis.zrange(keys.INDEXES, 0, -1)):
+            lower = "-"
+            while True:
+                run_ids = cast(
+                    list[str], await self.redis.zrangebylex(index, lower, "+", start=0, num=batch)
+                )
+                if not run_ids:
+                    break
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for run_id in run_ids:
+                        pipe.exists(keys.run(run_id))
+                    exists = await pipe.execute()
+                gone = [r for r, e in zip(run_ids, exists, strict=True) if not e]
+                if gone:
+                    removed += int(await self.redis.zrem(index, *gone))
+                if not gone or len(run_ids) < batch:
+                    break
+                lower = f"({run_ids[-1]}"
+        return removed
+
     async def serve(self, stop: asyncio.Event) -> None:
-        interval = max(0.2, self.settings.lease_seconds / 3)
+        lease_every = max(0.2, self.settings.lease_seconds / 3)
+        next_lease_sweep = 0.0
+        failing = False  # one line per outage, not one per sweep
         while not stop.is_set():
+            now = time.monotonic()
             try:
-                await self.sweep()
-            except (OSError, redis.RedisError) as exc:
-                log.warning("supervisor: sweep failed (%s)", exc)
+                await self.sweep_workers()
+                if now >= next_lease_sweep:
+                    await self.sweep()
+                    next_lease_sweep = now + lease_every
+                if now - self._trimmed_at >= TRIM_EVERY_SECONDS:
+                    self._trimmed_at = now
+                    await self.trim_indexes()
+                if failing:
+                    log.warning("supervisor: sweeping again")
+                failing = False
+            except Exception as exc:
+                if not failing:
+                    log.warning("supervisor: sweep failed (%s); retrying", exc)
+                failing = True
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), interval)
+                await asyncio.wait_for(stop.wait(), WORKER_BEAT_SECONDS)

@@ -1,15 +1,22 @@
 """``genx worker``: takes runs from the Redis queue and executes them.
 
-Each run executes in its own detached Ray actor (``hosts="ray"``, see :mod:`genx_ray.host`), or
-on this process's event loop (``hosts="inline"``: no Ray process per run, for tests and small
-setups). Either way the run holds a heartbeat lease, and every worker also runs a supervisor that
-restarts runs whose host died, and delivers webhooks.
+Runs execute on the worker's run hosts (``hosts="ray"``: detached Ray actors, each executing
+many runs at once, see :mod:`genx_ray.host` and :mod:`genx_ray.hostpool`), or in this process
+(``hosts="inline"``: no Ray at all, for small setups, CI of workflow code, and tests). Either way
+every run holds a heartbeat lease, and every worker also runs a supervisor that restarts runs
+whose host died, and delivers webhooks.
 
 Admission: at most ``max_runs`` runs per worker, and ``GENX_MAX_RUNNING`` across every worker on
 the same Redis: a run is admitted by one script that counts the watched runs and registers it.
 
+Host death: when Ray reports the host of a run dead, the run is restarted at once (attempt + 1,
+from its journal), not when its lease expires. A worker whose runs die with it (inline hosts, or
+a local Ray that it started) says so in the worker table, so when it dies the other workers'
+supervisors restart its runs at once too.
+
 Drain: on SIGTERM the worker stops taking runs, lets running ones finish within the drain timeout,
-then hands the rest back to the queue as a new attempt: their journal keeps every completed step.
+then hands the rest back to the queue as a new attempt (their journal keeps every completed step)
+and tells their hosts to stop them.
 
 Deployments (blue/green): a run is stamped at each claim with the ``GENX_DEPLOYMENT`` of the
 worker that runs it. A worker that takes a run stamped with another deployment leaves it to that
@@ -28,81 +35,86 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
-from typing import TYPE_CHECKING
+from typing import Any
 
-import redis.asyncio
+import redis
 
-from genx_ray import keys
-from genx_ray.connections import async_redis
+from genx_ray import keys, lua
+from genx_ray.connections import async_redis, sync_redis
 from genx_ray.errors import InvalidTransition, RunNotFound
-from genx_ray.events import RunRestarted
-from genx_ray.executor import execute_run
-from genx_ray.queue import RunQueue
-from genx_ray.runs import RunStatus, RunStore
+from genx_ray.executor import SKIPPED
+from genx_ray.hostpool import HostDied, HostPool
+from genx_ray.queue import QueueEntry, RunQueue
+from genx_ray.runs import RunStore
+from genx_ray.runtime import Runtime
 from genx_ray.settings import Settings
-from genx_ray.supervisor import Supervisor
+from genx_ray.supervisor import WORKER_BEAT_SECONDS, Supervisor, worker_alive
 from genx_ray.webhooks import WebhookSender
-
-if TYPE_CHECKING:
-    from genx_ray.host import WarmHosts
 from genx_ray.workflow import Registry
 from genx_ray.workflow import registry as default_registry
 
 log = logging.getLogger("genx_ray.worker")
+TAKE_BATCH = 64  # queue entries taken per read, at most
+# The hosts one worker keeps, at most: with GENX_HOST_RUNS each, what --max-runs defaults to.
+DEFAULT_MAX_HOSTS = 8
 
-# KEYS: the watched-runs set. ARGV: cap, run id, now, oldest renewal of a live lease. Admit (and
-# watch) the run if the live leases are under the cap.
-_ADMIT = """
-if redis.call('ZSCORE', KEYS[1], ARGV[2]) then return 1 end
-if redis.call('ZCOUNT', KEYS[1], ARGV[4], '+inf') >= tonumber(ARGV[1]) then return 0 end
-redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
-return 1
-"""
-WORKER_HEARTBEAT_SECONDS = 2.0
+
+def default_max_runs(settings: Settings, hosts: str) -> int:
+    """What a worker can hold: its hosts' room, or (inline) what one process's loop can."""
+    return settings.host_runs * (DEFAULT_MAX_HOSTS if hosts == "ray" else 1)
 
 
 class Worker:
     def __init__(
         self,
-        client: redis.asyncio.Redis,
+        client: Any,
         *,
         registry: Registry | None = None,
         settings: Settings | None = None,
-        max_runs: int = 32,
+        max_runs: int | None = None,
         drain_timeout: float = 30.0,
         name: str | None = None,
         hosts: str = "inline",
         redis_url: str | None = None,
-        warm_hosts: int = 2,
+        fate: str | None = None,
     ) -> None:
+        """``fate``: ``shared`` when this worker's runs die with it (inline hosts, a local Ray),
+        ``own`` when they outlive it (a Ray cluster it joined); by default read off ``hosts``
+        and ``GENX_RAY_ADDRESS``."""
         if hosts not in ("inline", "ray"):
             raise ValueError(f"hosts must be 'inline' or 'ray', not {hosts!r}")
-        self.hosts = hosts
         if hosts == "ray" and not redis_url:
             raise ValueError("hosts='ray' needs the redis_url the run hosts connect to")
+        self.hosts = hosts
         # Without a URL (inline, embedded in tests) runs hold no lease and are not supervised.
         self.redis_url = redis_url
-        self.warm_hosts = warm_hosts
-        self._warm: WarmHosts | None = None
         self.redis = client
         self.registry = registry or default_registry
-        self.settings = settings or Settings.from_env()
-        self.max_runs = max_runs
+        self.settings = settings or Settings.current()
+        self.max_runs = max_runs or default_max_runs(self.settings, hosts)
         self.drain_timeout = drain_timeout
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
+        self.fate = fate or (
+            "shared" if hosts == "inline" or self.settings.ray_address == "local" else "own"
+        )
         self.queue = RunQueue(client)
         self.runs = RunStore(
-            client,
-            maxlen=self.settings.stream_maxlen,
+            client, maxlen=self.settings.stream_maxlen,
             retention_seconds=self.settings.retention_seconds,
-        )
-        self._active: dict[str, asyncio.Task[None]] = {}
+        )  # fmt: skip
+        self.pool: HostPool | None = None
+        self.runtime: Runtime | None = None
+        self._active: dict[str, tuple[QueueEntry, asyncio.Task[None]]] = {}  # by entry id
+        self._room = asyncio.Event()
         self._stopping = asyncio.Event()
-        self._slots = asyncio.Semaphore(max_runs)
         self.supervisor = Supervisor(client, self.settings)
         self.webhooks = WebhookSender(client, self.settings, self.name)
-        self._admit_script = client.register_script(_ADMIT)
+
+    @property
+    def running(self) -> int:
+        return len(self._active)
 
     def stop(self) -> None:
         """Stop taking runs; :meth:`serve` then drains and returns."""
@@ -110,43 +122,127 @@ class Worker:
 
     async def serve(self) -> None:
         await self.queue.ensure_group()
-        if self.hosts == "ray" and self.redis_url:
-            from genx_ray.host import WarmHosts
-
-            self._warm = WarmHosts(self.redis_url, self.warm_hosts)
+        if self.hosts == "ray":
+            assert self.redis_url is not None
+            self.pool = HostPool(
+                self.redis_url, unclaimed=self._unclaimed, capacity=self.settings.host_runs,
+                max_hosts=-(-self.max_runs // self.settings.host_runs),
+                lifetime=self.settings.host_max_runs,
+                resources=dict(self.settings.host_resources),
+            )  # fmt: skip
+            self.pool.start()
+        else:
+            self.runtime = Runtime(
+                self.redis, self.registry, self.settings, redis_url=self.redis_url
+            )
         log.info("worker %s: taking runs (at most %d at once)", self.name, self.max_runs)
+        beat = _Heartbeat(self) if self.redis_url else None
         background = [
             asyncio.create_task(self.supervisor.serve(self._stopping)),
             asyncio.create_task(self.webhooks.serve(self._stopping)),
-            asyncio.create_task(self._announce()),
         ]
+        try:
+            await self._take_runs()
+            await self._drain()
+        finally:
+            if beat is not None:
+                await asyncio.to_thread(beat.stop, clean=not self._active)
+            if self.pool is not None:
+                self.pool.close()
+            if self.runtime is not None:
+                await self.runtime.close()
+            await asyncio.gather(*background)
+
+    async def _take_runs(self) -> None:
         while not self._stopping.is_set():
-            await self._slots.acquire()
-            if self._stopping.is_set():
-                self._slots.release()
-                break
+            free = self.max_runs - len(self._active)
+            if free <= 0:
+                self._room.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._room.wait(), 0.5)
+                continue
             try:
-                taken = await self.queue.take(self.name, 1, block_ms=500)
+                taken = await self.queue.take(self.name, min(free, TAKE_BATCH), block_ms=500)
             except (OSError, redis.RedisError) as exc:
-                self._slots.release()
                 log.warning("worker %s: queue read failed (%s); retrying", self.name, exc)
                 await asyncio.sleep(1)
                 continue
-            if not taken:
-                self._slots.release()
-                continue
-            entry_id, run_id = taken[0]
-            if self._stopping.is_set():  # stopped while waiting on the queue: not ours to run
-                await self.queue.put(run_id)
-                await self.queue.ack(entry_id)
-                self._slots.release()
-                break
-            task = asyncio.create_task(self._execute(entry_id, run_id), name=f"run-{run_id}")
-            self._active[run_id] = task
-        await self._drain()
-        if self._warm is not None:
-            self._warm.close()
-        await asyncio.gather(*background)
+            for entry in taken:
+                if self._stopping.is_set():  # stopped while waiting on the queue: not ours
+                    await self.queue.put(entry.run_id, entry.attempt)
+                    await self.queue.ack(entry.id)
+                    continue
+                # A duplicate (a run already running here) is sorted out by the claim: each
+                # attempt claims once, and a newer attempt supersedes an older one.
+                task = asyncio.create_task(self._execute(entry), name=f"run-{entry.run_id}")
+                self._active[entry.id] = (entry, task)
+
+    async def _execute(self, entry: QueueEntry) -> None:
+        run_id, attempt, workflow = entry.run_id, entry.attempt, entry.workflow
+        try:
+            if attempt is None or attempt > 1 or workflow is None:
+                raw = await self.redis.hmget(keys.run(run_id), "attempt", "workflow", "version")
+                if raw[0] is None:
+                    await self.queue.ack(entry.id)  # expired, or never existed
+                    return
+                attempt, workflow = int(raw[0]), str(raw[1])
+                if raw[2] and await self._belongs_elsewhere(str(raw[2])):
+                    await self._later(entry)
+                    return
+            if not await self._admit(run_id):
+                await self._later(entry)
+                return
+            if self.pool is not None:
+                status = await self.pool.run(run_id, self.name, attempt, workflow)
+            else:
+                assert self.runtime is not None
+                status = await self.runtime.execute(
+                    run_id, self.name, attempt=attempt, workflow=workflow
+                )
+            if status == SKIPPED:
+                await self._unwatch(run_id)
+            await self.queue.ack(entry.id)
+        except HostDied as exc:
+            await self._host_died(entry, run_id, attempt, exc)
+        except asyncio.CancelledError:
+            await self.queue.ack(entry.id)  # handed back by the drain, which requeued it
+            raise
+        except (InvalidTransition, RunNotFound):
+            await self.queue.ack(entry.id)
+        except Exception as exc:  # Redis down for too long, say: the supervisor will find it
+            log.warning("worker %s: run %s: %r", self.name, run_id, exc)
+        finally:
+            self._active.pop(entry.id, None)
+            self._room.set()
+
+    async def _host_died(
+        self, entry: QueueEntry, run_id: str, attempt: int | None, exc: HostDied
+    ) -> None:
+        """Restart the run now: Ray said its host is gone, so its lease means nothing."""
+        with contextlib.suppress(OSError, redis.RedisError):
+            if attempt is not None:
+                outcome = await self.supervisor.runs.reap(
+                    run_id, attempt, max_attempts=self.settings.max_attempts,
+                    reason=f"{exc.message}; {attempt} of {self.settings.max_attempts} attempts "
+                    "used", host_dead=True,
+                )  # fmt: skip
+                log.warning("worker %s: %s; run %s %s", self.name, exc.message, run_id, outcome)
+            await self.queue.ack(entry.id)
+
+    async def _unclaimed(self, run_id: str, attempt: int | None) -> bool:
+        status, current = await self.redis.hmget(keys.run(run_id), "status", "attempt")
+        return status == "queued" and (attempt is None or current == str(attempt))
+
+    async def _later(self, entry: QueueEntry) -> None:
+        """Not now (another deployment's, or over the cluster-wide cap): back on the queue."""
+        await asyncio.sleep(0.2)
+        await self.queue.put(entry.run_id, entry.attempt)
+        await self.queue.ack(entry.id)
+
+    async def _unwatch(self, run_id: str) -> None:
+        """A run not executed after all frees its admission slot (unless it runs elsewhere)."""
+        if await self.redis.hget(keys.run(run_id), "status") != "running":
+            await self.redis.zrem(keys.LEASES, run_id)
 
     async def _admit(self, run_id: str) -> bool:
         """Wait for a cluster-wide slot (``GENX_MAX_RUNNING``); False if stopping first."""
@@ -155,117 +251,104 @@ class Worker:
             now = time.time()
             # A stale lease (a dead host the supervisor has not requeued yet) holds no slot.
             live = now - self.settings.lease_seconds
-            if await self._admit_script(keys=[keys.LEASES], args=[cap, run_id, now, live]):
+            if await lua.ADMIT(self.redis, [keys.LEASES], [cap, run_id, now, live]):
                 return True
             if self._stopping.is_set():
                 return False
             await asyncio.sleep(0.2)  # polled: slots free up in other processes
         return True
 
-    async def _announce(self) -> None:
-        """Keep this worker's entry in the worker table fresh; mark it draining on stop."""
-        try:
-            while True:
-                entry = {"version": self.settings.deployment, "draining": self._stopping.is_set(),
-                         "seen": time.time(), "hosts": self.hosts}  # fmt: skip
-                with contextlib.suppress(OSError, redis.RedisError):
-                    await self.redis.hset(keys.WORKERS, self.name, json.dumps(entry))
-                if self._stopping.is_set():
-                    return
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), WORKER_HEARTBEAT_SECONDS)
-        finally:
-            if self._stopping.is_set() and not self._active:
-                with contextlib.suppress(OSError, redis.RedisError):
-                    await self.redis.hdel(keys.WORKERS, self.name)
-
-    async def _deployment_alive(self, version: str) -> bool:
-        table = await self.redis.hgetall(keys.WORKERS)
+    async def _belongs_elsewhere(self, version: str) -> bool:
+        if version == self.settings.deployment:
+            return False
         now = time.time()
-        for raw in table.values():
+        for raw in (await self.redis.hgetall(keys.WORKERS)).values():
             w = json.loads(raw)
-            if (w["version"] == version and not w["draining"]
-                    and now - w["seen"] < 3 * WORKER_HEARTBEAT_SECONDS):  # fmt: skip
+            if w["version"] == version and not w["draining"] and worker_alive(w, now):
                 return True
         return False
 
-    async def _belongs_elsewhere(self, run_id: str) -> bool:
-        version = await self.redis.hget(keys.run(run_id), "version")
-        return (
-            version is not None
-            and version != self.settings.deployment
-            and await self._deployment_alive(str(version))
-        )
-
-    async def _execute(self, entry_id: str, run_id: str) -> None:
-        try:
-            if await self._belongs_elsewhere(run_id) or not await self._admit(run_id):
-                await asyncio.sleep(0.2)  # leave it to its own deployment's workers, or for later
-                await self.queue.put(run_id)
-                await self.queue.ack(entry_id)
-                return
-            if self._warm is not None:
-                await self._warm.run(run_id, self.name)
-            else:
-                await execute_run(
-                    self.redis, run_id, registry=self.registry, settings=self.settings,
-                    worker=self.name, lease_redis_url=self.redis_url,
-                )  # fmt: skip
-            await self.queue.ack(entry_id)
-        except (InvalidTransition, RunNotFound):
-            await self.queue.ack(entry_id)  # cancelled while queued, or expired: nothing to do
-            if await self.redis.hget(keys.run(run_id), "status") != "running":
-                await self.redis.zrem(keys.LEASES, run_id)  # free its admission slot
-        except asyncio.CancelledError:
-            await self._hand_back(entry_id, run_id)
-            raise
-        except Exception as exc:
-            # The host died (node lost, OOM...). A claimed run is the supervisor's to restart
-            # once its lease expires; one never claimed goes back on the queue.
-            log.warning("worker %s: the host of run %s died: %s", self.name, run_id, exc)
-            with contextlib.suppress(OSError, redis.RedisError):
-                if await self.redis.hget(keys.run(run_id), "status") == "queued":
-                    await self.queue.put(run_id)
-                await self.queue.ack(entry_id)
-        finally:
-            self._active.pop(run_id, None)
-            self._slots.release()
-
     async def _drain(self) -> None:
-        if self._active:
-            log.info("worker %s: draining %d run(s)", self.name, len(self._active))
-            _, pending = await asyncio.wait(list(self._active.values()), timeout=self.drain_timeout)
-            for task in pending:
-                task.cancel()
-            for task in pending:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        if not self._active:
+            return
+        log.info("worker %s: draining %d run(s)", self.name, len(self._active))
+        tasks = [task for _, task in self._active.values()]
+        _, pending = await asyncio.wait(tasks, timeout=self.drain_timeout)
+        if not pending:
+            return
+        handed = []
+        for entry, task in list(self._active.values()):
+            if task in pending and await self._hand_back(entry.run_id):
+                handed.append(entry.run_id)
+        if self.pool is not None:
+            await self.pool.abandon(handed)
+        elif self.runtime is not None:
+            for run_id in handed:
+                self.runtime.abandon(run_id)
+        for task in pending:
+            task.cancel()
+        for task in pending:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
-    async def _hand_back(self, entry_id: str, run_id: str) -> None:
+    async def _hand_back(self, run_id: str) -> bool:
         """Requeue a run this worker will not finish, as its next attempt."""
         with contextlib.suppress(RunNotFound, InvalidTransition):
             run = await self.runs.get(run_id)
-            if run.status is RunStatus.RUNNING:
-                attempt = run.attempt + 1
-                await self.runs.transition(
-                    run_id,
-                    RunStatus.QUEUED,
-                    allowed={RunStatus.RUNNING},
-                    fields={"attempt": str(attempt), "requeued_at": repr(time.time())},
-                    event=RunRestarted(
-                        run_id=run_id, attempt=attempt, reason=f"worker {self.name} drained"
-                    ),
-                    fence_attempt=run.attempt,
-                )
-                await self.queue.put(run_id)
-        await self.queue.ack(entry_id)
+            if run.status == "running":
+                await self.runs.requeue(run_id, run.attempt, f"worker {self.name} drained")
+                return True
+        return False
+
+
+class _Heartbeat:
+    """The worker's entry in the worker table, written from a thread twice a second (a busy
+    loop cannot make a live worker look dead): its deployment, whether it drains, whether its
+    runs die with it."""
+
+    def __init__(self, worker: Worker) -> None:
+        assert worker.redis_url is not None
+        self.worker = worker
+        self.redis = sync_redis(worker.redis_url)
+        self._stop = threading.Event()
+        self._write()
+        self._thread = threading.Thread(target=self._run, name="genx-worker-beat", daemon=True)
+        self._thread.start()
+
+    def _write(self) -> None:
+        w = self.worker
+        entry = {
+            "version": w.settings.deployment, "draining": w._stopping.is_set(),
+            "seen": time.time(), "hosts": w.hosts, "fate": w.fate, "runs": w.running,
+            "hosts_ready": w.pool.ready if w.pool is not None else int(w.runtime is not None),
+        }  # fmt: skip
+        with contextlib.suppress(OSError, redis.RedisError):
+            self.redis.hset(keys.WORKERS, w.name, json.dumps(entry))
+
+    def _run(self) -> None:
+        while not self._stop.wait(WORKER_BEAT_SECONDS):
+            self._write()
+
+    def stop(self, *, clean: bool) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        with contextlib.suppress(OSError, redis.RedisError):
+            if clean:
+                self.redis.hdel(keys.WORKERS, self.worker.name)
+            else:
+                self._write()
+        self.redis.close()
 
 
 async def serve_worker(
-    redis_url: str, *, max_runs: int = 32, drain_timeout: float = 30.0, hosts: str = "ray"
+    redis_url: str,
+    *,
+    max_runs: int | None = None,
+    drain_timeout: float = 30.0,
+    hosts: str = "ray",
 ) -> None:
     """Run a worker until SIGTERM or SIGINT, then drain."""
-    settings = Settings.from_env()
+    settings = Settings.current()
     registry = default_registry.load(settings.workflows)
     if hosts == "ray":
         from genx_ray.cluster import ensure_ray

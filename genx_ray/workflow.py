@@ -22,6 +22,9 @@ R = TypeVar("R")
 
 
 class Workflow(Generic[P, R]):
+    """Components composed in plain async Python, served by name: build one with
+    :func:`workflow`. Its input and output types give the JSON schemas the API shows."""
+
     def __init__(
         self,
         fn: Callable[P, Awaitable[R]],

@@ -1,9 +1,15 @@
-"""Group commit of a run's writes: events and journal entries, fenced by the run's attempt.
+"""Group commit of runs' writes: events and journal entries, fenced by each run's attempt.
 
-Everything a run host writes goes through one :class:`RunWriter`. ``emit`` queues an event and
-returns at once (``publish`` is not awaitable); ``commit`` queues and waits until the batch holding
-it is in Redis. Whatever is queued when the flusher wakes goes out in one Lua call, so a thousand
-concurrent map items cost a handful of round trips, and order is the order of emission.
+Everything a run writes goes through its :class:`RunWriter`; every run writer of a process (a
+run host executing hundreds of runs, a pool actor serving many maps) shares one
+:class:`BatchWriter`, whose single flusher sends whatever is queued, for every run, in one
+pipeline: one fenced script call per run (:data:`genx_ray.lua.APPEND`). A thousand concurrent map
+items, or a thousand runs each finishing a step, cost a handful of round trips. Within a run,
+order is the order of emission.
+
+``emit`` queues an event and returns at once (``publish`` is not awaitable); ``commit`` queues
+and waits until the batch holding it is stored; ``queue`` queues without waiting.
+A superseded attempt's write fails with :class:`~genx_ray.errors.Fenced` for that run only.
 """
 
 from __future__ import annotations
@@ -13,114 +19,180 @@ import contextlib
 import logging
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable
 
 from pydantic import BaseModel
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from genx_ray import keys, lua
 from genx_ray.errors import Fenced
-from genx_ray.streams import EventStore
+from genx_ray.events import dumps
 
 log = logging.getLogger("genx_ray.writer")
-_MAX_BATCH = 500
+_MAX_BATCH = 500  # items per run per round trip
 # A Redis restart must not fail the run: writes are retried this long before giving up.
-_REDIS_OUTAGE_BUDGET = 30.0
+REDIS_OUTAGE_BUDGET = 30.0
+
+Item = tuple[BaseModel | None, tuple[str, str] | None]
 
 
 class RunWriter:
-    def __init__(self, events: EventStore, run_id: str, attempt: int) -> None:
-        self.events = events
+    """One attempt's writes. Made by :meth:`BatchWriter.writer`."""
+
+    def __init__(self, batch: BatchWriter, run_id: str, attempt: int) -> None:
+        self.batch = batch
         self.run_id = run_id
         self.attempt = attempt
-        self._loop = asyncio.get_running_loop()
-        self._thread = threading.get_ident()
-        self._queue: list[tuple[BaseModel | None, tuple[str, str] | None]] = []
+        self._queue: deque[Item] = deque()
         # (items queued when the waiter came, future): ``upto`` only grows, so this stays sorted.
         self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
         self._queued = 0  # total items ever queued; waiters wait for the flushed count to pass
         self._flushed = 0
-        self._wake = asyncio.Event()
-        self._error: BaseException | None = None
-        self._task = asyncio.create_task(self._run(), name=f"genx-writer-{run_id}")
+        self.error: BaseException | None = None
 
     @property
     def fenced(self) -> bool:
-        return isinstance(self._error, Fenced)
+        return isinstance(self.error, Fenced)
 
     def emit(self, event: BaseModel) -> None:
         """Queue an event; callable from any thread (sync components run in threads)."""
-        if threading.get_ident() == self._thread:
+        if threading.get_ident() == self.batch.thread:
             self._push(event, None)
         else:
-            self._loop.call_soon_threadsafe(self._push, event, None)
+            self.batch.loop.call_soon_threadsafe(self._push, event, None)
 
-    async def commit(
-        self, events: Sequence[BaseModel] = (), journal: Sequence[tuple[str, str]] = ()
+    def queue(
+        self, events: Iterable[BaseModel] = (), journal: Iterable[tuple[str, str]] = ()
     ) -> None:
-        """Queue events and journal entries; return once they (and all before them) are stored."""
+        """Queue journal entries and events (in that order); stored with the next batch."""
         for entry in journal:
             self._push(None, entry)
         for event in events:
             self._push(event, None)
+
+    async def commit(
+        self, events: Iterable[BaseModel] = (), journal: Iterable[tuple[str, str]] = ()
+    ) -> None:
+        """Queue events and journal entries; return once they (and all before them) are stored."""
+        self.queue(events, journal)
         await self.flush()
 
     async def flush(self) -> None:
-        if self._error is not None:
-            raise self._error
+        """Wait until everything queued so far is stored (or raise why it cannot be)."""
+        if self.error is not None:
+            raise self.error
         if self._flushed >= self._queued:
             return
-        fut: asyncio.Future[None] = self._loop.create_future()
+        fut: asyncio.Future[None] = self.batch.loop.create_future()
         self._waiters.append((self._queued, fut))
         await fut
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
             await self.flush()
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
 
     def _push(self, event: BaseModel | None, journal: tuple[str, str] | None) -> None:
+        if self.error is not None:
+            return  # fenced or failed: nothing more of this attempt reaches Redis
         self._queue.append((event, journal))
         self._queued += 1
+        self.batch.dirty(self)
+
+    def _take(self) -> list[Item]:
+        n = min(len(self._queue), _MAX_BATCH)
+        return [self._queue.popleft() for _ in range(n)]
+
+    def _stored(self, n: int) -> None:
+        self._flushed += n
+        while self._waiters and self._waiters[0][0] <= self._flushed:
+            fut = self._waiters.popleft()[1]
+            if not fut.done():
+                fut.set_result(None)
+
+    def _fail(self, exc: BaseException) -> None:
+        self.error = exc
+        self._queue.clear()
+        for _, fut in self._waiters:
+            if not fut.done():
+                fut.set_exception(exc)
+        self._waiters.clear()
+
+
+class BatchWriter:
+    """The flusher shared by every run writer of one event loop."""
+
+    def __init__(self, client: object, *, maxlen: int = 100_000) -> None:
+        self.redis = client
+        self.maxlen = maxlen
+        self.loop = asyncio.get_running_loop()
+        self.thread = threading.get_ident()
+        self._dirty: dict[RunWriter, None] = {}  # an ordered set
+        self._writing: list[RunWriter] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def writer(self, run_id: str, attempt: int) -> RunWriter:
+        return RunWriter(self, run_id, attempt)
+
+    def dirty(self, writer: RunWriter) -> None:
+        self._dirty[writer] = None
         self._wake.set()
+        if self._task is None or self._task.done():
+            self._task = self.loop.create_task(self._run(), name="genx-batch-writer")
+
+    async def close(self) -> None:
+        """Store what is queued, then stop the flusher."""
+        busy = [*self._dirty, *self._writing]
+        await asyncio.gather(*(w.flush() for w in busy), return_exceptions=True)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
 
     async def _run(self) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self._queue:
-                batch, self._queue = self._queue[:_MAX_BATCH], self._queue[_MAX_BATCH:]
-                try:
-                    await self._write(batch)
-                except Exception as exc:  # Fenced, or Redis gone for too long: fail every waiter
-                    self._error = exc
-                    for _, fut in self._waiters:
-                        if not fut.done():
-                            fut.set_exception(exc)
-                    self._waiters.clear()
-                    return
-                self._flushed += len(batch)
-                while self._waiters and self._waiters[0][0] <= self._flushed:
-                    fut = self._waiters.popleft()[1]
-                    if not fut.done():
-                        fut.set_result(None)
+            while self._dirty:
+                writers = self._writing = list(self._dirty)
+                self._dirty.clear()
+                batches = [(w, w._take()) for w in writers]
+                await self._write(batches)
+                self._writing = []
+                for w in writers:
+                    if w._queue and w.error is None:
+                        self._dirty[w] = None
 
-    async def _write(self, batch: list[tuple[BaseModel | None, tuple[str, str] | None]]) -> None:
-        events = [e for e, _ in batch if e is not None]
-        journal = [j for _, j in batch if j is not None]
-        deadline = self._loop.time() + _REDIS_OUTAGE_BUDGET
+    async def _write(self, batches: list[tuple[RunWriter, list[Item]]]) -> None:
+        calls = []
+        for w, items in batches:
+            events = [e for e, _ in items if e is not None]
+            args: list[str | int] = [w.attempt, self.maxlen, len(events)]
+            for event in events:
+                args += [event.type, dumps(event)]  # type: ignore[attr-defined]
+            for entry in (j for _, j in items if j is not None):
+                args += entry
+            calls.append((lua.APPEND, list(keys.run_keys(w.run_id)), args))
+        deadline = self.loop.time() + REDIS_OUTAGE_BUDGET
         delay = 0.05
         while True:
             try:
-                await self.events.append_fenced(self.run_id, self.attempt, events, journal)
-                return
-            except (RedisConnectionError, RedisTimeoutError, OSError):
-                if self._loop.time() > deadline:
-                    raise
-                log.warning(
-                    "run %s: Redis unreachable; retrying writes in %.2fs", self.run_id, delay
-                )
+                results = await lua.execute_scripts(self.redis, calls)
+                break
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                if self.loop.time() > deadline:
+                    for w, _ in batches:
+                        w._fail(exc)
+                    return
+                log.warning("Redis unreachable (%s); retrying writes in %.2fs", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+        for (w, items), result in zip(batches, results, strict=True):
+            if isinstance(result, ResponseError) and str(result).startswith("FENCED"):
+                w._fail(Fenced(w.run_id, w.attempt))
+            elif isinstance(result, NoScriptError | Exception):
+                w._fail(result)
+            else:
+                w._stored(len(items))

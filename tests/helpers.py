@@ -22,3 +22,18 @@ def sig(handle: RunHandle) -> list[tuple[str, str | None]]:
         step = getattr(e.event, "step", None)
         out.append((e.event.type, step.id if step else None))
     return out
+
+
+async def execute(
+    redis: Any, run_id: str, registry: Any, *, redis_url: str | None = None
+) -> str | None:
+    """Execute one run in this process, as a host would: its own runtime, closed after (with a
+    ``redis_url`` the run holds a lease)."""
+    from genx_ray.runtime import Runtime
+    from genx_ray.settings import Settings
+
+    rt = Runtime(redis, registry, Settings.current(), redis_url=redis_url)
+    try:
+        return await rt.execute(run_id, "test")
+    finally:
+        await rt.close()

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_genx_demo_runs_the_onboarding_example_on_the_whole_stack(redis_url: str) -> None:
     proc = subprocess.run(

@@ -8,11 +8,10 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from helpers import sig
+from helpers import execute, sig
 
 from genx_ray import component, start, workflow
-from genx_ray.events import RunRestarted
-from genx_ray.executor import execute_run
+from genx_ray.events import RunRestartedEvent
 from genx_ray.runs import RunStatus, RunStore
 from genx_ray.streams import EventStore
 from genx_ray.workflow import Registry
@@ -65,7 +64,7 @@ async def _crash_mid_run(redis: Any, runs: RunStore) -> str:
     """Start a run, kill its host while the third step runs, and requeue it as attempt 2
     (what the supervisor does when a heartbeat goes stale)."""
     run = await runs.create("durable", {"x": 1})
-    host = asyncio.create_task(execute_run(redis, run.id, registry=reg))
+    host = asyncio.create_task(execute(redis, run.id, reg))
     while calls["s3"] == 0:  # noqa: ASYNC110 - polling a counter the step bumps
         await asyncio.sleep(0.005)
     host.cancel()  # the host dies: nothing after this point is written by it
@@ -73,7 +72,7 @@ async def _crash_mid_run(redis: Any, runs: RunStore) -> str:
         await host
     await runs.transition(
         run.id, RunStatus.QUEUED, allowed={RunStatus.RUNNING}, fields={"attempt": "2"},
-        event=RunRestarted(run_id=run.id, attempt=2, reason="heartbeat lost"),
+        event=RunRestartedEvent(run_id=run.id, attempt=2, reason="heartbeat lost"),
     )  # fmt: skip
     return run.id
 
@@ -83,7 +82,7 @@ async def test_a_restarted_run_reuses_its_journal(
 ) -> None:
     run_id = await _crash_mid_run(redis, runs)
     gate.set()
-    assert await execute_run(redis, run_id, registry=reg) is RunStatus.SUCCEEDED
+    assert await execute(redis, run_id, reg) == RunStatus.SUCCEEDED
     assert calls == {"s1": 1, "s2": 1, "s3": 2}  # only the unfinished step ran again
     run = await runs.get(run_id)
     assert run.output == 3 and run.attempt == 2
@@ -123,7 +122,7 @@ async def test_a_different_path_on_restart_is_named(
     run_id = await _crash_mid_run(redis, runs)
     knobs[knob[0]] = knob[1]
     gate.set()
-    assert await execute_run(redis, run_id, registry=reg) is RunStatus.FAILED
+    assert await execute(redis, run_id, reg) == RunStatus.FAILED
     error = (await runs.get(run_id)).error
     assert error is not None and error.type == "NondeterminismError"
     assert "step /1:s2" in error.message or "step /1:s2b" in error.message
@@ -145,9 +144,8 @@ def test_cancel_stops_a_running_run_within_a_second() -> None:
         await never()
 
     h = start(wf)
-    while h.status is not RunStatus.RUNNING:
+    while "step.started" not in [e.type for e in h.events(follow=False)]:  # slow() is running
         time.sleep(0.01)
-    time.sleep(0.1)
     t0 = time.monotonic()
     assert h.cancel() is RunStatus.RUNNING  # flagged; the host stops it
     while not h.status.terminal:

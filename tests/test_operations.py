@@ -95,15 +95,20 @@ async def test_blue_green_old_runs_stay_on_their_deployment_until_it_drains(
     def ran_on(run_id: str) -> Callable[[], Any]:
         return lambda: redis.hget(keys.run(run_id), "worker")
 
+    async def listed(*names: str) -> None:
+        while not all([await redis.hexists(keys.WORKERS, n) for n in names]):  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+
     async with serving(redis_url, deployment="blue") as blue, \
             serving(redis_url, deployment="green") as green:  # fmt: skip
-        await asyncio.sleep(0.3)  # both announced
+        await listed(blue.name, green.name)  # both announced
         old = [await stamped("blue") for _ in range(4)]
         for run_id in old:
             await _finish(events, run_id)
             assert await ran_on(run_id)() == blue.name  # green left them to blue
         blue.stop()  # blue drains: what it leaves behind is adopted
-        await asyncio.sleep(0.3)
+        while await redis.hexists(keys.WORKERS, blue.name):  # noqa: ASYNC110 - gone once drained
+            await asyncio.sleep(0.02)
         orphan = await stamped("blue")
         await _finish(events, orphan)
         assert await ran_on(orphan)() == green.name

@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 import redis as sync_redis_mod
+from helpers import execute
 
 from genx_ray import component, start, workflow
 from genx_ray.errors import StepError
-from genx_ray.events import RunRestarted
-from genx_ray.executor import execute_run
+from genx_ray.events import RunRestartedEvent
 from genx_ray.runs import RunStatus, RunStore
 from genx_ray.workflow import Registry
 
@@ -100,7 +100,7 @@ def test_progress_events_stay_few_for_10k_items() -> None:
 async def test_a_restarted_run_does_not_redo_finished_items(redis: Any, runs: RunStore) -> None:
     tag = os.urandom(4).hex()
     run = await runs.create("pool-counted", {"n": 40, "tag": tag})
-    host = asyncio.create_task(execute_run(redis, run.id, registry=reg))
+    host = asyncio.create_task(execute(redis, run.id, reg))
     journal = f"genx:run:{{{run.id}}}:journal"
     while await redis.hlen(journal) < 12:  # noqa: ASYNC110 - polling the journal
         await asyncio.sleep(0.02)
@@ -110,9 +110,9 @@ async def test_a_restarted_run_does_not_redo_finished_items(redis: Any, runs: Ru
     finished = {k.split("/")[-1].split(":")[0] for k in await redis.hkeys(journal)}
     await runs.transition(
         run.id, RunStatus.QUEUED, allowed={RunStatus.RUNNING}, fields={"attempt": "2"},
-        event=RunRestarted(run_id=run.id, attempt=2, reason="heartbeat lost"),
+        event=RunRestartedEvent(run_id=run.id, attempt=2, reason="heartbeat lost"),
     )  # fmt: skip
-    assert await execute_run(redis, run.id, registry=reg) is RunStatus.SUCCEEDED
+    assert await execute(redis, run.id, reg) == RunStatus.SUCCEEDED
     assert (await runs.get(run.id)).output == 40
     ran = {int(k): int(v) for k, v in (await redis.hgetall(f"test:pool:{tag}")).items()}
     assert sorted(ran) == list(range(40))  # every item ran...

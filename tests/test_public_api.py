@@ -4,18 +4,38 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import types
 
 import genx_ray
 
+PINNED = [
+    "Component", "GenxError", "NonRetryable", "RetryAfter", "RetryPolicy", "RunCancelled",
+    "RunFailed", "RunHandle", "StepError", "StepTimeout", "UserError", "Workflow",
+    "component", "publish", "registry", "run", "start", "workflow",
+]  # fmt: skip
 
-def test_public_names_are_pinned() -> None:
-    assert sorted(genx_ray.__all__) == [
-        "Component", "GenxError", "NonRetryable", "RetryAfter", "RetryPolicy", "RunCancelled",
-        "RunFailed", "RunHandle", "StepError", "StepTimeout", "UserError", "Workflow",
-        "component", "publish", "registry", "run", "start", "workflow",
+
+def test_every_pinned_name_is_still_exported() -> None:
+    missing = [name for name in PINNED if name not in genx_ray.__all__]
+    assert not missing, f"removed from the public API: {missing}"
+
+
+def test_all_lists_exactly_what_the_package_exposes() -> None:
+    exposed = {
+        name for name, value in vars(genx_ray).items()
+        if not name.startswith("_") and not isinstance(value, types.ModuleType)
+    }  # fmt: skip
+    assert exposed == set(genx_ray.__all__)
+    star: dict[str, object] = {}
+    exec("from genx_ray import *", star)
+    assert set(star) - {"__builtins__"} == set(genx_ray.__all__)
+
+
+def test_every_public_name_is_documented() -> None:
+    undocumented = [
+        name for name in genx_ray.__all__ if not (getattr(genx_ray, name).__doc__ or "").strip()
     ]  # fmt: skip
-    for name in genx_ray.__all__:
-        assert getattr(genx_ray, name) is not None
+    assert not undocumented
 
 
 def test_importing_genx_ray_does_not_import_ray() -> None:

@@ -67,8 +67,13 @@ def test_ray_task_errors_keep_their_type(ray_local: None) -> None:
 def long_task(marker: str) -> None:
     import time
 
-    time.sleep(3)
-    open(f"/tmp/genx-test-cancelled-{marker}", "w").close()  # reached only if not cancelled
+    open(f"/tmp/genx-test-started-{marker}", "w").close()
+    try:
+        for _ in range(600):  # Ray stops a running task between two bytecodes: short sleeps
+            time.sleep(0.1)
+    except BaseException:  # how Ray stops a task it cancels: an exception raised in it
+        open(f"/tmp/genx-test-interrupted-{marker}", "w").close()
+        raise
 
 
 @workflow(name="remote-cancel")
@@ -83,13 +88,17 @@ def test_cancel_stops_in_flight_ray_work(ray_local: None) -> None:
 
     marker = f"{os.getpid()}-{time.monotonic_ns()}"
     h = start(remote_cancel, {"marker": marker})
-    while not [e for e in h.events(follow=False) if e.event.type == "step.started"]:
+    deadline = time.monotonic() + 30
+    while not os.path.exists(f"/tmp/genx-test-started-{marker}"):  # the Ray task is running
+        assert time.monotonic() < deadline
         time.sleep(0.02)
-    time.sleep(0.5)  # the Ray task is running
     t0 = time.monotonic()
     h.cancel()
     while not h.status.terminal:
         time.sleep(0.02)
     assert h.status is RunStatus.CANCELLED and time.monotonic() - t0 < 1.0
-    time.sleep(3.5)
-    assert not os.path.exists(f"/tmp/genx-test-cancelled-{marker}")  # the task was stopped
+    while not os.path.exists(f"/tmp/genx-test-interrupted-{marker}"):  # the task was stopped
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    for name in ("started", "interrupted"):
+        os.unlink(f"/tmp/genx-test-{name}-{marker}")

@@ -5,6 +5,7 @@ import asyncio
 import pytest
 
 from genx_ray import events as ev
+from genx_ray import keys
 from genx_ray.errors import InvalidTransition, RunNotFound, UserError
 from genx_ray.ids import is_run_id, new_run_id
 from genx_ray.runs import RunStatus, RunStore
@@ -34,9 +35,11 @@ async def test_only_one_of_many_concurrent_finishers_wins(
     async def finish(i: int) -> str:
         target = [RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED][i % 3]
         event = {
-            RunStatus.SUCCEEDED: ev.RunSucceeded(run_id=run.id, output=i),
-            RunStatus.FAILED: ev.RunFailed(run_id=run.id, error=ev.ErrorInfo(type="E", message="")),
-            RunStatus.CANCELLED: ev.RunCancelled(run_id=run.id),
+            RunStatus.SUCCEEDED: ev.RunSucceededEvent(run_id=run.id, output=i),
+            RunStatus.FAILED: ev.RunFailedEvent(
+                run_id=run.id, error=ev.ErrorInfo(type="E", message="")
+            ),
+            RunStatus.CANCELLED: ev.RunCancelledEvent(run_id=run.id),
         }[target]
         try:
             await runs.transition(run.id, target, allowed={R}, event=event)
@@ -89,16 +92,20 @@ async def test_list_newest_first_with_filters_and_cursor(runs: RunStore) -> None
 
 async def test_cancel_queued_is_immediate_running_is_flagged(runs: RunStore) -> None:
     queued = await runs.create("wf", None)
-    cancel = ev.dumps(ev.RunCancelled(run_id=queued.id, reason="user"))
-    assert await runs.request_cancel(queued.id, cancel) is RunStatus.CANCELLED
+    assert await runs.request_cancel(queued.id, "user") is RunStatus.CANCELLED
     assert (await runs.get(queued.id)).status is RunStatus.CANCELLED
 
     running = await runs.create("wf", None)
     await runs.transition(running.id, R, allowed={Q})
-    assert await runs.request_cancel(running.id, cancel) is R
+    signals_before = await runs.redis.xlen(keys.SIGNALS)
+    assert await runs.request_cancel(running.id, "user") is R
     assert await runs.cancel_requested(running.id)
+    # The run's host hears of it through the signals stream, not by polling.
+    signal = (await runs.redis.xrevrange(keys.SIGNALS, count=1))[0][1]
+    assert signal == {"run": running.id, "signal": "cancel"}
+    assert await runs.redis.xlen(keys.SIGNALS) == signals_before + 1
     with pytest.raises(RunNotFound):
-        await runs.request_cancel(new_run_id(), cancel)
+        await runs.request_cancel(new_run_id(), "user")
 
 
 async def test_creating_an_existing_run_id_changes_nothing(

@@ -1,16 +1,53 @@
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+
 import pytest
 
+from genx_ray import settings as settings_module
 from genx_ray.errors import ConfigError
-from genx_ray.settings import DEFAULT_REDIS_URL, LLMLimit, Settings
+from genx_ray.settings import DEFAULT_REDIS_URL, ENV_VARS, LLMLimit, Settings
 
 
 def test_defaults() -> None:
     s = Settings.from_env({})
     assert s.redis_url == DEFAULT_REDIS_URL and not s.redis_url_explicit
     assert s.ray_address == "local" and s.api_keys == {} and s.llm_limits == {}
-    assert s.host_max_runs == 100
+    assert s.host_runs == 500 and s.host_max_runs == 10_000
+
+
+class _Recording(Mapping[str, str]):
+    """An empty environment that remembers which variables were asked for."""
+
+    def __init__(self) -> None:
+        self.asked: set[str] = set()
+
+    def __getitem__(self, name: str) -> str:
+        self.asked.add(name)
+        raise KeyError(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
+def test_the_cached_parse_watches_every_variable_the_settings_read() -> None:
+    env = _Recording()
+    Settings.from_env(env)
+    assert env.asked == set(ENV_VARS)
+
+
+def test_settings_are_parsed_once_per_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GENX_MAX_ATTEMPTS", "7")
+    first = Settings.current()
+    assert first.max_attempts == 7 and Settings.current() is first  # no second parse
+    monkeypatch.setenv("GENX_MAX_ATTEMPTS", "8")
+    assert Settings.current().max_attempts == 8  # a changed variable is seen
+    monkeypatch.setenv("GENX_MAX_ATTEMPTS", "7")
+    assert Settings.current() is first
+    assert len(settings_module._parsed) >= 2
 
 
 def test_values_are_parsed() -> None:
@@ -40,6 +77,7 @@ def test_values_are_parsed() -> None:
         ("GENX_LLM_LIMITS", "[1]"),
         ("GENX_MAX_BODY_BYTES", "lots"),
         ("GENX_HOST_MAX_RUNS", "0"),
+        ("GENX_HOST_RUNS", "-3"),
     ],
 )
 def test_bad_values_name_the_setting(name: str, value: str) -> None:

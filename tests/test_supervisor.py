@@ -1,13 +1,15 @@
-"""The supervisor in-process: orphan detection, racing supervisors, the attempt cap, leases."""
+"""The supervisor in-process: orphan detection, racing supervisors, the attempt cap, leases, dead
+workers whose runs died with them, and the run indexes it trims."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
 from genx_ray import keys
-from genx_ray.lease import Lease
+from genx_ray.lease import Leases
 from genx_ray.runs import RunStatus, RunStore
 from genx_ray.settings import Settings
 from genx_ray.streams import EventStore
@@ -16,13 +18,21 @@ from genx_ray.supervisor import Supervisor
 SETTINGS = Settings(lease_seconds=1, max_attempts=3)
 
 
-async def _orphan(runs: RunStore, redis: Any, attempt: int = 1) -> str:
+async def _orphan(runs: RunStore, redis: Any, attempt: int = 1, **fields: str) -> str:
     """A run left 'running' by a host that died: no lease, an old heartbeat."""
-    run = await runs.create("wf", None)
+    run = await runs.create("wf", None, extra=fields)
     await runs.transition(run.id, RunStatus.RUNNING, allowed={RunStatus.QUEUED},
-                          fields={"attempt": str(attempt)})  # fmt: skip
+                          fields={"attempt": str(attempt), **fields})  # fmt: skip
     await redis.zadd(keys.LEASES, {run.id: time.time() - 60})
     return run.id
+
+
+def _leases(redis_url: str, ttl: float, lost: list[tuple[str, int]] | None = None) -> Leases:
+    return Leases(
+        redis_url, ttl,
+        on_lost=lambda r, a: (lost if lost is not None else []).append((r, a)),
+        on_cancel=lambda r, a: None,
+    )  # fmt: skip
 
 
 async def test_racing_supervisors_restart_an_orphan_once(
@@ -35,21 +45,22 @@ async def test_racing_supervisors_restart_an_orphan_once(
     assert run.status is RunStatus.QUEUED and run.attempt == 2
     assert [e.event.type for e in await events.read(run_id)].count("run.restarted") == 1
     queued = await redis.xrange(keys.QUEUE, "-", "+")
-    assert sum(f["run"] == run_id for _, f in queued) == 1
+    assert [f for _, f in queued if f["run"] == run_id] == [{"run": run_id, "attempt": "2"}]
     assert await redis.zscore(keys.LEASES, run_id) is None
 
 
 async def test_a_live_lease_is_left_alone(redis: Any, runs: RunStore, redis_url: str) -> None:
     run_id = await _orphan(runs, redis)
-    lease = Lease(redis_url, run_id, 1, ttl=1, on_lost=lambda: None)
-    lease.start()
+    await redis.set(keys.lease(run_id), "1", px=1000)  # as the claim sets it
+    leases = _leases(redis_url, ttl=1)
+    leases.hold(run_id, 1)
     try:
         await redis.zadd(keys.LEASES, {run_id: time.time() - 60})  # a lagging heartbeat score
+        await asyncio.sleep(0.5)  # a renewal or two
         assert await Supervisor(redis, SETTINGS)._check(run_id) == "alive"
         assert (await runs.get(run_id)).status is RunStatus.RUNNING
     finally:
-        lease.release()
-    assert await redis.get(keys.lease(run_id)) is None
+        leases.close()
 
 
 async def test_the_attempt_cap_fails_the_run_with_the_reason(redis: Any, runs: RunStore) -> None:
@@ -60,19 +71,69 @@ async def test_the_attempt_cap_fails_the_run_with_the_reason(redis: Any, runs: R
     assert run.error.type == "RunHostLost" and "3 of 3 attempts" in run.error.message
 
 
-async def test_a_superseded_lease_stops_and_does_not_release_its_successor(
+async def test_a_run_started_from_a_script_is_failed_not_requeued(
+    redis: Any, runs: RunStore
+) -> None:
+    run_id = await _orphan(runs, redis, origin="local")
+    assert await Supervisor(redis, SETTINGS)._check(run_id) == "failed"
+    run = await runs.get(run_id)
+    assert run.status is RunStatus.FAILED and run.error is not None
+    assert "genx_ray.start()" in run.error.message and "not restarted" in run.error.message
+
+
+async def test_one_renewal_round_trip_covers_every_lease_and_stops_the_superseded(
     redis: Any, runs: RunStore, redis_url: str
 ) -> None:
-    run_id = await _orphan(runs, redis)
-    lost = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    old = Lease(redis_url, run_id, 1, ttl=0.3, on_lost=lambda: loop.call_soon_threadsafe(lost.set))
-    old.start()
-    await runs.transition(run_id, RunStatus.RUNNING, allowed={RunStatus.RUNNING},
-                          fields={"attempt": "2"})  # fmt: skip
-    new = Lease(redis_url, run_id, 2, ttl=5, on_lost=lambda: None)
-    new.start()
-    await asyncio.wait_for(lost.wait(), 2)  # the old one noticed within a renewal period
-    old.release()
-    assert await redis.get(keys.lease(run_id)) == "2"  # the successor's lease is untouched
-    new.release()
+    ids = [await _orphan(runs, redis) for _ in range(50)]
+    lost: list[tuple[str, int]] = []
+    leases = _leases(redis_url, ttl=60, lost=lost)
+    try:
+        for run_id in ids:
+            leases.hold(run_id, 1)
+        await runs.transition(ids[0], RunStatus.RUNNING, allowed={RunStatus.RUNNING},
+                              fields={"attempt": "2"})  # fmt: skip  # a restart took it over
+        await runs.request_cancel(ids[1])
+        outcomes = await asyncio.to_thread(leases.renew_all)
+        assert outcomes[ids[0]] == 0 and outcomes[ids[1]] == 2
+        assert all(outcomes[r] == 1 for r in ids[2:])
+        assert lost == [(ids[0], 1)] and leases.held == 49
+        assert await redis.mget([keys.lease(r) for r in ids[1:]]) == ["1"] * 49
+        assert await redis.get(keys.lease(ids[0])) is None  # the successor's, if any, is untouched
+        scores = await redis.zmscore(keys.LEASES, ids[1:])
+        assert all(s is not None and s > time.time() - 5 for s in scores)
+    finally:
+        leases.close()
+
+
+async def test_the_runs_of_a_dead_worker_that_shared_their_fate_restart_at_once(
+    redis: Any, runs: RunStore
+) -> None:
+    mine = await _orphan(runs, redis, worker="w-dead")
+    other = await _orphan(runs, redis, worker="w-alive")
+    own = await _orphan(runs, redis, worker="w-cluster")
+    for run_id in (mine, other, own):  # every lease is live: only the worker's death counts
+        await redis.set(keys.lease(run_id), "1", px=60_000)
+    now = time.time()
+    await redis.hset(keys.WORKERS, mapping={
+        "w-dead": json.dumps({"version": "v", "draining": False, "seen": now - 10, "fate": "shared"}),
+        "w-alive": json.dumps({"version": "v", "draining": False, "seen": now, "fate": "shared"}),
+        "w-cluster": json.dumps({"version": "v", "draining": False, "seen": now - 10, "fate": "own"}),
+    })  # fmt: skip
+    try:
+        assert await Supervisor(redis, SETTINGS).sweep_workers() == {"requeued": 1}
+        assert (await runs.get(mine)).status is RunStatus.QUEUED
+        assert (await runs.get(other)).status is RunStatus.RUNNING
+        assert (await runs.get(own)).status is RunStatus.RUNNING  # its hosts outlive it
+        assert not await redis.hexists(keys.WORKERS, "w-dead")
+    finally:
+        await redis.hdel(keys.WORKERS, "w-alive", "w-cluster")
+
+
+async def test_expired_runs_leave_the_run_indexes(redis: Any, runs: RunStore) -> None:
+    kept = await runs.create("trim", None, tenant="trimmer")
+    gone = [await runs.create("trim", None, tenant="trimmer") for _ in range(3)]
+    await redis.delete(*(keys.run(r.id) for r in gone))  # as if past their retention
+    removed = await Supervisor(redis, SETTINGS).trim_indexes(batch=2)
+    assert removed >= 6  # from the tenant's index and its workflow's
+    for index in (keys.run_index("trimmer"), keys.run_index("trimmer", "trim")):
+        assert await redis.zrange(index, 0, -1) == [kept.id]

@@ -44,3 +44,20 @@ async def sleepy(seconds: float = 30.0) -> str:
 async def boom(message: str = "boom") -> str:
     """Fail with the message."""
     raise ValueError(message)
+
+
+@component
+async def work(i: int, delay: float) -> int:
+    await asyncio.sleep(delay)
+    return i
+
+
+@workflow(name="phases")
+async def phases(n: int = 10, delay: float = 0.2) -> int:
+    """n steps; after each, a progress event published from the workflow body (journaled: a
+    restarted run does not send it again)."""
+    total = 0
+    for i in range(n):
+        total += await work(i, delay)
+        publish("phase", {"i": i})
+    return total

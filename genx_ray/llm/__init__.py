@@ -18,7 +18,9 @@ from typing import Any
 import openai
 
 from genx_ray.errors import ConfigError
-from genx_ray.llm.transport import GenxTransport, Policy, SyncBridge
+from genx_ray.llm.bridge import SyncBridge
+from genx_ray.llm.policy import Policy
+from genx_ray.llm.transport import GenxTransport
 from genx_ray.settings import Settings
 
 __all__ = ["AsyncOpenAI", "OpenAI", "Policy"]
@@ -36,21 +38,7 @@ def _transport(
     policy = policy or Policy(
         fallback=tuple(fallback), cache_ttl=cache_ttl, max_attempts=max_attempts
     )
-    return GenxTransport(policy, _settings())
-
-
-_SETTINGS_ENV = ("GENX_REDIS_URL", "GENX_LLM_LIMITS", "GENX_LLM_LEASE_SECONDS")
-_settings_cache: dict[tuple[str | None, ...], Settings] = {}
-
-
-def _settings() -> Settings:
-    """The settings the LLM layer reads, parsed once per distinct value of its variables (a
-    client per call is common; parsing the whole environment each time is not free)."""
-    seen = tuple(os.environ.get(name) for name in _SETTINGS_ENV)
-    settings = _settings_cache.get(seen)
-    if settings is None:
-        settings = _settings_cache[seen] = Settings.from_env()
-    return settings
+    return GenxTransport(policy, Settings.current())
 
 
 @functools.cache

@@ -20,11 +20,11 @@ import time
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
-import redis.asyncio
 from redis.exceptions import NoScriptError
 
-from genx_ray.keys import PREFIX
+from genx_ray import keys, lua
 from genx_ray.settings import LLMLimit
 
 log = logging.getLogger("genx_ray.llm")
@@ -33,93 +33,6 @@ PARK_SECONDS = 0.1  # how long a freed slot waits in its process for the next ca
 FRESH_SECONDS = 0.25  # how old the news that no other process waits may be
 _BATCH = 256  # waiters considered per script call
 PAUSE_CACHE_SECONDS = 0.1
-
-# KEYS: conc, req, tok, pause, waiting. ARGV: now ms, id prefix, lease ms, conc cap, rpm, tpm
-# (0 = no cap), this process's id, then the token estimate of each caller waiting, in order.
-# Grants slots to the first callers while the budget allows; the process stays listed in
-# 'waiting' while some of its callers still wait. Returns {granted, ms to wait at least (0: until
-# a release), how many other processes have callers waiting}. Slot i's id is '<prefix>-<i>'.
-_ACQUIRE = """
-local now = tonumber(ARGV[1])
-local me = ARGV[7]
-redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
-redis.call('ZADD', KEYS[5], now + 2000, me)
-local others = redis.call('ZCARD', KEYS[5]) - 1
-local paused = redis.call('PTTL', KEYS[4])
-if paused > 0 then return {0, paused, others} end
-local conc, rpm, tpm = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local held, requests, used = 0, 0, 0
-if conc > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-  held = redis.call('ZCARD', KEYS[1])
-end
-if rpm > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - 60000)
-  requests = redis.call('ZCARD', KEYS[2])
-end
-if tpm > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - 60000)
-  for _, member in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
-    used = used + tonumber(string.match(member, ':(%d+)$'))
-  end
-end
-local granted, wait = 0, 0
-for i = 8, #ARGV do
-  local tokens = tonumber(ARGV[i])
-  if conc > 0 and held >= conc then break end
-  if rpm > 0 and requests >= rpm then
-    local oldest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
-    wait = tonumber(oldest[2]) + 60000 - now
-    break
-  end
-  if tpm > 0 and used > 0 and used + tokens > tpm then
-    local oldest = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
-    wait = tonumber(oldest[2]) + 60000 - now
-    break
-  end
-  local id = ARGV[2] .. '-' .. (granted + 1)
-  if conc > 0 then redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), id) end
-  if rpm > 0 then redis.call('ZADD', KEYS[2], now, id) end
-  if tpm > 0 then redis.call('ZADD', KEYS[3], now, id .. ':' .. tokens) end
-  held, requests, used, granted = held + 1, requests + 1, used + tokens, granted + 1
-end
-if granted > 0 then
-  if rpm > 0 then redis.call('PEXPIRE', KEYS[2], 61000) end
-  if tpm > 0 then redis.call('PEXPIRE', KEYS[3], 61000) end
-end
-if granted == #ARGV - 7 then redis.call('ZREM', KEYS[5], me) end
-redis.call('PEXPIRE', KEYS[5], 5000)
-return {granted, wait, others}
-"""
-
-# KEYS: conc, tok. ARGV: (id, estimated tokens, actual tokens or -1 if unknown) per slot.
-_RELEASE = """
-for i = 1, #ARGV, 3 do
-  redis.call('ZREM', KEYS[1], ARGV[i])
-  if tonumber(ARGV[i + 2]) >= 0 then
-    local old = ARGV[i] .. ':' .. ARGV[i + 1]
-    local score = redis.call('ZSCORE', KEYS[2], old)
-    if score then
-      redis.call('ZREM', KEYS[2], old)
-      redis.call('ZADD', KEYS[2], score, ARGV[i] .. ':' .. ARGV[i + 2])
-    end
-  end
-end
-return 1
-"""
-
-# KEYS: pause. ARGV: ms. Extends the pause; never shortens one in force.
-_PAUSE = """
-if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then
-  redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
-end
-return 1
-"""
-
-
-def _keys(glob: str) -> list[str]:
-    tag = f"{PREFIX}:llm:{{{glob}}}"  # one hash slot per budget: the scripts stay cluster-valid
-    return [f"{tag}:conc", f"{tag}:req", f"{tag}:tok", f"{tag}:pause", f"{tag}:waiting"]
 
 
 def match(limits: Mapping[str, LLMLimit], model: str) -> str | None:
@@ -144,15 +57,12 @@ class Slot:
 class Limiter:
     def __init__(
         self,
-        client: redis.asyncio.Redis,
+        client: Any,
         limits: Mapping[str, LLMLimit],
         lease_seconds: float = 60.0,
     ) -> None:
         self.redis, self.limits = client, dict(limits)
         self.lease_seconds = lease_seconds  # a slot's lease; refreshed every third of it
-        self._acquire = client.register_script(_ACQUIRE)
-        self._release = client.register_script(_RELEASE)
-        self._pause = client.register_script(_PAUSE)
         self._queues: dict[str, deque[tuple[asyncio.Future[Slot], int]]] = {}
         self._pumps: dict[str, asyncio.Task[None]] = {}
         self._wakers: dict[str, asyncio.Event] = {}  # set when a slot of this process frees
@@ -219,7 +129,7 @@ class Limiter:
         now = time.monotonic()
         checked, until = self._pauses.get(glob, (0.0, 0.0))
         if now - checked >= PAUSE_CACHE_SECONDS:
-            ms = int(await self.redis.pttl(_keys(glob)[3]))
+            ms = int(await self.redis.pttl(keys.llm_budget(glob).pause))
             until = now + ms / 1000 if ms > 0 else 0.0
             self._pauses[glob] = (now, until)
         if until > now:
@@ -237,10 +147,10 @@ class Limiter:
             wake.clear()
             prefix = secrets.token_hex(6)
             batch = [tokens for _, tokens in list(queue)[:_BATCH]]
-            granted, wait_ms, others = await self._acquire(
-                keys=_keys(glob),
-                args=[int(time.time() * 1000), prefix, int(self.lease_seconds * 1000),
-                      limit.concurrency or 0, limit.rpm or 0, limit.tpm or 0, self._me, *batch],
+            granted, wait_ms, others = await lua.LLM_ACQUIRE(
+                self.redis, keys.llm_budget(glob).all,
+                [int(time.time() * 1000), prefix, int(self.lease_seconds * 1000),
+                 limit.concurrency or 0, limit.rpm or 0, limit.tpm or 0, self._me, *batch],
             )  # fmt: skip
             # A pause (a provider's Retry-After) also keeps slots from staying local.
             contended = int(others) > 0 or (not granted and int(wait_ms) > 0)
@@ -272,7 +182,10 @@ class Limiter:
                 async with self.redis.pipeline(transaction=False) as pipe:
                     for glob, ids in self._held.items():
                         if ids:
-                            pipe.zadd(_keys(glob)[0], dict.fromkeys(ids, expiry), xx=True)
+                            pipe.zadd(
+                                keys.llm_budget(glob).concurrency, dict.fromkeys(ids, expiry),
+                                xx=True,
+                            )  # fmt: skip
                     await pipe.execute()
 
     async def release(
@@ -387,21 +300,22 @@ class Limiter:
                     totals[name] = totals.get(name, 0) + value
         async with self.redis.pipeline(transaction=False) as pipe:
             for (glob, slot_id), expiry in touches.items():
-                pipe.zadd(_keys(glob)[0], {slot_id: expiry}, xx=True)
+                pipe.zadd(keys.llm_budget(glob).concurrency, {slot_id: expiry}, xx=True)
             for glob, args in releases.items():
-                keys = _keys(glob)
-                # EVALSHA straight into the pipeline: a Script object would cost a SCRIPT EXISTS
-                # round trip per pipeline. The acquire script, run before, loaded it... unless
-                # Redis restarted since; then the slow path below loads it again.
-                pipe.evalsha(self._release.sha, 2, keys[0], keys[2], *args)
+                budget = keys.llm_budget(glob)
+                # EVALSHA straight into the pipeline (the acquire script, run before, loaded it;
+                # after a Redis restart the slow path below loads it again).
+                pipe.execute_command(
+                    "EVALSHA", lua.LLM_RELEASE.sha, 2, budget.concurrency, budget.tokens, *args
+                )
             for key, totals in counters.items():
                 for name, value in totals.items():
                     pipe.hincrby(key, name, value)
             results = await pipe.execute(raise_on_error=False)
         for (glob, args), result in zip(releases.items(), results[len(touches) :], strict=False):
             if isinstance(result, NoScriptError):
-                keys = _keys(glob)
-                await self._release(keys=[keys[0], keys[2]], args=args)
+                budget = keys.llm_budget(glob)
+                await lua.LLM_RELEASE(self.redis, [budget.concurrency, budget.tokens], args)
             elif isinstance(result, Exception):
                 raise result
 
@@ -409,4 +323,5 @@ class Limiter:
         """Honour a provider's ``Retry-After`` for every process sharing the budget."""
         if seconds > 0:
             self._contended[self.budget(model)[0]] = (True, time.monotonic())
-            await self._pause(keys=[_keys(self.budget(model)[0])[3]], args=[int(seconds * 1000)])
+            pause = keys.llm_budget(self.budget(model)[0]).pause
+            await lua.LLM_PAUSE(self.redis, [pause], [int(seconds * 1000)])

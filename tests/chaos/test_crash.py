@@ -1,100 +1,140 @@
-"""Hosts that die or freeze: the run is restarted from its journal, and zombies write nothing."""
+"""Hosts and workers that die or freeze, at the scale multiplexed hosts bring: every run restarts
+from its journal (no completed step re-run, no event of the workflow body sent twice), zombies
+write nothing, and a cancel reaches one run among hundreds within a second."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
+import socket
 import time
 from typing import Any
 
 import pytest
 
 from genx_ray import keys
-from genx_ray.runs import RunStatus, RunStore
+from genx_ray.runs import Run, RunStatus, RunStore
 from genx_ray.streams import EventStore
 
 from .conftest import WorkerFactory
 
-pytestmark = pytest.mark.chaos
+pytestmark = [pytest.mark.chaos, pytest.mark.timeout(300)]
 
 
-async def _progress(events: EventStore, run_id: str) -> int:
-    return sum(e.event.type == "progress" for e in await events.read(run_id))
-
-
-async def _until(predicate: Any, within: float = 90) -> None:
+async def _until(predicate: Any, within: float = 90, every: float = 0.1) -> None:
     deadline = time.monotonic() + within
     while not await predicate():
         assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(every)
 
 
-def _completed_steps(stored: list[Any]) -> dict[str, list[bool]]:
-    out: dict[str, list[bool]] = {}
-    for e in stored:
+async def _phases(events: EventStore, run_id: str) -> list[int]:
+    """The ``phase`` events a run's body published, in order."""
+    return [
+        e.event.data["i"]  # type: ignore[union-attr,index]
+        for e in await events.read(run_id)
+        if e.type == "progress" and e.event.kind == "phase"  # type: ignore[union-attr]
+    ]
+
+
+async def _all_phased(events: EventStore, run_ids: list[str], n: int) -> bool:
+    counts = await asyncio.gather(*(_phases(events, r) for r in run_ids))
+    return all(len(c) >= n for c in counts)
+
+
+async def _finished(runs: RunStore, events: EventStore, run_ids: list[str]) -> list[Run]:
+    for run_id in run_ids:
+        async for _ in events.follow(run_id):
+            pass
+    return [await runs.get(r) for r in run_ids]
+
+
+async def _check_exactly_once(events: EventStore, run_id: str, n: int) -> None:
+    """The run restarted from its journal: no step completed twice for real, and every event
+    its body published went out once, in order."""
+    completed: dict[str, list[bool]] = {}
+    for e in await events.read(run_id):
         if e.type == "step.completed":
-            out.setdefault(e.step.id, []).append(e.replayed)
-    return out
+            completed.setdefault(e.event.step.id, []).append(e.event.replayed)  # type: ignore[union-attr]
+    assert len(completed) == n and all(f in ([False], [False, True]) for f in completed.values())
+    assert await _phases(events, run_id) == list(range(n))
 
 
-async def test_kill_9_of_the_worker_process_group(
+def _pid(host: str) -> int:
+    return int(host.rsplit(":", 1)[1])
+
+
+async def _ready(runs: RunStore, proc: Any) -> None:
+    """Until the worker is up with a host ready for runs."""
+    name = f"{socket.gethostname()}-{proc.pid}"
+
+    async def ready() -> bool:
+        raw = await runs.redis.hget(keys.WORKERS, name)
+        return raw is not None and json.loads(raw).get("hosts_ready", 0) >= 1
+
+    await _until(ready, within=120)
+
+
+async def test_kill_9_of_a_worker_restarts_its_runs_on_another_at_once(
     spawn_worker: WorkerFactory, runs: RunStore, events: EventStore
 ) -> None:
-    run = await runs.create("ticker", {"n": 30, "delay": 0.1}, enqueue=True)
-    first = spawn_worker()
-    await _until(lambda: _progress_at_least(events, run.id, 8))
-    host = await runs.redis.hget(keys.run(run.id), "host")
+    run = await runs.create("phases", {"n": 60, "delay": 0.5}, enqueue=True)
+    lease = {"GENX_LEASE_SECONDS": "30"}  # the default: only knowing the death can be quick
+    first = spawn_worker(**lease)
+    await _until(lambda: _all_phased(events, [run.id], 2))
+    second = spawn_worker(**lease)  # it takes seconds to boot its Ray and a host: the run goes on
+    await _ready(runs, second)
+    host = str(await runs.redis.hget(keys.run(run.id), "host"))
+    killed_at = time.monotonic()
     os.killpg(first.pid, signal.SIGKILL)  # the worker and its local Ray...
     with contextlib.suppress(ProcessLookupError):  # ...and the run host: the machine is gone
-        os.kill(int(str(host).rsplit(":", 1)[1]), signal.SIGKILL)
+        os.kill(_pid(host), signal.SIGKILL)
     first.wait()
-    killed_at = await _progress(events, run.id)
 
-    spawn_worker()  # its supervisor finds the expired lease and restarts the run
-    async for _ in events.follow(run.id):
-        pass
-    done = await runs.get(run.id)
-    assert done.status is RunStatus.SUCCEEDED and done.output == sum(range(30))
+    async def resumed() -> bool:
+        run_now = await runs.get(run.id)
+        return run_now.attempt == 2 and run_now.status is not RunStatus.QUEUED
+
+    await _until(resumed, within=60, every=0.05)
+    resumed_after = time.monotonic() - killed_at
+    (done,) = await _finished(runs, events, [run.id])
+    assert done.status is RunStatus.SUCCEEDED and done.output == sum(range(60))
     assert done.attempt == 2
-    stored = [e.event for e in await events.read(run.id)]
-    (restarted,) = [e for e in stored if e.type == "run.restarted"]
-    assert restarted.attempt == 2 and "stopped heartbeating" in restarted.reason  # type: ignore[union-attr]
-    completed = _completed_steps(stored)
-    assert len(completed) == 30
-    # Every step that completed before the crash is replayed, not run again.
-    assert sum(flags == [False, True] for flags in completed.values()) >= killed_at - 1
-    ticks = [e.data["i"] for e in stored if e.type == "progress"]  # type: ignore[union-attr,index]
-    assert sorted(set(ticks)) == list(range(30)) and len(ticks) <= 31
+    (restarted,) = [e.event for e in await events.read(run.id) if e.type == "run.restarted"]
+    assert "died" in restarted.reason  # type: ignore[union-attr]  # known, not a silent lease
+    # Its worker shared its fate (a local Ray): found dead in seconds, not after its 30 s lease.
+    assert resumed_after < 10, resumed_after
+    await _check_exactly_once(events, run.id, 60)
 
 
-async def _progress_at_least(events: EventStore, run_id: str, n: int) -> bool:
-    return await _progress(events, run_id) >= n
-
-
-async def test_a_frozen_host_is_replaced_and_writes_nothing_after(
+async def test_a_frozen_host_is_fenced_for_all_of_its_runs(
     spawn_worker: WorkerFactory, runs: RunStore, events: EventStore
 ) -> None:
-    run = await runs.create("ticker", {"n": 20, "delay": 0.1}, enqueue=True)
+    ids = [
+        (await runs.create("phases", {"n": 30, "delay": 0.1}, enqueue=True)).id for _ in range(5)
+    ]
     spawn_worker()
-    await _until(lambda: _progress_at_least(events, run.id, 5))
-    host = await runs.redis.hget(keys.run(run.id), "host")
-    pid = int(str(host).rsplit(":", 1)[1])
-    os.kill(pid, signal.SIGSTOP)  # a zombie: alive, but its heartbeat stops
+    await _until(lambda: _all_phased(events, ids, 3))
+    hosts = {str(await runs.redis.hget(keys.run(r), "host")) for r in ids}
+    assert len(hosts) == 1, hosts  # one host process runs them all
+    pid = _pid(hosts.pop())
+    os.kill(pid, signal.SIGSTOP)  # a zombie: alive, but its heartbeats stop
     try:
-        async for _ in events.follow(run.id):  # the supervisor takes over; attempt 2 finishes
-            pass
-        done = await runs.get(run.id)
-        assert done.status is RunStatus.SUCCEEDED and done.attempt == 2
-        before = await events.read(run.id)
+        done = await _finished(runs, events, ids)  # the supervisor takes over: attempts 2 finish
+        assert [(r.status, r.attempt) for r in done] == [(RunStatus.SUCCEEDED, 2)] * 5
+        before = [[e.id for e in await events.read(r)] for r in ids]
     finally:
         os.kill(pid, signal.SIGCONT)  # the zombie wakes up mid-step and tries to go on
     await asyncio.sleep(3)
-    after = await events.read(run.id)
-    assert [e.id for e in after] == [e.id for e in before]  # it wrote nothing
-    assert (await runs.get(run.id)).status is RunStatus.SUCCEEDED
-    assert await runs.redis.get(keys.lease(run.id)) is None  # and holds no lease
+    after = [[e.id for e in await events.read(r)] for r in ids]
+    assert after == before  # it wrote nothing for any of them
+    for run_id in ids:
+        assert (await runs.get(run_id)).status is RunStatus.SUCCEEDED
+        assert await runs.redis.get(keys.lease(run_id)) is None  # and holds no lease
+        await _check_exactly_once(events, run_id, 30)
 
 
 async def test_a_run_whose_hosts_keep_dying_fails_with_the_reason(
@@ -102,56 +142,90 @@ async def test_a_run_whose_hosts_keep_dying_fails_with_the_reason(
 ) -> None:
     run = await runs.create("ticker", {"n": 100, "delay": 0.1}, enqueue=True)
     first = spawn_worker(GENX_MAX_ATTEMPTS="1")
-    await _until(lambda: _progress_at_least(events, run.id, 3))
+    await _until(lambda: _progressed(events, run.id, 3))
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     spawn_worker(GENX_MAX_ATTEMPTS="1")
-    async for _ in events.follow(run.id):
-        pass
-    failed = await runs.get(run.id)
+    (failed,) = await _finished(runs, events, [run.id])
     assert failed.status is RunStatus.FAILED and failed.error is not None
     assert failed.error.type == "RunHostLost" and "1 of 1 attempts" in failed.error.message
 
 
-async def _host_of_finished_run(runs: RunStore, events: EventStore, run_id: str) -> str:
-    async for _ in events.follow(run_id):
+async def _progressed(events: EventStore, run_id: str, n: int) -> bool:
+    return sum(e.type == "progress" for e in await events.read(run_id)) >= n
+
+
+async def test_kill_9_of_a_host_with_200_runs_restarts_every_one_elsewhere(
+    spawn_worker: WorkerFactory, runs: RunStore, events: EventStore
+) -> None:
+    n = 8
+    ids = [
+        (await runs.create("phases", {"n": n, "delay": 0.3}, enqueue=True)).id for _ in range(200)
+    ]
+    spawn_worker(GENX_HOST_RUNS="250")
+    await _until(lambda: _all_phased(events, ids, 2), within=120, every=0.5)
+    hosts = {str(h) for h in await asyncio.gather(*(runs.redis.hget(keys.run(r), "host")
+                                                    for r in ids))}  # fmt: skip
+    assert len(hosts) == 1, hosts  # 200 runs in one process
+    killed_at = time.monotonic()
+    os.kill(_pid(hosts.pop()), signal.SIGKILL)
+
+    async def all_resumed() -> bool:
+        got = await asyncio.gather(*(runs.get(r) for r in ids))
+        return all(r.attempt == 2 and r.status is not RunStatus.QUEUED for r in got)
+
+    await _until(all_resumed, within=60, every=0.1)
+    resumed_after = time.monotonic() - killed_at
+    done = await _finished(runs, events, ids)
+    assert [(r.status, r.attempt, r.output) for r in done] == [
+        (RunStatus.SUCCEEDED, 2, sum(range(n)))
+    ] * 200
+    for run_id in ids:
+        await _check_exactly_once(events, run_id, n)
+        (restarted,) = [e.event for e in await events.read(run_id) if e.type == "run.restarted"]
+        assert "died" in restarted.reason  # type: ignore[union-attr]  # Ray said so: no lease wait
+    assert resumed_after < 15, resumed_after
+
+
+async def test_many_runs_share_a_host_unless_told_to_be_alone(
+    spawn_worker: WorkerFactory, runs: RunStore, events: EventStore
+) -> None:
+    together = spawn_worker()
+    ids = [(await runs.create("echo", {"text": str(i)}, enqueue=True)).id for i in range(20)]
+    await _finished(runs, events, ids)
+    hosts = {await runs.redis.hget(keys.run(r), "host") for r in ids}
+    assert len(hosts) == 1, hosts
+    together.send_signal(signal.SIGTERM)
+    await asyncio.to_thread(together.wait, 60)
+
+    spawn_worker(GENX_HOST_RUNS="1")  # a process per run, for code that must be isolated
+    alone = [(await runs.create("sleepy", {"seconds": 1.0}, enqueue=True)).id for _ in range(3)]
+    await _finished(runs, events, alone)
+    hosts = {await runs.redis.hget(keys.run(r), "host") for r in alone}
+    assert len(hosts) == 3, hosts
+
+
+async def test_cancel_reaches_one_run_among_hundreds_on_a_host_within_a_second(
+    spawn_worker: WorkerFactory, runs: RunStore, events: EventStore
+) -> None:
+    ids = [(await runs.create("sleepy", {"seconds": 120}, enqueue=True)).id for _ in range(300)]
+    spawn_worker()
+
+    async def all_running() -> bool:
+        got = await asyncio.gather(*(runs.status(r) for r in ids))
+        return all(s is RunStatus.RUNNING for s in got)
+
+    await _until(all_running, within=120, every=0.5)
+    assert len({await runs.redis.hget(keys.run(r), "host") for r in ids}) == 1
+    target = ids[150]
+    t0 = time.monotonic()
+    await runs.request_cancel(target)
+    async for _ in events.follow(target, block_ms=50):
         pass
-    return str(await runs.redis.hget(keys.run(run_id), "host"))
-
-
-async def test_a_host_takes_the_next_run_unless_it_died(
-    spawn_worker: WorkerFactory, runs: RunStore, events: EventStore
-) -> None:
-    spawn_worker()  # keeps two hosts warm
-    used = []
-    # Runs one after the other, whatever their ending, reuse those processes: none is started.
-    for workflow, inputs in [("ticker", {"n": 3, "delay": 0.01}), ("boom", {"message": "no"}),
-                             ("ticker", {"n": 3, "delay": 0.01}), ("echo", {"text": "hi"})]:  # fmt: skip
-        run = await runs.create(workflow, inputs, enqueue=True)
-        used.append(await _host_of_finished_run(runs, events, run.id))
-        status = (await runs.get(run.id)).status
-        assert status is (RunStatus.FAILED if workflow == "boom" else RunStatus.SUCCEEDED)
-    assert len(set(used)) <= 2, used
-
-    # A host killed during its run is not handed another one.
-    doomed = await runs.create("ticker", {"n": 20, "delay": 0.1}, enqueue=True)
-    await _until(lambda: _progress_at_least(events, doomed.id, 2))
-    killed = str(await runs.redis.hget(keys.run(doomed.id), "host"))
-    os.kill(int(killed.rsplit(":", 1)[1]), signal.SIGKILL)
-    after = await runs.create("ticker", {"n": 3, "delay": 0.01}, enqueue=True)
-    assert await _host_of_finished_run(runs, events, after.id) != killed
-    assert (await runs.get(after.id)).status is RunStatus.SUCCEEDED
-    # ...and the killed run finishes elsewhere (the supervisor restarts it).
-    assert await _host_of_finished_run(runs, events, doomed.id) != killed
-    assert (await runs.get(doomed.id)).status is RunStatus.SUCCEEDED
-
-
-async def test_one_run_per_host_when_asked(
-    spawn_worker: WorkerFactory, runs: RunStore, events: EventStore
-) -> None:
-    spawn_worker(GENX_HOST_MAX_RUNS="1")  # for code that leaves state behind in its process
-    used = []
-    for i in range(3):
-        run = await runs.create("echo", {"text": str(i)}, enqueue=True)
-        used.append(await _host_of_finished_run(runs, events, run.id))
-    assert len(set(used)) == 3, used
+    took = time.monotonic() - t0
+    assert (await runs.get(target)).status is RunStatus.CANCELLED
+    assert took < 1.0, took
+    assert all(s is RunStatus.RUNNING for s in
+               await asyncio.gather(*(runs.status(r) for r in ids if r != target)))  # fmt: skip
+    for run_id in ids:
+        await runs.request_cancel(run_id)

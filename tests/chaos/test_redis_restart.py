@@ -6,12 +6,13 @@ import asyncio
 
 import pytest
 import wf_fixtures  # noqa: F401 - registers the ticker workflow
+from helpers import execute
 
 from genx_ray.connections import async_redis
 from genx_ray.embedded import EmbeddedRedis
-from genx_ray.executor import execute_run
 from genx_ray.runs import RunStatus, RunStore
 from genx_ray.streams import EventStore
+from genx_ray.workflow import registry
 
 pytestmark = pytest.mark.chaos
 
@@ -23,12 +24,12 @@ async def test_a_redis_restart_mid_run_loses_nothing_acknowledged() -> None:
     try:
         runs, events = RunStore(client), EventStore(client)
         run = await runs.create("ticker", {"n": 30, "delay": 0.05})
-        host = asyncio.create_task(execute_run(client, run.id, lease_redis_url=url))
+        host = asyncio.create_task(execute(client, run.id, registry, redis_url=url))
         while sum(e.event.type == "progress" for e in await events.read(run.id)) < 8:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
         acknowledged = [e.id for e in await events.read(run.id)]
         await asyncio.to_thread(server.restart, 1.0)  # down for a second, mid-step
-        assert await asyncio.wait_for(host, 60) is RunStatus.SUCCEEDED
+        assert await asyncio.wait_for(host, 60) == RunStatus.SUCCEEDED
         stored = await events.read(run.id)
         ids = [e.id for e in stored]
         assert ids[: len(acknowledged)] == acknowledged  # nothing acknowledged was lost

@@ -18,11 +18,11 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from genx_ray import component, start, workflow
+from genx_ray import component, keys, start, workflow
 from genx_ray.connections import sync_redis
 from genx_ray.errors import ConfigError
 from genx_ray.llm import AsyncOpenAI, OpenAI, Policy
-from genx_ray.llm.transport import _Pools
+from genx_ray.llm.shared import Pools
 
 from .conftest import Sim
 
@@ -59,7 +59,7 @@ def test_the_concurrency_cap_holds_across_two_processes(sim: Sim, redis_url: str
     assert stats["peak_concurrency"] == 5  # never above the cap, and the cap was used
     # Both ended normally: every slot is back, none left to expire (not even the ones each
     # process kept for a moment for its next call).
-    assert sync_redis(redis_url).zcard(f"genx:llm:{{{model[:4]}*}}:conc") == 0
+    assert sync_redis(redis_url).zcard(keys.llm_budget(f"{model[:4]}*").concurrency) == 0
 
 
 async def test_a_client_per_call_shares_one_pool_and_budget(
@@ -81,7 +81,7 @@ async def test_a_client_per_call_shares_one_pool_and_budget(
     assert stats["served"] == 200 and stats["peak_concurrency"] <= 16
     # Not one per client: about one per slot (requests are dealt over a few pools in turn, so a
     # pool may open one while another has one idle).
-    assert stats["connections"] <= 16 + _Pools.SHARDS
+    assert stats["connections"] <= 16 + Pools.SHARDS
 
 
 async def test_a_client_per_call_runs_nothing_on_a_thread(sim: Sim) -> None:
@@ -245,7 +245,9 @@ asyncio.run(main())
 """
 
 
-async def test_a_crashed_holders_slot_comes_back(sim: Sim, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_crashed_holders_slot_comes_back(
+    sim: Sim, monkeypatch: pytest.MonkeyPatch, redis: Any
+) -> None:
     model = _uniq("crash")
     limits = json.dumps({model: {"concurrency": 1}})
     sim.configure(latency_ms=30_000)  # the holder's call never finishes
@@ -253,7 +255,10 @@ async def test_a_crashed_holders_slot_comes_back(sim: Sim, monkeypatch: pytest.M
     holder = subprocess.Popen(  # noqa: ASYNC220 - starting it does not block for long
         [sys.executable, "-c", CRASHER, model], env=env, stdout=subprocess.PIPE
     )
-    await asyncio.sleep(2)  # it holds the only slot
+    deadline = time.monotonic() + 30
+    while await redis.zcard(keys.llm_budget(model).concurrency) < 1:  # it holds the only slot
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
     holder.send_signal(signal.SIGKILL)
     holder.wait()
     sim.configure(latency_ms=10)
@@ -288,7 +293,7 @@ async def test_slots_a_process_kept_come_back_soon_after_it_ends(
     env = {**os.environ, "GENX_LLM_LIMITS": limits}
     exiter = await asyncio.create_subprocess_exec(sys.executable, "-c", EXITER, model, env=env)
     assert await exiter.wait() == 0
-    kept = await redis.zrange(f"genx:llm:{{{model}}}:conc", 0, -1, withscores=True)
+    kept = await redis.zrange(keys.llm_budget(model).concurrency, 0, -1, withscores=True)
     assert len(kept) == 4  # it did keep them...
     assert all(expiry / 1000 - time.time() < 1.5 for _, expiry in kept)  # ...on a short lease
     monkeypatch.setenv("GENX_LLM_LIMITS", limits)

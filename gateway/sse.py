@@ -1,0 +1,57 @@
+"""A run's events on the wire: SSE frames or NDJSON lines, built from the stored JSON as it is.
+
+Each batch of events (a page of a replay, or what arrived together) goes out as one write, and no
+event is parsed or serialized again: the frame is the stored JSON with its id and type around
+it. A quiet stream gets a keep-alive comment every ``PING_SECONDS`` (proxies close idle
+connections), and the first frame carries a ``retry:`` hint for EventSource clients.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from starlette.responses import StreamingResponse
+
+from genx_ray.streams import StreamEntry
+
+PING_SECONDS = 15.0
+RETRY_MS = 1000  # how soon an EventSource reconnects after a dropped connection
+SSE = "text/event-stream"
+NDJSON = "application/x-ndjson"
+
+
+def sse_frames(batch: list[StreamEntry]) -> bytes:
+    return "".join(f"id: {e.id}\nevent: {e.type}\ndata: {e.data}\n\n" for e in batch).encode()
+
+
+def ndjson_lines(batch: list[StreamEntry]) -> bytes:
+    # The stored JSON is an object: the id goes in front of its first field.
+    return "".join(f'{{"id":"{e.id}",{e.data[1:]}\n' for e in batch).encode()
+
+
+async def _body(batches: AsyncIterator[list[StreamEntry]], sse: bool) -> AsyncIterator[bytes]:
+    if sse:
+        yield f"retry: {RETRY_MS}\n\n".encode()
+    last_write = time.monotonic()
+    async for batch in batches:
+        if batch:
+            yield sse_frames(batch) if sse else ndjson_lines(batch)
+            last_write = time.monotonic()
+        elif sse and time.monotonic() - last_write >= PING_SECONDS:
+            yield b": ping\n\n"
+            last_write = time.monotonic()
+
+
+def event_response(
+    batches: AsyncIterator[list[StreamEntry]],
+    *,
+    ndjson: bool = False,
+    headers: dict[str, str] | None = None,
+) -> StreamingResponse:
+    """The events as SSE (or NDJSON), closed after the terminal event."""
+    return StreamingResponse(
+        _body(batches, sse=not ndjson),
+        media_type=NDJSON if ndjson else SSE,
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no", **(headers or {})},
+    )

@@ -1,0 +1,23 @@
+"""A run's status, and which statuses end a run: the one definition every module uses."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class RunStatus(StrEnum):
+    QUEUED = "queued"  # accepted, waiting for a worker (or for a restart)
+    RUNNING = "running"  # a run host is executing it
+    SUCCEEDED = "succeeded"  # finished; ``output`` is set
+    FAILED = "failed"  # an uncaught error or too many restarts; ``error`` says why
+    CANCELLED = "cancelled"  # stopped on request
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+# A str compares (and hashes) equal to its StrEnum member: ``"failed" in TERMINAL`` holds too.
+TERMINAL: frozenset[RunStatus] = frozenset(
+    {RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED}
+)
