@@ -19,9 +19,8 @@ import statistics
 import time
 from typing import Any
 
-import httpx
-
 from bench.stack import bench_env, memory_in_use_mb, pct, processes, stack
+from bench.wire import Connection
 from genx_ray import component, keys, workflow
 from genx_ray.connections import async_redis, resolve_redis_url
 
@@ -63,16 +62,19 @@ async def held(seconds: float = 60.0) -> float:
     return await hold(seconds)
 
 
-async def _post_all(http: httpx.AsyncClient, workflow: str, n: int, body: Any) -> list[str]:
-    """POST n runs from CLIENTS concurrent clients; their ids."""
+async def _post_all(base: str, workflow: str, n: int, body: Any) -> list[str]:
+    """POST n runs from CLIENTS concurrent clients (a connection each); their ids."""
     ids: list[str] = []
     left = iter(range(n))
 
     async def client() -> None:
+        conn = Connection(base)
         for _ in left:
-            resp = await http.post(f"/v1/workflows/{workflow}/runs", json={"input": body})
-            assert resp.status_code == 202, resp.text
-            ids.append(resp.json()["id"])
+            status, run = await conn.request("POST", f"/v1/workflows/{workflow}/runs",
+                                             {"input": body})  # fmt: skip
+            assert status == 202, run
+            ids.append(run["id"])
+        await conn.close()
 
     await asyncio.gather(*(client() for _ in range(CLIENTS)))
     return ids
@@ -86,28 +88,30 @@ async def _fields(redis: Any, ids: list[str], *names: str) -> list[list[Any]]:
 
 
 async def _until_all(redis: Any, ids: list[str], statuses: set[str], within: float) -> None:
+    """Until every run has one of ``statuses`` (looking only at those that had not yet)."""
     deadline = time.monotonic() + within
-    while True:
-        got = await _fields(redis, ids, "status")
-        if all(s in statuses for (s,) in got):
-            return
-        assert time.monotonic() < deadline, {s for (s,) in got}
-        await asyncio.sleep(0.1)
+    left = list(ids)
+    while left:
+        got = await _fields(redis, left, "status")
+        left = [r for r, (s,) in zip(left, got, strict=True) if s not in statuses]
+        assert time.monotonic() < deadline, len(left)
+        await asyncio.sleep(0.25)
 
 
-async def warm(http: httpx.AsyncClient) -> list[float]:
-    out = []
+async def warm(base: str) -> list[float]:
+    conn, out = Connection(base), []
     for _ in range(40):
         t0 = time.perf_counter()
-        resp = await http.post("/v1/workflows/serve-one/runs?wait=10", json={"input": {}})
+        status, run = await conn.request("POST", "/v1/workflows/serve-one/runs?wait=10", {})
         out.append(time.perf_counter() - t0)
-        assert resp.status_code == 200 and resp.json()["status"] == "succeeded", resp.text
-    return out[10:]  # the first ones warm the process up
+        assert status == 200 and run["status"] == "succeeded", run
+    await conn.close()
+    return out[10:]  # the first ones warm the processes up
 
 
-async def burst(http: httpx.AsyncClient, redis: Any, n: int) -> dict[str, float]:
+async def burst(base: str, redis: Any, n: int) -> dict[str, float]:
     t0 = time.time()
-    ids = await _post_all(http, "serve-three", n, {})
+    ids = await _post_all(base, "serve-three", n, {})
     posted = time.time() - t0
     await _until_all(redis, ids, {"succeeded", "failed", "cancelled"}, within=600)
     rows = await _fields(redis, ids, "status", "created_at", "started_at", "finished_at")
@@ -130,10 +134,10 @@ async def plain_burst(n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-async def hold_many(http: httpx.AsyncClient, redis: Any, n: int) -> dict[str, float]:
+async def hold_many(base: str, redis: Any, n: int) -> dict[str, float]:
     before = memory_in_use_mb()
     hosts_before = len(processes("ray::RunHost"))
-    ids = await _post_all(http, "serve-hold", n, {"seconds": 60})
+    ids = await _post_all(base, "serve-hold", n, {"seconds": 60})
     await _until_all(redis, ids, {"running"}, within=120)
     await asyncio.sleep(2)  # let allocations settle
     grown = memory_in_use_mb() - before
@@ -141,19 +145,23 @@ async def hold_many(http: httpx.AsyncClient, redis: Any, n: int) -> dict[str, fl
     picks = iter(random.choices(ids, k=1000))
 
     async def getter() -> None:
+        conn = Connection(base)
         for run_id in picks:
             t0 = time.perf_counter()
-            resp = await http.get(f"/v1/runs/{run_id}")
+            status, run = await conn.request("GET", f"/v1/runs/{run_id}")
             latencies.append(time.perf_counter() - t0)
-            assert resp.status_code == 200 and resp.json()["status"] == "running"
+            assert status == 200 and run["status"] == "running"
+        await conn.close()
 
     await asyncio.gather(*(getter() for _ in range(8)))
     statuses = await _fields(redis, ids, "status")
     hosts = len(processes("ray::RunHost"))
 
     async def cancel(chunk: list[str]) -> None:
+        conn = Connection(base)
         for run_id in chunk:
-            await http.post(f"/v1/runs/{run_id}/cancel")
+            await conn.request("POST", f"/v1/runs/{run_id}/cancel")
+        await conn.close()
 
     await asyncio.gather(*(cancel(ids[i::CLIENTS]) for i in range(CLIENTS)))
     await _until_all(redis, ids, {"cancelled"}, within=120)
@@ -166,14 +174,11 @@ async def hold_many(http: httpx.AsyncClient, redis: Any, n: int) -> dict[str, fl
 
 async def measure(base: str, redis_url: str, *, full: bool) -> dict[str, Any]:
     redis = async_redis(redis_url)
-    limits = httpx.Limits(max_connections=CLIENTS + 8, max_keepalive_connections=CLIENTS + 8)
-    out: dict[str, Any] = {}
-    async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as http:
-        out["warm"] = await warm(http)
-        await burst(http, redis, 100)  # the hosts and connections warm up
-        out["burst"] = await burst(http, redis, BURST if full else 200)
-        if full:
-            out["held"] = await hold_many(http, redis, HELD)
+    out: dict[str, Any] = {"warm": await warm(base)}
+    await burst(base, redis, 100)  # the hosts and connections warm up
+    out["burst"] = await burst(base, redis, BURST if full else 200)
+    if full:
+        out["held"] = await hold_many(base, redis, HELD)
     await redis.aclose()
     return out
 

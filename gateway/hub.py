@@ -36,7 +36,7 @@ class EventHub:
         self,
         client: Any,
         *,
-        block_ms: int = 100,
+        block_ms: int = 20,
         recheck_seconds: float = 5.0,
     ) -> None:
         self.redis = client

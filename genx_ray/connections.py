@@ -90,6 +90,11 @@ def async_redis(url: str, *, pool_size: int = POOL_SIZE) -> redis.asyncio.Redis:
     return redis.asyncio.Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
 
 
+def is_cluster(client: object) -> bool:
+    """Whether a client talks to a Redis Cluster (some commands go per slot there)."""
+    return type(client).__name__ == "RedisCluster"
+
+
 def sync_redis(url: str) -> redis.Redis:
     return redis.Redis.from_url(
         url, decode_responses=True, socket_keepalive=True, health_check_interval=30

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from genx_ray import keys, lua
+from genx_ray import keys
 from genx_ray.context import JournalEntry, RunContext, run_scope
 from genx_ray.errors import Fenced, GenxError, InvalidTransition, RunCancelled, RunNotFound
 from genx_ray.events import (
@@ -25,6 +25,7 @@ from genx_ray.events import (
     RunStartedEvent,
     RunSucceededEvent,
 )
+from genx_ray.runs import Claim, Run
 from genx_ray.status import RunStatus
 from genx_ray.values import dumps
 from genx_ray.webhooks import notify
@@ -43,7 +44,8 @@ class Attempt:
 
     run_id: str
     attempt: int | None
-    task: asyncio.Task[Any] | None = None
+    task: asyncio.Task[Any] | None = None  # the workflow body
+    runner: asyncio.Task[str | None] | None = None  # the whole attempt, after its claim
     ctx: RunContext | None = None
     cancel_asked: bool = False  # a cancel arrived (maybe before the body started)
     lost: bool = False  # superseded: another attempt owns the run now
@@ -62,6 +64,84 @@ class Attempt:
             self.task.cancel()
 
 
+async def start(
+    rt: Runtime,
+    run_id: str,
+    worker: str,
+    *,
+    attempt: int | None = None,
+    workflow: str | None = None,
+) -> Attempt | None:
+    """Claim ``attempt`` of ``run_id`` (status ``queued``); once claimed, the attempt runs on in
+    a task of its own (``Attempt.runner``, whose result is the final status, or None when the
+    attempt lost its claim while running). None when the run was not this attempt's to run
+    (cancelled while queued, taken by another, superseded). Without ``attempt`` and
+    ``workflow`` (which the queue entry usually carries), they are read from the run."""
+    (me,) = await start_many(rt, [(run_id, attempt, workflow)], worker)
+    return me
+
+
+async def start_many(
+    rt: Runtime, runs: list[tuple[str, int | None, str | None]], worker: str
+) -> list[Attempt | None]:
+    """:func:`start` for many (run id, attempt, workflow) at once: their claims in one
+    pipeline."""
+    known = [await _known(rt, *run) for run in runs]
+    mine: list[tuple[Attempt, str]] = []
+    for item in known:
+        if item is not None and (me := await _take(rt, item[0], item[1])) is not None:
+            mine.append((me, item[2]))
+    leased = rt.leases is not None
+    claims = [
+        Claim(me.run_id, me.attempt or 0,
+              RunStartedEvent(run_id=me.run_id, workflow=wf, attempt=me.attempt, worker=worker),
+              {"started_at": repr(time.time()), "worker": worker, "host": HOST_ID,
+               # the deployment that runs (and resumes) it
+               "version": rt.settings.deployment})
+        for me, wf in mine
+    ]  # fmt: skip
+    results = await rt.runs.claim_many(
+        claims, rt.settings.lease_seconds if leased else None, watch=leased
+    )
+    started: dict[str, Attempt] = {}
+    for (me, _), result in zip(mine, results, strict=True):
+        if isinstance(result, InvalidTransition | RunNotFound | Fenced):
+            _forget(rt, me)
+            continue
+        if isinstance(result, Exception):
+            _forget(rt, me)
+            raise result
+        if rt.leases is not None:
+            rt.leases.hold(me.run_id, me.attempt or 0)
+        me.runner = asyncio.create_task(_run(rt, me, *result), name=f"genx-attempt-{me.run_id}")
+        started[me.run_id] = me
+    return [started.get(run[0]) for run in runs]
+
+
+async def _known(
+    rt: Runtime, run_id: str, attempt: int | None, workflow: str | None
+) -> tuple[str, int, str] | None:
+    """The run's attempt and workflow, read from the run if the caller did not say."""
+    if attempt is not None and workflow is not None:
+        return run_id, attempt, workflow
+    raw_attempt, raw_workflow = await rt.redis.hmget(keys.run(run_id), "attempt", "workflow")
+    if raw_attempt is None:
+        return None
+    return run_id, int(raw_attempt), str(raw_workflow)
+
+
+async def _take(rt: Runtime, run_id: str, attempt: int) -> Attempt | None:
+    """Register the attempt in this process; None if this process runs it already. A newer
+    attempt of a run an older one still runs here (this process was frozen) supersedes it."""
+    me = Attempt(run_id, attempt)
+    while (other := rt.active.setdefault(run_id, me)) is not me:
+        if other.attempt is not None and other.attempt >= attempt:
+            return None  # a duplicate delivery
+        other.lose()
+        await other.done.wait()
+    return me
+
+
 async def execute(
     rt: Runtime,
     run_id: str,
@@ -69,51 +149,23 @@ async def execute(
     *,
     attempt: int | None = None,
     workflow: str | None = None,
-    extra: dict[str, str] | None = None,
 ) -> str | None:
-    """Run ``attempt`` of ``run_id`` (status ``queued``) to its end. Returns the final status,
-    :data:`SKIPPED` when the run was not this attempt's to run (cancelled while queued, taken by
-    another, superseded), or None when the attempt lost its claim while running (another attempt
-    owns the run: this one wrote nothing more). Without ``attempt`` and ``workflow`` (which the
-    queue entry usually carries), they are read from the run."""
-    if attempt is None or workflow is None:
-        raw_attempt, raw_workflow = await rt.redis.hmget(keys.run(run_id), "attempt", "workflow")
-        if raw_attempt is None:
-            return SKIPPED
-        attempt, workflow = int(raw_attempt), str(raw_workflow)
-    me = Attempt(run_id, attempt)
-    while (other := rt.active.setdefault(run_id, me)) is not me:
-        if other.attempt is not None and other.attempt >= attempt:
-            return SKIPPED  # this process runs it already (a duplicate delivery)
-        other.lose()  # an older attempt still here (this process was frozen): the new one wins
-        await other.done.wait()
-    try:
-        return await _execute(rt, me, attempt, workflow, worker, extra or {})
-    finally:
-        me.done.set()
-        if rt.active.get(run_id) is me:
-            del rt.active[run_id]
-
-
-async def _execute(
-    rt: Runtime, me: Attempt, attempt: int, workflow: str, worker: str, extra: dict[str, str]
-) -> str | None:
-    run_id, settings = me.run_id, rt.settings
-    leased = rt.leases is not None
-    fields = {
-        "started_at": repr(time.time()), "worker": worker, "host": HOST_ID,
-        "version": settings.deployment, **extra,  # the deployment that runs (and resumes) it
-    }  # fmt: skip
-    started = RunStartedEvent(run_id=run_id, workflow=workflow, attempt=attempt, worker=worker)
-    try:
-        run, raw_journal = await rt.runs.claim(
-            run_id, attempt, started, fields, settings.lease_seconds if leased else None,
-            watch=leased,
-        )  # fmt: skip
-    except (InvalidTransition, RunNotFound, Fenced):
+    """:func:`start`, then wait for the attempt's end: the final status, :data:`SKIPPED`, or
+    None (lost)."""
+    me = await start(rt, run_id, worker, attempt=attempt, workflow=workflow)
+    if me is None or me.runner is None:
         return SKIPPED
-    if rt.leases is not None:
-        rt.leases.hold(run_id, attempt)
+    return await me.runner
+
+
+def _forget(rt: Runtime, me: Attempt) -> None:
+    me.done.set()
+    if rt.active.get(me.run_id) is me:
+        del rt.active[me.run_id]
+
+
+async def _run(rt: Runtime, me: Attempt, run: Run, raw_journal: dict[str, str]) -> str | None:
+    run_id, attempt = me.run_id, run.attempt
     try:
         journal = {k: JournalEntry.loads(v) for k, v in raw_journal.items()}
         writer = rt.writes.writer(run_id, attempt)
@@ -122,22 +174,15 @@ async def _execute(
         me.ctx = ctx
         status = await _finish(rt, me, ctx, run.workflow, run.input)
         if status is not None:
-            await notify(rt.redis, settings, run_id)
+            await notify(rt.redis, rt.settings, run_id)
         return status.value if status is not None else None
     finally:
-        # Released only once the run has its terminal status (or was handed on): a crash before
-        # that leaves the lease to expire, and the supervisor restarts the run.
+        # The lease goes with the terminal status (lua.FINISH). An attempt stopped any other way
+        # (superseded, or this process torn down) keeps it until it expires: then the supervisor
+        # restarts the run, unless another attempt already owns it.
         if rt.leases is not None:
             rt.leases.drop(run_id, attempt)
-            await release_lease(rt.redis, run_id, attempt)
-
-
-async def release_lease(client: Any, run_id: str, attempt: int) -> None:
-    try:
-        if await lua.RELEASE(client, [keys.lease(run_id)], [attempt]):
-            await client.zrem(keys.LEASES, run_id)
-    except Exception as exc:  # the lease expires by itself
-        log.warning("run %s: lease release failed (%s)", run_id, exc)
+        _forget(rt, me)
 
 
 async def _finish(
@@ -145,13 +190,17 @@ async def _finish(
 ) -> RunStatus | None:
     try:
         outcome = await _run_body(rt, me, ctx, workflow, raw_input)
-    finally:
+    except BaseException:
         await ctx.writer.close()
+        raise
     if outcome is None or ctx.writer.fenced:
+        await ctx.writer.close()
         return None
     status, fields, final_event = outcome
+    fields["finished_at"] = repr(time.time())
     try:
-        await rt.runs.finish(ctx.run_id, ctx.attempt, status, final_event, fields)
+        # After the run's last events, in the same pipeline: status, event, lease released.
+        await ctx.writer.finish(status.value, final_event, fields, leased=rt.leases is not None)
     except (Fenced, InvalidTransition, RunNotFound):
         return None
     return status

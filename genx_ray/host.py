@@ -56,21 +56,20 @@ class RunHost:
                 os._exit(0)
 
     async def ping(self) -> dict[str, Any]:
-        """Alive, and how loaded: what the worker's health check reads."""
+        """Alive, and what it runs: what the worker's health check reads."""
         self._heard = time.monotonic()
         rt = await self._rt()
-        return {"pid": os.getpid(), "runs": rt.load, "accepted": self.accepted}
+        return {"pid": os.getpid(), "runs": rt.attempts(), "accepted": self.accepted}
 
-    async def execute(
-        self, run_id: str, worker: str, attempt: int | None, workflow: str | None
-    ) -> str | None:
+    async def start(
+        self, runs: list[tuple[str, int | None, str | None]], worker: str
+    ) -> list[bool]:
+        """Claim each (run id, attempt, workflow) and go on executing the claimed ones; whether
+        each was claimed (False: not this attempt's to run)."""
         self._heard = time.monotonic()
-        self.accepted += 1
+        self.accepted += len(runs)
         rt = await self._rt()
-        try:
-            return await rt.execute(run_id, worker, attempt=attempt, workflow=workflow)
-        finally:
-            self._heard = time.monotonic()
+        return await rt.start_many(runs, worker)
 
     async def abandon(self, run_ids: list[str]) -> int:
         """Stop runs handed on to their next attempt (a draining worker requeued them)."""
@@ -85,8 +84,8 @@ def host_class() -> Any:
         import ray
 
         remote: Any = ray.remote
-        # Concurrency: every run is a call awaiting its end, plus pings and hand-backs.
-        _host_class = remote(num_cpus=0, max_restarts=0, max_concurrency=100_000)(RunHost)
+        # Calls are short (a run goes on after its start call returns): pings, starts, hand-backs.
+        _host_class = remote(num_cpus=0, max_restarts=0, max_concurrency=1000)(RunHost)
     return _host_class
 
 

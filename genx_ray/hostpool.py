@@ -1,17 +1,19 @@
 """A worker's run hosts: where each run goes, and how many hosts there are.
 
-A run goes to a host with free room (fewer than ``capacity`` runs), the least loaded first,
-ready ones before ones still booting. Hosts start as load requires: there is always room for
-``spare`` more runs on hosts already started (a host's process takes seconds to boot, so a
-burst does not wait for it), up to ``max_hosts``; a host idle for ``IDLE_RETIRE_SECONDS`` goes
-when the others have room enough, and one that has taken ``lifetime`` runs takes no more and
-goes once its last run ends.
+Runs go to hosts in batches (one Ray call per host per batch, not one per run): each to a host
+with free room (fewer than ``capacity`` runs), the least loaded first, ready ones before ones
+still booting. The call returns once the host has claimed them; they then run on without the
+worker. Hosts start as load requires: there is always room for ``spare`` more runs on hosts
+already started (a host's process takes seconds to boot, so a burst does not wait for it), up
+to ``max_hosts``; a host idle for ``IDLE_RETIRE_SECONDS`` goes when the others have room enough,
+and one that has taken ``lifetime`` runs takes no more and goes once its last run ends.
 
-Every host is pinged every ``HEALTH_SECONDS``: one that does not answer in time (frozen, or its
-node partitioned) gets no new runs until it answers again, and a run sent to it that it has not
-claimed yet goes to another host (safe: a queued attempt is claimed once, so if the frozen host
-wakes up, its claim fails). A host Ray reports dead raises :class:`HostDied` from
-:meth:`HostPool.run` at once, so its runs are restarted without waiting for their leases.
+Every host is pinged every ``HEALTH_SECONDS``; it answers with the runs it executes, which is
+how the worker knows its load. A host that does not answer in time (frozen, or its node
+partitioned) gets no new runs until it answers again, and a batch sent to it that it has not
+claimed goes to other hosts (safe: a queued attempt is claimed once, so if the frozen host wakes
+up, its claims fail). A host Ray reports dead has its runs handed to ``on_lost`` at once, to be
+restarted without waiting for their leases.
 """
 
 from __future__ import annotations
@@ -20,27 +22,22 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from genx_ray.errors import GenxError
-from genx_ray.host import start_host
+from genx_ray.host import start_host, wait_ready
+from genx_ray.queue import QueueEntry
 
 log = logging.getLogger("genx_ray.hostpool")
 HEALTH_SECONDS = 1.0
 HEALTH_TIMEOUT = 3.0  # a host slower than this to answer a ping gets no new runs meanwhile
+START_TIMEOUT = 10.0  # a batch a host has not claimed by then goes elsewhere
 IDLE_RETIRE_SECONDS = 60.0
+WARM_HOSTS = 2  # started with the pool, and kept (not retired for idleness)
 
-
-class HostDied(GenxError):
-    """The run host executing a run died (Ray reported it: process killed, node lost)."""
-
-    code = "host_died"
-
-    def __init__(self, name: str, reason: str) -> None:
-        super().__init__(f"run host {name} died: {reason}")
-        self.name = name
+# What a dead host leaves: (run id, attempt) of what it ran, and its name.
+LostRuns = Callable[[list[tuple[str, int]], str], Awaitable[None]]
 
 
 @dataclass(eq=False)
@@ -48,12 +45,12 @@ class Host:
     actor: Any
     name: str
     ready: asyncio.Future[Any]
-    load: int = 0
+    runs: dict[str, int] = field(default_factory=dict)  # run id -> attempt, as last reported
+    placing: int = 0  # runs sent, not yet answered for
     accepted: int = 0
     healthy: bool = True
     dead: bool = False
     idle_since: float = field(default_factory=time.monotonic)
-    runs: set[str] = field(default_factory=set)
 
     @property
     def up(self) -> bool:
@@ -61,12 +58,17 @@ class Host:
         r = self.ready
         return r.done() and not r.cancelled() and r.exception() is None
 
+    @property
+    def load(self) -> int:
+        return len(self.runs) + self.placing
+
 
 class HostPool:
     def __init__(
         self,
         redis_url: str,
         *,
+        on_lost: LostRuns,
         unclaimed: Callable[[str, int | None], Awaitable[bool]],
         capacity: int,
         max_hosts: int,
@@ -75,13 +77,14 @@ class HostPool:
         spare: int = 2,
     ) -> None:
         self.redis_url = redis_url
+        self.on_lost = on_lost
         # Whether a run's attempt is still waiting to be claimed (a Redis read, the worker's).
         self.unclaimed = unclaimed
         self.capacity, self.max_hosts, self.lifetime = capacity, max(1, max_hosts), lifetime
         self.resources = resources or None
         self.spare = spare
         self.hosts: list[Host] = []
-        self._room = asyncio.Event()  # set when a run ends: room on some host
+        self._room = asyncio.Event()  # set when some host has room again
         self._health: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -92,51 +95,37 @@ class HostPool:
     @property
     def ready(self) -> int:
         """Hosts up and healthy."""
-        return sum(1 for h in self.hosts if h.up and not h.dead and h.healthy)
+        return sum(1 for h in self.hosts if h.up and h.healthy)
+
+    def attempts(self) -> list[tuple[str, int]]:
+        """(run id, attempt) of every run on these hosts, as last reported."""
+        return [item for h in self.hosts for item in h.runs.items()]
 
     def start(self) -> None:
-        """Start the first hosts (enough for ``spare`` runs) and the health check."""
+        """Start the first hosts and the health check. Two hosts (if allowed) are started ahead,
+        warm: a burst spreads over two event loops without waiting for a process to boot."""
+        for _ in range(min(WARM_HOSTS, self.max_hosts)):
+            self._start()
         self._top_up()
         self._health = asyncio.create_task(self._check_health(), name="genx-host-health")
 
-    async def run(
-        self, run_id: str, worker: str, attempt: int | None, workflow: str | None
-    ) -> str | None:
-        """Execute the run on a host and wait for its end (what the host returns)."""
-        import ray
+    async def place(self, entries: Sequence[QueueEntry], worker: str) -> list[bool]:
+        """Start each run on a host; whether each was claimed (False: it was not this attempt's
+        to run: cancelled while queued, or taken by another)."""
+        batches: dict[Host, list[int]] = {}
+        for i in range(len(entries)):
+            host = await self._pick()
+            batches.setdefault(host, []).append(i)
+        results = [False] * len(entries)
+        await asyncio.gather(
+            *(self._send(host, [entries[i] for i in idx], worker, idx, results)
+              for host, idx in batches.items())
+        )  # fmt: skip
+        return results
 
-        while True:
-            host = await self._place()  # its room is taken for this run already
-            host.runs.add(run_id)
-            self._top_up()
-            call = asyncio.ensure_future(
-                host.actor.execute.remote(run_id, worker, attempt, workflow)
-            )
-            try:
-                while True:
-                    done, _ = await asyncio.wait({call}, timeout=HEALTH_SECONDS)
-                    if done:
-                        result: str | None = call.result()
-                        return result
-                    if not host.healthy and await self.unclaimed(run_id, attempt):
-                        log.warning("run %s: its host %s does not answer; placing it elsewhere",
-                                    run_id, host.name)  # fmt: skip
-                        call.add_done_callback(_ignore)  # it answers 'skipped' if it wakes up
-                        break
-            except ray.exceptions.RayActorError as exc:
-                self._lost(host)
-                raise HostDied(host.name, type(exc).__name__) from None
-            finally:
-                self._release(host, run_id)
-
-    def _release(self, host: Host, run_id: str) -> None:
-        host.load -= 1
-        host.runs.discard(run_id)
-        if host.load == 0:
-            host.idle_since = time.monotonic()
-            if host.accepted >= self.lifetime:
-                self._retire(host)
-        self._room.set()
+    async def refresh(self) -> None:
+        """Ask every host now what it runs."""
+        await asyncio.gather(*(self._ping(h) for h in self.hosts if h.up))
 
     async def abandon(self, run_ids: list[str]) -> None:
         """Tell the hosts to stop these runs (handed on to their next attempt)."""
@@ -166,26 +155,56 @@ class HostPool:
             if not h.dead and h.healthy and h.load < self.capacity and h.accepted < self.lifetime
         ]  # fmt: skip
 
-    async def _place(self) -> Host:
+    async def _pick(self) -> Host:
+        """A host with room for one more run, its room taken now."""
         while True:
             candidates = self._open()
-            ready = [h for h in candidates if h.up]
-            pick = min(ready or candidates, key=lambda h: h.load, default=None)
+            pick = min([h for h in candidates if h.up] or candidates, key=lambda h: h.load,
+                       default=None)  # fmt: skip
             if pick is None and len(self.hosts) < self.max_hosts:
                 pick = self._start()
             if pick is not None:
-                pick.load += 1  # taken now: runs placed while it boots go elsewhere
+                pick.placing += 1
                 pick.accepted += 1
-                try:
-                    await asyncio.shield(pick.ready)
-                except Exception as exc:
-                    log.warning("run host %s did not start: %s", pick.name, exc)
-                    pick.load -= 1
-                    self._lost(pick)
-                    continue
+                self._top_up()
                 return pick
-            self._room.clear()  # every host is full: wait for a run to end
+            self._room.clear()  # every host is full: wait for room
             await self._room.wait()
+
+    async def _send(
+        self, host: Host, entries: list[QueueEntry], worker: str, idx: list[int],
+        results: list[bool],
+    ) -> None:  # fmt: skip
+        import ray
+
+        batch = [(e.run_id, e.attempt, e.workflow) for e in entries]
+        try:
+            await asyncio.shield(host.ready)
+            call = asyncio.ensure_future(host.actor.start.remote(batch, worker))
+            done, _ = await asyncio.wait({call}, timeout=START_TIMEOUT)
+            if done:
+                for i, entry, claimed in zip(idx, entries, call.result(), strict=True):
+                    results[i] = claimed
+                    if claimed:
+                        host.runs[entry.run_id] = entry.attempt or 0
+                return
+            call.add_done_callback(_ignore)  # claims it makes if it wakes up are real
+            host.healthy = False
+            log.warning("run host %s did not claim %d run(s) in time; placing them elsewhere",
+                        host.name, len(entries))  # fmt: skip
+        except ray.exceptions.RayActorError:
+            await self._lost(host)
+        except Exception as exc:
+            log.warning("run host %s did not start: %s", host.name, exc)
+            await self._lost(host)
+        finally:
+            host.placing -= len(entries)
+        again = [(i, e) for i, e in zip(idx, entries, strict=True)
+                 if await self.unclaimed(e.run_id, e.attempt)]  # fmt: skip
+        if again:
+            retried = await self.place([e for _, e in again], worker)
+            for (i, _), claimed in zip(again, retried, strict=True):
+                results[i] = claimed
 
     def _top_up(self) -> None:
         """Start hosts until there is room for ``spare`` more runs (within ``max_hosts``)."""
@@ -198,23 +217,24 @@ class HostPool:
             self._start()
 
     def _start(self) -> Host:
-        from genx_ray.host import wait_ready
-
         actor = start_host(self.redis_url, self.resources)
-        name = actor._actor_id.hex()[:12]
         ready = asyncio.ensure_future(wait_ready(actor))
-        ready.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: no warning
-        host = Host(actor, name, ready)
+        ready.add_done_callback(_ignore)
+        host = Host(actor, actor._actor_id.hex()[:12], ready)
         self.hosts.append(host)
         return host
 
-    def _lost(self, host: Host) -> None:
-        if not host.dead:
-            host.dead = True
-            if host in self.hosts:
-                self.hosts.remove(host)
-            log.warning("run host %s is gone", host.name)
-            self._top_up()
+    async def _lost(self, host: Host) -> None:
+        if host.dead:
+            return
+        host.dead = True
+        if host in self.hosts:
+            self.hosts.remove(host)
+        log.warning("run host %s is gone, with %d run(s)", host.name, len(host.runs))
+        self._top_up()
+        self._room.set()
+        if host.runs:
+            await self.on_lost(list(host.runs.items()), host.name)
 
     def _retire(self, host: Host) -> None:
         import ray
@@ -227,32 +247,45 @@ class HostPool:
 
     # -- health ---------------------------------------------------------------------------------
 
-    async def _check_health(self) -> None:
+    async def _ping(self, host: Host) -> None:
         import ray
 
-        async def ping(host: Host) -> None:
-            try:
-                await asyncio.wait_for(host.actor.ping.remote(), HEALTH_TIMEOUT)
-                if not host.healthy:
-                    log.warning("run host %s answers again", host.name)
-                host.healthy = True
-            except TimeoutError:
-                if host.healthy:
-                    log.warning("run host %s does not answer; no new runs for it", host.name)
-                host.healthy = False
-            except ray.exceptions.RayActorError:
-                self._lost(host)
+        try:
+            report = await asyncio.wait_for(host.actor.ping.remote(), HEALTH_TIMEOUT)
+        except TimeoutError:
+            if host.healthy:
+                log.warning("run host %s does not answer; no new runs for it", host.name)
+            host.healthy = False
+            return
+        except ray.exceptions.RayActorError:
+            await self._lost(host)
+            return
+        if not host.healthy:
+            log.warning("run host %s answers again", host.name)
+        host.healthy = True
+        before = host.load
+        host.runs = {run_id: attempt for run_id, attempt in report["runs"]}
+        if host.load < before:
+            self._room.set()
+        if host.load == 0 and before:
+            host.idle_since = time.monotonic()
 
+    async def _check_health(self) -> None:
         while True:
             await asyncio.sleep(HEALTH_SECONDS)
-            await asyncio.gather(*(ping(h) for h in self.hosts if h.ready.done()))
+            await asyncio.gather(*(self._ping(h) for h in self.hosts if h.up))
+            for host in list(self.hosts):
+                if host.load == 0 and host.accepted >= self.lifetime:
+                    self._retire(host)  # its last run ended: a fresh process takes over
             self._retire_idle()
             self._top_up()
 
     def _retire_idle(self) -> None:
         now = time.monotonic()
         for host in list(self.hosts):
-            if host.load or now - host.idle_since < IDLE_RETIRE_SECONDS or not host.ready.done():
+            if len(self.hosts) <= WARM_HOSTS:
+                return
+            if host.load or now - host.idle_since < IDLE_RETIRE_SECONDS or not host.up:
                 continue
             others = sum(self.capacity - h.load for h in self._open() if h is not host)
             if others >= self.spare:

@@ -160,6 +160,27 @@ return 1
 """
 )
 
+# KEYS: run hash, events stream, journal hash, lease.
+# ARGV: attempt, terminal status, event type, event JSON, maxlen, retention seconds, then
+# field/value pairs to set.
+# Ends a running attempt: its terminal status and event, the run's keys set to expire, and its
+# lease released (if it still holds it), in one call. Returns the event's id; errors MISSING,
+# FENCED <status>, INVALID <status>.
+FINISH = Script(
+    _HOLDS
+    + """
+local cur, why = holds(KEYS[1], ARGV[1])
+if not cur then return redis.error_reply(why) end
+if cur ~= 'running' then return redis.error_reply('INVALID ' .. cur) end
+redis.call('HSET', KEYS[1], 'status', ARGV[2])
+for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 't', ARGV[3], 'e', ARGV[4])
+for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[6]) end
+if redis.call('GET', KEYS[4]) == ARGV[1] then redis.call('DEL', KEYS[4]) end
+return id
+"""
+)
+
 # KEYS: lease. ARGV: attempt. Deletes the lease only if this attempt still holds it.
 RELEASE = Script("""
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end

@@ -10,8 +10,11 @@ the stream is complete. Writes on behalf of an attempt are fenced by its number.
 
 from __future__ import annotations
 
+import builtins
 import json
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -19,6 +22,7 @@ from pydantic import BaseModel, JsonValue
 from redis.exceptions import NoScriptError, ResponseError
 
 from genx_ray import keys, lua
+from genx_ray.connections import is_cluster
 from genx_ray.errors import Fenced, IdempotencyConflict, InvalidTransition, RunNotFound, UserError
 from genx_ray.events import (
     ErrorInfo,
@@ -91,6 +95,20 @@ def _usage(h: dict[str, str]) -> dict[str, float] | None:
     return usage
 
 
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """An attempt to claim (see :meth:`RunStore.claim_many`)."""
+
+    run_id: str
+    attempt: int
+    event: RunStartedEvent
+    fields: dict[str, str]
+
+
+# A claimed run, and its journal (step id -> recorded entry).
+Claimed = tuple[Run, dict[str, str]]
+
+
 def _pairs(fields: dict[str, str] | None) -> list[str]:
     return [item for pair in (fields or {}).items() for item in pair]
 
@@ -124,6 +142,7 @@ class RunStore:
         With a ``run_id`` that exists already, nothing is written and the existing run is
         returned: creating is idempotent, so a retried request cannot reset a run.
         """
+        fresh = run_id is None  # a new id: it cannot exist yet
         run_id = run_id or new_run_id()
         now = time.time()
         fields = {
@@ -132,22 +151,32 @@ class RunStore:
             "created_at": repr(now), "tenant": tenant, **(extra or {}),
         }  # fmt: skip
         event = dumps(RunQueuedEvent(run_id=run_id, workflow=workflow, ts=now))
-        created = await lua.CREATE(
-            self.redis, [keys.run(run_id), keys.events(run_id)],
-            [event, self.maxlen, *_pairs(fields)],
-        )  # fmt: skip
-        if not created:
+        create: lua.Call = (lua.CREATE, [keys.run(run_id), keys.events(run_id)],
+                            [event, self.maxlen, *_pairs(fields)])  # fmt: skip
+        # Index and queue live in other slots, so they are separate commands; the queue goes last
+        # so a worker never sees a run that does not exist or is not indexed yet. One Redis runs
+        # a pipeline in order: a fresh run goes in one round trip. A Redis Cluster runs each
+        # node's part on its own: there, and for a run that may exist, the run comes first.
+        one_trip = fresh and not is_cluster(self.redis)
+        if not one_trip and not await lua.CREATE(self.redis, create[1], create[2]):
             return await self.get(run_id)
-        # Index and queue live in other slots, so they are separate writes; the queue goes last so
-        # a worker never sees a run that is not indexed yet.
         tenant_index, workflow_index = keys.run_index(tenant), keys.run_index(tenant, workflow)
         async with self.redis.pipeline(transaction=False) as pipe:
+            if one_trip:
+                pipe.execute_command("EVALSHA", lua.CREATE.sha, 2, *create[1], *create[2])
             pipe.zadd(tenant_index, {run_id: 0})
             pipe.zadd(workflow_index, {run_id: 0})
             pipe.zadd(keys.INDEXES, {tenant_index: 0, workflow_index: 0})
             if enqueue:
                 pipe.xadd(keys.QUEUE, {"run": run_id, "attempt": "1", "workflow": workflow})
-            await pipe.execute()
+            results = await pipe.execute(raise_on_error=False)
+        if one_trip and isinstance(results[0], Exception):  # Redis restarted: scripts reloaded
+            if not isinstance(results[0], NoScriptError):
+                raise results[0]
+            await lua.CREATE(self.redis, create[1], create[2])
+        for result in results[1:]:
+            if isinstance(result, Exception):
+                raise result
         return Run.from_hash(fields)
 
     async def create_idempotent(
@@ -296,30 +325,48 @@ class RunStore:
         lease_seconds: float | None,
         *,
         watch: bool = True,
-    ) -> tuple[Run, dict[str, str]]:
+    ) -> Claimed:
         """Move a queued run to running for ``attempt``, with its ``run.started`` event, and take
         its lease (unless ``lease_seconds`` is None); returns the run and its journal (step id ->
         entry), all in one round trip. ``watch``: the supervisor watches the run from now on
-        (a host that dies before its first renewal is found too)."""
+        (a host that dies before its first renewal is found too). Raises
+        :class:`InvalidTransition` (not queued), :class:`Fenced` or :class:`RunNotFound`."""
+        (result,) = await self.claim_many(
+            [Claim(run_id, attempt, event, fields)], lease_seconds, watch=watch
+        )
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    async def claim_many(
+        self, claims: Sequence[Claim], lease_seconds: float | None, *, watch: bool = True
+    ) -> Sequence[Claimed | Exception]:
+        """:meth:`claim` for many runs in one pipeline: each claim's run and journal, or why it
+        was not this attempt's to run."""
         lease_ms = "" if lease_seconds is None else int(lease_seconds * 1000)
-        claim_keys = [*keys.run_keys(run_id), keys.lease(run_id)]
-        args: list[Any] = [attempt, dumps(event), self.maxlen, lease_ms, *_pairs(fields)]
-        async with self.redis.pipeline(transaction=False) as pipe:
-            if watch:
-                pipe.zadd(keys.LEASES, {run_id: time.time()})
-            pipe.execute_command("EVALSHA", lua.CLAIM.sha, len(claim_keys), *claim_keys, *args)
-            result = (await pipe.execute(raise_on_error=False))[-1]
-        try:
-            if isinstance(result, NoScriptError):
-                result = await lua.CLAIM(self.redis, claim_keys, args)
+        calls: builtins.list[lua.Call] = [
+            (lua.CLAIM, [*keys.run_keys(c.run_id), keys.lease(c.run_id)],
+             [c.attempt, dumps(c.event), self.maxlen, lease_ms, *_pairs(c.fields)])
+            for c in claims
+        ]  # fmt: skip
+        if watch:
+            await self.redis.zadd(keys.LEASES, {c.run_id: time.time() for c in claims})
+        results = await lua.execute_scripts(self.redis, calls)
+        out: builtins.list[Claimed | Exception] = []
+        unwatch = []
+        for claim, result in zip(claims, results, strict=True):
+            if isinstance(result, ResponseError):
+                if " running" not in str(result):  # else another attempt holds the watch
+                    unwatch.append(claim.run_id)
+                out.append(self._error(result, claim.run_id, RunStatus.RUNNING, claim.attempt))
             elif isinstance(result, Exception):
-                raise result
-        except ResponseError as exc:
-            if watch and " running" not in str(exc):  # else another attempt holds the watch
-                await self.redis.zrem(keys.LEASES, run_id)
-            raise self._error(exc, run_id, RunStatus.RUNNING, attempt) from None
-        h, journal = result
-        return Run.from_hash(_as_dict(h)), _as_dict(journal)
+                out.append(result)
+            else:
+                h, journal = result
+                out.append((Run.from_hash(_as_dict(h)), _as_dict(journal)))
+        if watch and unwatch:
+            await self.redis.zrem(keys.LEASES, *unwatch)
+        return out
 
     async def finish(
         self,

@@ -20,7 +20,7 @@ import time
 from typing import Any, cast
 
 from genx_ray import keys
-from genx_ray.executor import Attempt, execute
+from genx_ray.executor import Attempt, execute, start, start_many
 from genx_ray.lease import Leases
 from genx_ray.runs import RunStore
 from genx_ray.settings import Settings
@@ -49,7 +49,9 @@ class Runtime:
         self.runs = RunStore(
             client, maxlen=settings.stream_maxlen, retention_seconds=settings.retention_seconds
         )
-        self.writes = BatchWriter(client, maxlen=settings.stream_maxlen)
+        self.writes = BatchWriter(
+            client, maxlen=settings.stream_maxlen, retention=settings.retention_seconds
+        )
         self.active: dict[str, Attempt] = {}
         self.loop = asyncio.get_running_loop()
         self.leases = (
@@ -74,17 +76,28 @@ class Runtime:
         """Runs executing here now."""
         return len(self.active)
 
+    def attempts(self) -> list[tuple[str, int]]:
+        """(run id, attempt) of every run executing here."""
+        return [(a.run_id, a.attempt) for a in self.active.values() if a.attempt is not None]
+
+    async def start(
+        self, run_id: str, worker: str, *, attempt: int | None = None, workflow: str | None = None
+    ) -> bool:
+        """Claim the run and go on executing it in the background; False if it was not this
+        attempt's to run. See :func:`genx_ray.executor.start`."""
+        return await start(self, run_id, worker, attempt=attempt, workflow=workflow) is not None
+
+    async def start_many(
+        self, runs: list[tuple[str, int | None, str | None]], worker: str
+    ) -> list[bool]:
+        """:meth:`start` for many (run id, attempt, workflow), their claims in one pipeline."""
+        return [me is not None for me in await start_many(self, runs, worker)]
+
     async def execute(
-        self,
-        run_id: str,
-        worker: str,
-        *,
-        attempt: int | None = None,
-        workflow: str | None = None,
-        extra: dict[str, str] | None = None,
+        self, run_id: str, worker: str, *, attempt: int | None = None, workflow: str | None = None
     ) -> str | None:
         """Execute the run to its end: see :func:`genx_ray.executor.execute`."""
-        return await execute(self, run_id, worker, attempt=attempt, workflow=workflow, extra=extra)
+        return await execute(self, run_id, worker, attempt=attempt, workflow=workflow)
 
     def cancel(self, run_id: str) -> bool:
         """Stop a run on request (its status becomes ``cancelled``); False if not here."""
@@ -106,6 +119,8 @@ class Runtime:
         for active in list(self.active.values()):
             if active.task is not None:
                 active.task.cancel()
+            elif active.runner is not None:
+                active.runner.cancel()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(
                 asyncio.gather(*(a.done.wait() for a in list(self.active.values()))), 5

@@ -63,7 +63,7 @@ class Settings:
     host_resources: Mapping[str, float] = field(default_factory=dict)
     # Runs one run host executes at once (each an asyncio task; 1: a process per run, for code
     # that must be isolated).
-    host_runs: int = 500
+    host_runs: int = 1000
     # Runs one run host process takes over its life before a fresh one replaces it (1 with
     # host_runs 1: a fresh process for every run, for code that leaves state behind).
     host_max_runs: int = 10_000
@@ -102,7 +102,7 @@ class Settings:
             webhook_url=_webhook_url(env.get("GENX_WEBHOOK_URL", "").strip()),
             webhook_secret=env.get("GENX_WEBHOOK_SECRET", ""),
             host_resources=_resources("GENX_HOST_RESOURCES", env.get("GENX_HOST_RESOURCES", "")),
-            host_runs=_positive_int(env, "GENX_HOST_RUNS", 500),
+            host_runs=_positive_int(env, "GENX_HOST_RUNS", 1000),
             host_max_runs=_positive_int(env, "GENX_HOST_MAX_RUNS", 10_000),
         )
 

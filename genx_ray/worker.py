@@ -43,9 +43,8 @@ import redis
 
 from genx_ray import keys, lua
 from genx_ray.connections import async_redis, sync_redis
-from genx_ray.errors import InvalidTransition, RunNotFound
-from genx_ray.executor import SKIPPED
-from genx_ray.hostpool import HostDied, HostPool
+from genx_ray.errors import Fenced, InvalidTransition, RunNotFound
+from genx_ray.hostpool import HostPool
 from genx_ray.queue import QueueEntry, RunQueue
 from genx_ray.runs import RunStore
 from genx_ray.runtime import Runtime
@@ -57,13 +56,13 @@ from genx_ray.workflow import registry as default_registry
 
 log = logging.getLogger("genx_ray.worker")
 TAKE_BATCH = 64  # queue entries taken per read, at most
-# The hosts one worker keeps, at most: with GENX_HOST_RUNS each, what --max-runs defaults to.
-DEFAULT_MAX_HOSTS = 8
 
 
-def default_max_runs(settings: Settings, hosts: str) -> int:
-    """What a worker can hold: its hosts' room, or (inline) what one process's loop can."""
-    return settings.host_runs * (DEFAULT_MAX_HOSTS if hosts == "ray" else 1)
+def default_max_runs(settings: Settings, hosts: str, cpus: int = 1) -> int:
+    """What a worker can hold: a host per CPU of the cluster (two at least), each with room for
+    ``GENX_HOST_RUNS`` (a host is one event loop: more hosts than cores only add memory), or
+    (inline) what this process's loop can."""
+    return settings.host_runs * (max(2, cpus) if hosts == "ray" else 1)
 
 
 class Worker:
@@ -93,7 +92,7 @@ class Worker:
         self.redis = client
         self.registry = registry or default_registry
         self.settings = settings or Settings.current()
-        self.max_runs = max_runs or default_max_runs(self.settings, hosts)
+        self.max_runs = max_runs or default_max_runs(self.settings, hosts, _cluster_cpus(hosts))
         self.drain_timeout = drain_timeout
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.fate = fate or (
@@ -106,15 +105,18 @@ class Worker:
         )  # fmt: skip
         self.pool: HostPool | None = None
         self.runtime: Runtime | None = None
-        self._active: dict[str, tuple[QueueEntry, asyncio.Task[None]]] = {}  # by entry id
-        self._room = asyncio.Event()
+        self._placing = 0  # runs taken from the queue, not yet claimed or refused
         self._stopping = asyncio.Event()
+        self._batches: set[asyncio.Task[None]] = set()
         self.supervisor = Supervisor(client, self.settings)
         self.webhooks = WebhookSender(client, self.settings, self.name)
 
     @property
     def running(self) -> int:
-        return len(self._active)
+        """Runs executing on this worker's hosts (or in it), and being placed."""
+        if self.pool is not None:
+            return self.pool.load + self._placing
+        return (self.runtime.load if self.runtime is not None else 0) + self._placing
 
     def stop(self) -> None:
         """Stop taking runs; :meth:`serve` then drains and returns."""
@@ -125,7 +127,8 @@ class Worker:
         if self.hosts == "ray":
             assert self.redis_url is not None
             self.pool = HostPool(
-                self.redis_url, unclaimed=self._unclaimed, capacity=self.settings.host_runs,
+                self.redis_url, on_lost=self._host_died, unclaimed=self._unclaimed,
+                capacity=self.settings.host_runs,
                 max_hosts=-(-self.max_runs // self.settings.host_runs),
                 lifetime=self.settings.host_max_runs,
                 resources=dict(self.settings.host_resources),
@@ -143,10 +146,12 @@ class Worker:
         ]
         try:
             await self._take_runs()
+            if self._batches:
+                await asyncio.gather(*self._batches, return_exceptions=True)
             await self._drain()
         finally:
             if beat is not None:
-                await asyncio.to_thread(beat.stop, clean=not self._active)
+                await asyncio.to_thread(beat.stop, clean=self.running == 0)
             if self.pool is not None:
                 self.pool.close()
             if self.runtime is not None:
@@ -155,11 +160,9 @@ class Worker:
 
     async def _take_runs(self) -> None:
         while not self._stopping.is_set():
-            free = self.max_runs - len(self._active)
+            free = self.max_runs - self.running
             if free <= 0:
-                self._room.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._room.wait(), 0.5)
+                await asyncio.sleep(0.05)  # room comes back as runs end (hosts report it)
                 continue
             try:
                 taken = await self.queue.take(self.name, min(free, TAKE_BATCH), block_ms=500)
@@ -167,67 +170,80 @@ class Worker:
                 log.warning("worker %s: queue read failed (%s); retrying", self.name, exc)
                 await asyncio.sleep(1)
                 continue
-            for entry in taken:
-                if self._stopping.is_set():  # stopped while waiting on the queue: not ours
+            if not taken:
+                continue
+            if self._stopping.is_set():  # stopped while waiting on the queue: not ours
+                for entry in taken:
                     await self.queue.put(entry.run_id, entry.attempt)
-                    await self.queue.ack(entry.id)
-                    continue
-                # A duplicate (a run already running here) is sorted out by the claim: each
-                # attempt claims once, and a newer attempt supersedes an older one.
-                task = asyncio.create_task(self._execute(entry), name=f"run-{entry.run_id}")
-                self._active[entry.id] = (entry, task)
+                await self.queue.ack(*(e.id for e in taken))
+                break
+            # Placed in the background: the next entries are read meanwhile. Fresh runs go as
+            # one batch; the others (a restart to check, a cluster-wide slot to wait for) each
+            # when they are ready, so none waits for another.
+            fresh = [e for e in taken if self._fresh(e)]
+            batches = [fresh] if fresh else []
+            batches += [[e] for e in taken if not self._fresh(e)]
+            for batch in batches:
+                self._placing += len(batch)
+                task = asyncio.create_task(self._place(batch))
+                self._batches.add(task)
+                task.add_done_callback(self._batches.discard)
 
-    async def _execute(self, entry: QueueEntry) -> None:
-        run_id, attempt, workflow = entry.run_id, entry.attempt, entry.workflow
+    def _fresh(self, entry: QueueEntry) -> bool:
+        """A first attempt whose entry says all, with no cluster-wide cap to wait for."""
+        return (
+            entry.attempt == 1 and entry.workflow is not None and not self.settings.max_running
+        )
+
+    async def _place(self, taken: list[QueueEntry]) -> None:
+        """Start a batch of runs: each on a host (or here), acknowledged once claimed (from then
+        on its lease covers it) or refused (not its attempt's to run any more)."""
         try:
-            if attempt is None or attempt > 1 or workflow is None:
-                raw = await self.redis.hmget(keys.run(run_id), "attempt", "workflow", "version")
-                if raw[0] is None:
-                    await self.queue.ack(entry.id)  # expired, or never existed
-                    return
-                attempt, workflow = int(raw[0]), str(raw[1])
-                if raw[2] and await self._belongs_elsewhere(str(raw[2])):
-                    await self._later(entry)
-                    return
-            if not await self._admit(run_id):
-                await self._later(entry)
-                return
-            if self.pool is not None:
-                status = await self.pool.run(run_id, self.name, attempt, workflow)
+            if all(self._fresh(e) for e in taken):
+                ready = taken
             else:
-                assert self.runtime is not None
-                status = await self.runtime.execute(
-                    run_id, self.name, attempt=attempt, workflow=workflow
-                )
-            if status == SKIPPED:
-                await self._unwatch(run_id)
-            await self.queue.ack(entry.id)
-        except HostDied as exc:
-            await self._host_died(entry, run_id, attempt, exc)
-        except asyncio.CancelledError:
-            await self.queue.ack(entry.id)  # handed back by the drain, which requeued it
-            raise
-        except (InvalidTransition, RunNotFound):
-            await self.queue.ack(entry.id)
-        except Exception as exc:  # Redis down for too long, say: the supervisor will find it
-            log.warning("worker %s: run %s: %r", self.name, run_id, exc)
+                ready = [e for e in await asyncio.gather(*(self._ready(e) for e in taken)) if e]
+            if self.pool is not None:
+                await self.pool.place(ready, self.name)
+            elif self.runtime is not None:
+                runs = [(e.run_id, e.attempt, e.workflow) for e in ready]
+                await self.runtime.start_many(runs, self.name)
+            await self.queue.ack(*(e.id for e in ready))
+        except Exception as exc:  # Redis down, say: the entries stay pending, claimed later
+            log.warning("worker %s: placing %d run(s) failed: %r", self.name, len(taken), exc)
         finally:
-            self._active.pop(entry.id, None)
-            self._room.set()
+            self._placing -= len(taken)
 
-    async def _host_died(
-        self, entry: QueueEntry, run_id: str, attempt: int | None, exc: HostDied
-    ) -> None:
-        """Restart the run now: Ray said its host is gone, so its lease means nothing."""
-        with contextlib.suppress(OSError, redis.RedisError):
-            if attempt is not None:
+    async def _ready(self, entry: QueueEntry) -> QueueEntry | None:
+        """The entry with its attempt and workflow, if it is to run here now; None when it went
+        back to the queue (another deployment's, or over the cluster-wide cap) or is gone."""
+        if entry.attempt is None or entry.attempt > 1 or entry.workflow is None:
+            attempt, workflow, version = await self.redis.hmget(
+                keys.run(entry.run_id), "attempt", "workflow", "version"
+            )
+            if attempt is None:
+                await self.queue.ack(entry.id)  # expired, or never existed
+                return None
+            entry = QueueEntry(entry.id, entry.run_id, int(attempt), str(workflow))
+            if version and await self._belongs_elsewhere(str(version)):
+                await self._later(entry)
+                return None
+        if not await self._admit(entry.run_id):
+            await self._later(entry)
+            return None
+        return entry
+
+    async def _host_died(self, runs: list[tuple[str, int]], host: str) -> None:
+        """Restart the runs of a host Ray says is dead now: its leases mean nothing."""
+        cap = self.settings.max_attempts
+        for run_id, attempt in runs:
+            with contextlib.suppress(OSError, redis.RedisError):
                 outcome = await self.supervisor.runs.reap(
-                    run_id, attempt, max_attempts=self.settings.max_attempts,
-                    reason=f"{exc.message}; {attempt} of {self.settings.max_attempts} attempts "
-                    "used", host_dead=True,
+                    run_id, attempt, max_attempts=cap, host_dead=True,
+                    reason=f"its run host {host} died; {attempt} of {cap} attempts used",
                 )  # fmt: skip
-                log.warning("worker %s: %s; run %s %s", self.name, exc.message, run_id, outcome)
-            await self.queue.ack(entry.id)
+                log.warning("worker %s: run %s %s (host %s died)", self.name, run_id, outcome,
+                            host)  # fmt: skip
 
     async def _unclaimed(self, run_id: str, attempt: int | None) -> bool:
         status, current = await self.redis.hmget(keys.run(run_id), "status", "attempt")
@@ -238,11 +254,6 @@ class Worker:
         await asyncio.sleep(0.2)
         await self.queue.put(entry.run_id, entry.attempt)
         await self.queue.ack(entry.id)
-
-    async def _unwatch(self, run_id: str) -> None:
-        """A run not executed after all frees its admission slot (unless it runs elsewhere)."""
-        if await self.redis.hget(keys.run(run_id), "status") != "running":
-            await self.redis.zrem(keys.LEASES, run_id)
 
     async def _admit(self, run_id: str) -> bool:
         """Wait for a cluster-wide slot (``GENX_MAX_RUNNING``); False if stopping first."""
@@ -269,36 +280,31 @@ class Worker:
         return False
 
     async def _drain(self) -> None:
-        if not self._active:
-            return
-        log.info("worker %s: draining %d run(s)", self.name, len(self._active))
-        tasks = [task for _, task in self._active.values()]
-        _, pending = await asyncio.wait(tasks, timeout=self.drain_timeout)
-        if not pending:
-            return
-        handed = []
-        for entry, task in list(self._active.values()):
-            if task in pending and await self._hand_back(entry.run_id):
-                handed.append(entry.run_id)
+        """Let running runs finish within the drain timeout; hand the rest back."""
+        deadline = time.monotonic() + self.drain_timeout
+        if self.running:
+            log.info("worker %s: draining %d run(s)", self.name, self.running)
+        while self.running and time.monotonic() < deadline:  # noqa: ASYNC110 - hosts report it
+            await asyncio.sleep(0.05)
+        if self.pool is not None:
+            await self.pool.refresh()
+            left = self.pool.attempts()
+        else:
+            left = self.runtime.attempts() if self.runtime is not None else []
+        handed = [run_id for run_id, attempt in left if await self._hand_back(run_id, attempt)]
         if self.pool is not None:
             await self.pool.abandon(handed)
         elif self.runtime is not None:
             for run_id in handed:
                 self.runtime.abandon(run_id)
-        for task in pending:
-            task.cancel()
-        for task in pending:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
-    async def _hand_back(self, run_id: str) -> bool:
+    async def _hand_back(self, run_id: str, attempt: int) -> bool:
         """Requeue a run this worker will not finish, as its next attempt."""
-        with contextlib.suppress(RunNotFound, InvalidTransition):
-            run = await self.runs.get(run_id)
-            if run.status == "running":
-                await self.runs.requeue(run_id, run.attempt, f"worker {self.name} drained")
-                return True
-        return False
+        try:
+            await self.runs.requeue(run_id, attempt, f"worker {self.name} drained")
+            return True
+        except (RunNotFound, InvalidTransition, Fenced):
+            return False  # it ended meanwhile, or moved on
 
 
 class _Heartbeat:
@@ -366,3 +372,13 @@ async def serve_worker(
         await worker.serve()
     finally:
         await client.aclose()
+
+
+def _cluster_cpus(hosts: str) -> int:
+    if hosts != "ray":
+        return 1
+    import ray
+
+    if not ray.is_initialized():
+        return 1
+    return int(ray.cluster_resources().get("CPU", 1))  # type: ignore[no-untyped-call]

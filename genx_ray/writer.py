@@ -8,8 +8,10 @@ items, or a thousand runs each finishing a step, cost a handful of round trips. 
 order is the order of emission.
 
 ``emit`` queues an event and returns at once (``publish`` is not awaitable); ``commit`` queues
-and waits until the batch holding it is stored; ``queue`` queues without waiting.
-A superseded attempt's write fails with :class:`~genx_ray.errors.Fenced` for that run only.
+and waits until the batch holding it is stored; ``queue`` queues without waiting; ``finish``
+ends the attempt (terminal status, event, lease released) after everything queued before it,
+in the same pipeline. A superseded attempt's write fails with
+:class:`~genx_ray.errors.Fenced` for that run only.
 """
 
 from __future__ import annotations
@@ -20,14 +22,16 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
 
 from pydantic import BaseModel
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from genx_ray import keys, lua
-from genx_ray.errors import Fenced
+from genx_ray.errors import Fenced, InvalidTransition, RunNotFound
 from genx_ray.events import dumps
 
 log = logging.getLogger("genx_ray.writer")
@@ -35,7 +39,18 @@ _MAX_BATCH = 500  # items per run per round trip
 # A Redis restart must not fail the run: writes are retried this long before giving up.
 REDIS_OUTAGE_BUDGET = 30.0
 
-Item = tuple[BaseModel | None, tuple[str, str] | None]
+
+@dataclass
+class Finish:
+    """The end of an attempt, queued after its last events."""
+
+    status: str
+    event: BaseModel
+    fields: dict[str, str]
+    done: asyncio.Future[str]  # the terminal event's id, or the error (Fenced...)
+
+
+Item = tuple[BaseModel | None, tuple[str, str] | None] | Finish
 
 
 class RunWriter:
@@ -51,6 +66,7 @@ class RunWriter:
         self._queued = 0  # total items ever queued; waiters wait for the flushed count to pass
         self._flushed = 0
         self.error: BaseException | None = None
+        self.leased = False
 
     @property
     def fenced(self) -> bool:
@@ -93,6 +109,21 @@ class RunWriter:
         with contextlib.suppress(Exception):
             await self.flush()
 
+    async def finish(
+        self, status: str, event: BaseModel, fields: dict[str, str], *, leased: bool
+    ) -> str:
+        """End the attempt after what is queued: status, terminal event and ``fields`` in one
+        fenced script that also releases its lease (``leased``). Returns the event's id; raises
+        :class:`Fenced` (superseded), :class:`InvalidTransition` or :class:`RunNotFound`."""
+        if self.error is not None:
+            raise self.error
+        done: asyncio.Future[str] = self.batch.loop.create_future()
+        self.leased = leased
+        self._queue.append(Finish(status, event, fields, done))
+        self._queued += 1
+        self.batch.dirty(self)
+        return await done
+
     def _push(self, event: BaseModel | None, journal: tuple[str, str] | None) -> None:
         if self.error is not None:
             return  # fenced or failed: nothing more of this attempt reaches Redis
@@ -101,8 +132,14 @@ class RunWriter:
         self.batch.dirty(self)
 
     def _take(self) -> list[Item]:
-        n = min(len(self._queue), _MAX_BATCH)
-        return [self._queue.popleft() for _ in range(n)]
+        """The next items to write: up to _MAX_BATCH, and never past a Finish."""
+        out: list[Item] = []
+        while self._queue and len(out) < _MAX_BATCH:
+            item = self._queue.popleft()
+            out.append(item)
+            if isinstance(item, Finish):
+                break
+        return out
 
     def _stored(self, n: int) -> None:
         self._flushed += n
@@ -113,6 +150,9 @@ class RunWriter:
 
     def _fail(self, exc: BaseException) -> None:
         self.error = exc
+        for item in self._queue:
+            if isinstance(item, Finish) and not item.done.done():
+                item.done.set_exception(exc)
         self._queue.clear()
         for _, fut in self._waiters:
             if not fut.done():
@@ -123,9 +163,12 @@ class RunWriter:
 class BatchWriter:
     """The flusher shared by every run writer of one event loop."""
 
-    def __init__(self, client: object, *, maxlen: int = 100_000) -> None:
+    def __init__(
+        self, client: Any, *, maxlen: int = 100_000, retention: int = 7 * 24 * 3600
+    ) -> None:
         self.redis = client
         self.maxlen = maxlen
+        self.retention = retention  # how long a run's keys stay once it ended
         self.loop = asyncio.get_running_loop()
         self.thread = threading.get_ident()
         self._dirty: dict[RunWriter, None] = {}  # an ordered set
@@ -166,33 +209,93 @@ class BatchWriter:
                         self._dirty[w] = None
 
     async def _write(self, batches: list[tuple[RunWriter, list[Item]]]) -> None:
-        calls = []
+        calls: list[lua.Call] = []
+        plan: list[tuple[RunWriter, int, int, Finish | None]] = []  # writer, calls, items, end
         for w, items in batches:
-            events = [e for e, _ in items if e is not None]
-            args: list[str | int] = [w.attempt, self.maxlen, len(events)]
-            for event in events:
-                args += [event.type, dumps(event)]  # type: ignore[attr-defined]
-            for entry in (j for _, j in items if j is not None):
-                args += entry
-            calls.append((lua.APPEND, list(keys.run_keys(w.run_id)), args))
+            end = items[-1] if items and isinstance(items[-1], Finish) else None
+            run_keys = list(keys.run_keys(w.run_id))
+            n = 0
+            if end is None or len(items) > 1:
+                calls.append((lua.APPEND, run_keys, self._append_args(w, items)))
+                n += 1
+            if end is not None:
+                fields = [x for kv in end.fields.items() for x in kv]
+                args = [w.attempt, end.status, _type(end.event), dumps(end.event), self.maxlen,
+                        self.retention, *fields]  # fmt: skip
+                calls.append((lua.FINISH, [*run_keys, keys.lease(w.run_id)], args))
+                n += 1
+            plan.append((w, n, len(items), end))
+        results = await self._execute(calls, batches)
+        if results is None:  # every writer failed; their ends with them
+            for w, _, _, end in plan:
+                if end is not None and not end.done.done() and w.error is not None:
+                    end.done.set_exception(w.error)
+            return
+        at = 0
+        for w, n, count, end in plan:
+            outcome = results[at : at + n]
+            at += n
+            error = next((r for r in outcome if isinstance(r, Exception)), None)
+            if error is not None:
+                w._fail(_as_error(error, w))
+                if end is not None and not end.done.done():
+                    end.done.set_exception(w.error or error)
+                continue
+            w._stored(count)
+            if end is not None and not end.done.done():
+                end.done.set_result(str(outcome[-1]))
+        ended = [w.run_id for w, _, _, end in plan if end is not None and w.leased]
+        if ended:  # the supervisor stops watching them (another slot: its own command)
+            with contextlib.suppress(Exception):
+                await self.redis.zrem(keys.LEASES, *ended)
+
+    def _append_args(self, w: RunWriter, items: list[Item]) -> list[Any]:
+        events: list[BaseModel] = []
+        journal: list[str] = []
+        for item in items:
+            if isinstance(item, Finish):
+                continue
+            event, entry = item
+            if event is not None:
+                events.append(event)
+            if entry is not None:
+                journal += entry
+        args: list[Any] = [w.attempt, self.maxlen, len(events)]
+        for event in events:
+            args += [_type(event), dumps(event)]
+        return args + journal
+
+    async def _execute(
+        self, calls: list[lua.Call], batches: list[tuple[RunWriter, list[Item]]]
+    ) -> list[Any] | None:
+        """The calls' results; None when Redis stayed unreachable past the outage budget (then
+        every writer of the batch has failed)."""
         deadline = self.loop.time() + REDIS_OUTAGE_BUDGET
         delay = 0.05
         while True:
             try:
-                results = await lua.execute_scripts(self.redis, calls)
-                break
+                return await lua.execute_scripts(self.redis, calls)
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 if self.loop.time() > deadline:
                     for w, _ in batches:
                         w._fail(exc)
-                    return
+                    return None
                 log.warning("Redis unreachable (%s); retrying writes in %.2fs", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
-        for (w, items), result in zip(batches, results, strict=True):
-            if isinstance(result, ResponseError) and str(result).startswith("FENCED"):
-                w._fail(Fenced(w.run_id, w.attempt))
-            elif isinstance(result, NoScriptError | Exception):
-                w._fail(result)
-            else:
-                w._stored(len(items))
+
+
+def _type(event: BaseModel) -> str:
+    return str(getattr(event, "type", ""))
+
+
+def _as_error(result: Exception, w: RunWriter) -> Exception:
+    """A script's error reply as the error it means for the writer's run."""
+    text = str(result)
+    if isinstance(result, ResponseError) and text.startswith("FENCED"):
+        return Fenced(w.run_id, w.attempt)
+    if isinstance(result, ResponseError) and text.startswith("INVALID"):
+        return InvalidTransition(w.run_id, text.partition(" ")[2], "a terminal status")
+    if isinstance(result, ResponseError) and text.startswith("MISSING"):
+        return RunNotFound(w.run_id)
+    return result

@@ -13,7 +13,7 @@ def test_defaults() -> None:
     s = Settings.from_env({})
     assert s.redis_url == DEFAULT_REDIS_URL and not s.redis_url_explicit
     assert s.ray_address == "local" and s.api_keys == {} and s.llm_limits == {}
-    assert s.host_runs == 500 and s.host_max_runs == 10_000
+    assert s.host_runs == 1000 and s.host_max_runs == 10_000
 
 
 class _Recording(Mapping[str, str]):
