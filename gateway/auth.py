@@ -11,9 +11,7 @@ from gateway.errors import Unauthorized
 from genx_ray.runs import DEFAULT_TENANT
 
 
-async def tenant(
-    request: Request, authorization: Annotated[str | None, Header()] = None
-) -> str:
+async def tenant(request: Request, authorization: Annotated[str | None, Header()] = None) -> str:
     """The caller's tenant, from its bearer key (one tenant when no keys are configured)."""
     api_keys = request.app.state.settings.api_keys
     if not api_keys:

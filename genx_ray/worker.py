@@ -191,9 +191,7 @@ class Worker:
 
     def _fresh(self, entry: QueueEntry) -> bool:
         """A first attempt whose entry says all, with no cluster-wide cap to wait for."""
-        return (
-            entry.attempt == 1 and entry.workflow is not None and not self.settings.max_running
-        )
+        return entry.attempt == 1 and entry.workflow is not None and not self.settings.max_running
 
     async def _place(self, taken: list[QueueEntry]) -> None:
         """Start a batch of runs: each on a host (or here), acknowledged once claimed (from then
