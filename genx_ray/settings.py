@@ -61,6 +61,12 @@ class Settings:
     # Ray custom resources each run host asks for (e.g. {"hosts": 0.01} keeps them on the nodes
     # that offer "hosts"): where the long-lived, lightweight run hosts may live.
     host_resources: Mapping[str, float] = field(default_factory=dict)
+    # Run tokens (browser-safe, read-only, one run each): the HMAC secret (None: a random one
+    # kept in Redis, shared by every gateway on it) and how long a token lives.
+    token_secret: str | None = None
+    token_ttl: int = 24 * 3600
+    # Browser origins allowed to call the API (CORS); none by default.
+    cors_origins: tuple[str, ...] = ()
     # Runs one run host executes at once (each an asyncio task; 1: a process per run, for code
     # that must be isolated).
     host_runs: int = 1000
@@ -102,6 +108,9 @@ class Settings:
             webhook_url=_webhook_url(env.get("GENX_WEBHOOK_URL", "").strip()),
             webhook_secret=env.get("GENX_WEBHOOK_SECRET", ""),
             host_resources=_resources("GENX_HOST_RESOURCES", env.get("GENX_HOST_RESOURCES", "")),
+            token_secret=env.get("GENX_TOKEN_SECRET", "").strip() or None,
+            token_ttl=_positive_int(env, "GENX_TOKEN_TTL", 24 * 3600),
+            cors_origins=_origins(env.get("GENX_CORS_ORIGINS", "")),
             host_runs=_positive_int(env, "GENX_HOST_RUNS", 1000),
             host_max_runs=_positive_int(env, "GENX_HOST_MAX_RUNS", 10_000),
         )
@@ -113,7 +122,8 @@ ENV_VARS = (
     "GENX_LLM_LEASE_SECONDS", "GENX_RETENTION_SECONDS", "GENX_STREAM_MAXLEN",
     "GENX_MAX_BODY_BYTES", "GENX_LEASE_SECONDS", "GENX_MAX_ATTEMPTS", "GENX_MAX_RUNNING",
     "GENX_DEPLOYMENT", "GENX_WEBHOOK_URL", "GENX_WEBHOOK_SECRET", "GENX_HOST_RESOURCES",
-    "GENX_HOST_RUNS", "GENX_HOST_MAX_RUNS",
+    "GENX_HOST_RUNS", "GENX_HOST_MAX_RUNS", "GENX_TOKEN_SECRET", "GENX_TOKEN_TTL",
+    "GENX_CORS_ORIGINS",
 )  # fmt: skip
 _parsed: dict[tuple[str | None, ...], Settings] = {}
 
@@ -144,6 +154,18 @@ def _resources(name: str, value: str) -> dict[str, float]:
             name, 'expected an object of resource name -> positive amount, e.g. {"hosts": 0.01}'
         )
     return {str(k): float(v) for k, v in raw.items()}
+
+
+def _origins(value: str) -> tuple[str, ...]:
+    origins = tuple(o.strip().rstrip("/") for o in value.split(",") if o.strip())
+    for origin in origins:
+        parsed = urlparse(origin)
+        if origin != "*" and (parsed.scheme not in ("http", "https") or not parsed.netloc
+                              or parsed.path or parsed.query):  # fmt: skip
+            raise ConfigError(
+                "GENX_CORS_ORIGINS", f"{origin!r}: expected origins like https://app.example.com"
+            )
+    return origins
 
 
 def _webhook_url(value: str) -> str | None:
