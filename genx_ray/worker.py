@@ -58,11 +58,17 @@ log = logging.getLogger("genx_ray.worker")
 TAKE_BATCH = 64  # queue entries taken per read, at most
 
 
+ISOLATED_MAX_RUNS = 32  # with a process per run (GENX_HOST_RUNS=1): ~110 MB each
+
+
 def default_max_runs(settings: Settings, hosts: str, cpus: int = 1) -> int:
     """What a worker can hold: a host per CPU of the cluster (two at least), each with room for
     ``GENX_HOST_RUNS`` (a host is one event loop: more hosts than cores only add memory), or
-    (inline) what this process's loop can."""
-    return settings.host_runs * (max(2, cpus) if hosts == "ray" else 1)
+    (inline) what this process's loop can. Small hosts (a few runs each, for isolation) get
+    more processes instead, up to ``ISOLATED_MAX_RUNS`` runs."""
+    if hosts != "ray":
+        return settings.host_runs
+    return max(ISOLATED_MAX_RUNS, settings.host_runs * max(2, cpus))
 
 
 class Worker:

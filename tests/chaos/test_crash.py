@@ -110,28 +110,40 @@ async def test_kill_9_of_a_worker_restarts_its_runs_on_another_at_once(
     await _check_exactly_once(events, run.id, 60)
 
 
+async def _hosts_of(runs: RunStore, ids: list[str]) -> dict[str, list[str]]:
+    """Host process -> the runs it executes."""
+    by_host: dict[str, list[str]] = {}
+    for run_id, host in zip(ids, await asyncio.gather(*(runs.redis.hget(keys.run(r), "host")
+                                                         for r in ids)), strict=True):  # fmt: skip
+        by_host.setdefault(str(host), []).append(run_id)
+    return by_host
+
+
 async def test_a_frozen_host_is_fenced_for_all_of_its_runs(
     spawn_worker: WorkerFactory, runs: RunStore, events: EventStore
 ) -> None:
     ids = [
-        (await runs.create("phases", {"n": 30, "delay": 0.1}, enqueue=True)).id for _ in range(5)
+        (await runs.create("phases", {"n": 30, "delay": 0.1}, enqueue=True)).id for _ in range(8)
     ]
     spawn_worker()
     await _until(lambda: _all_phased(events, ids, 3))
-    hosts = {str(await runs.redis.hget(keys.run(r), "host")) for r in ids}
-    assert len(hosts) == 1, hosts  # one host process runs them all
-    pid = _pid(hosts.pop())
+    by_host = await _hosts_of(runs, ids)
+    assert len(by_host) <= 2, by_host  # two warm hosts share them
+    host, frozen = max(by_host.items(), key=lambda kv: len(kv[1]))
+    assert len(frozen) >= 4
+    pid = _pid(host)
     os.kill(pid, signal.SIGSTOP)  # a zombie: alive, but its heartbeats stop
     try:
         done = await _finished(runs, events, ids)  # the supervisor takes over: attempts 2 finish
-        assert [(r.status, r.attempt) for r in done] == [(RunStatus.SUCCEEDED, 2)] * 5
-        before = [[e.id for e in await events.read(r)] for r in ids]
+        assert all(r.status is RunStatus.SUCCEEDED for r in done)
+        assert {r.id for r in done if r.attempt == 2} == set(frozen)  # just the frozen host's
+        before = [[e.id for e in await events.read(r)] for r in frozen]
     finally:
         os.kill(pid, signal.SIGCONT)  # the zombie wakes up mid-step and tries to go on
     await asyncio.sleep(3)
-    after = [[e.id for e in await events.read(r)] for r in ids]
+    after = [[e.id for e in await events.read(r)] for r in frozen]
     assert after == before  # it wrote nothing for any of them
-    for run_id in ids:
+    for run_id in frozen:
         assert (await runs.get(run_id)).status is RunStatus.SUCCEEDED
         assert await runs.redis.get(keys.lease(run_id)) is None  # and holds no lease
         await _check_exactly_once(events, run_id, 30)
@@ -160,27 +172,26 @@ async def test_kill_9_of_a_host_with_200_runs_restarts_every_one_elsewhere(
 ) -> None:
     n = 8
     ids = [
-        (await runs.create("phases", {"n": n, "delay": 0.3}, enqueue=True)).id for _ in range(200)
+        (await runs.create("phases", {"n": n, "delay": 0.3}, enqueue=True)).id for _ in range(420)
     ]
-    spawn_worker(GENX_HOST_RUNS="250")
+    spawn_worker(GENX_HOST_RUNS="300")
     await _until(lambda: _all_phased(events, ids, 2), within=120, every=0.5)
-    hosts = {str(h) for h in await asyncio.gather(*(runs.redis.hget(keys.run(r), "host")
-                                                    for r in ids))}  # fmt: skip
-    assert len(hosts) == 1, hosts  # 200 runs in one process
+    by_host = await _hosts_of(runs, ids)
+    host, killed = max(by_host.items(), key=lambda kv: len(kv[1]))
+    assert len(killed) >= 200, {h: len(r) for h, r in by_host.items()}  # 200 runs in a process
     killed_at = time.monotonic()
-    os.kill(_pid(hosts.pop()), signal.SIGKILL)
+    os.kill(_pid(host), signal.SIGKILL)
 
     async def all_resumed() -> bool:
-        got = await asyncio.gather(*(runs.get(r) for r in ids))
+        got = await asyncio.gather(*(runs.get(r) for r in killed))
         return all(r.attempt == 2 and r.status is not RunStatus.QUEUED for r in got)
 
     await _until(all_resumed, within=60, every=0.1)
     resumed_after = time.monotonic() - killed_at
     done = await _finished(runs, events, ids)
-    assert [(r.status, r.attempt, r.output) for r in done] == [
-        (RunStatus.SUCCEEDED, 2, sum(range(n)))
-    ] * 200
-    for run_id in ids:
+    assert all(r.status is RunStatus.SUCCEEDED and r.output == sum(range(n)) for r in done)
+    assert {r.id for r in done if r.attempt == 2} == set(killed)  # the other host's went on
+    for run_id in killed:
         await _check_exactly_once(events, run_id, n)
         (restarted,) = [e.event for e in await events.read(run_id) if e.type == "run.restarted"]
         assert "died" in restarted.reason  # type: ignore[union-attr]  # Ray said so: no lease wait
@@ -191,10 +202,10 @@ async def test_many_runs_share_a_host_unless_told_to_be_alone(
     spawn_worker: WorkerFactory, runs: RunStore, events: EventStore
 ) -> None:
     together = spawn_worker()
-    ids = [(await runs.create("echo", {"text": str(i)}, enqueue=True)).id for i in range(20)]
+    ids = [(await runs.create("echo", {"text": str(i)}, enqueue=True)).id for i in range(40)]
     await _finished(runs, events, ids)
-    hosts = {await runs.redis.hget(keys.run(r), "host") for r in ids}
-    assert len(hosts) == 1, hosts
+    by_host = await _hosts_of(runs, ids)
+    assert len(by_host) <= 2 and max(map(len, by_host.values())) >= 20, by_host  # 2 warm hosts
     together.send_signal(signal.SIGTERM)
     await asyncio.to_thread(together.wait, 60)
 
@@ -216,8 +227,10 @@ async def test_cancel_reaches_one_run_among_hundreds_on_a_host_within_a_second(
         return all(s is RunStatus.RUNNING for s in got)
 
     await _until(all_running, within=120, every=0.5)
-    assert len({await runs.redis.hget(keys.run(r), "host") for r in ids}) == 1
-    target = ids[150]
+    by_host = await _hosts_of(runs, ids)
+    on_its_host = max(by_host.values(), key=len)
+    assert len(on_its_host) >= 150, {h: len(r) for h, r in by_host.items()}
+    target = on_its_host[75]
     t0 = time.monotonic()
     await runs.request_cancel(target)
     async for _ in events.follow(target, block_ms=50):
