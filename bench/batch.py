@@ -1,14 +1,17 @@
-"""Batch ingestion at cluster scale, the whole stack: runs submitted through the gateway (HTTP),
-taken by a worker, executed by a run host on Ray, their items mapped over the pool actors.
+"""Batch LLM calls through the whole stack, against plain asyncio in the same run.
 
-1. 1000 LLM calls at 100 ms simulated latency, cap 64 (``GENX_LLM_LIMITS``), POST to terminal
-   event, against plain asyncio + the openai SDK with a semaphore of 64 and the ideal
-   1000 / 64 x 0.1 s, in the same run (median of 3, interleaved). Plain asyncio is one process
-   on one core; ours spreads the calls over the pool actors (one per core). Both share the
-   machine with the simulator; the CPU the whole machine spent per run, over its cores, is the
-   floor no scheduling can beat here, printed too.
-2. 10k and 100k cheap items (no LLM): time, and the peak memory (VmHWM) of every process:
-   gateway, worker, run host, pool actor.
+Runs are submitted through the gateway (HTTP), taken by a worker, executed by a run host on Ray;
+their items go through genx_ray.llm to the LLM simulator (its own process). Each figure is the
+median of 3, interleaved with plain asyncio + the openai SDK + a semaphore (one process, the same
+simulator), beside the ideal (calls / cap x latency):
+
+1. 1000 calls x 100 ms, cap 64; 2. 640 calls x 1 s, cap 64; 3. 10,000 calls x 100 ms, cap 256,
+   with every process's peak memory at 1,000 and at 10,000 calls.
+
+For each: the map a user writes first (an unplaced ``@component``: a large map of it goes to the
+pool actors when there is a Ray cluster, see genx_ray.mapping), the same forced onto the run's own
+event loop (``spread=False``), and a placed component (``remote=True``). Then cheap items (no
+LLM) at 10k and 100k, with the peak memory of every process.
 """
 
 from __future__ import annotations
@@ -16,43 +19,62 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import statistics
-import subprocess
-import sys
 import time
-from pathlib import Path
+from typing import Any
 
 import httpx
+import openai
 
-from bench.llm import CAP, MODEL, N, plain
+from bench.stack import CLI, bench_env, busy_seconds, cpu_seconds, peak_mb, processes, stack
 from genx_ray import component, workflow
 from genx_ray.client import Client
 from genx_ray.connections import resolve_redis_url
 from genx_ray.embedded import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+# Two budgets, by model: the scenario picks its cap by the model it calls.
+LIMITS = {"gpt-4o-mini": {"concurrency": 64}, "gpt-4o": {"concurrency": 256}}
+CAPS = {"gpt-4o-mini": 64, "gpt-4o": 256}
 
 
-@component(remote=True)  # placed: mapped over the pool actors, not in the run host
-async def ask(i: int) -> str | None:
+async def _ask(model: str, i: int) -> str | None:
     from genx_ray.llm import AsyncOpenAI
 
-    r = await AsyncOpenAI().chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": str(i)}]
+    r = await AsyncOpenAI().chat.completions.create(  # a client per call costs nothing
+        model=model, messages=[{"role": "user", "content": str(i)}]
     )
     return r.choices[0].message.content
+
+
+@component
+async def ask(q: dict[str, Any]) -> str | None:
+    """The component a user writes first: unplaced."""
+    return await _ask(q["model"], q["i"])
+
+
+@component(remote=True)
+async def ask_placed(q: dict[str, Any]) -> str | None:
+    return await _ask(q["model"], q["i"])
+
+
+async def _count(answers: list[Any]) -> int:
+    return sum(isinstance(a, str) for a in answers)
+
+
+@workflow(name="bench-batch")
+async def batch(n: int, model: str, path: str) -> int:
+    """``path``: 'auto' (the default map), 'local' (spread=False), 'placed' (remote=True)."""
+    items = [{"model": model, "i": i} for i in range(n)]
+    cap = CAPS[model]
+    if path == "placed":
+        return await _count(await ask_placed.map(items, concurrency=cap))
+    spread = False if path == "local" else None
+    return await _count(await ask.map(items, concurrency=cap, spread=spread))
 
 
 @component(remote=True)
 async def double(i: int) -> int:
     return 2 * i
-
-
-@workflow(name="bench-batch-llm")
-async def batch_llm(n: int) -> int:
-    answers = await ask.map(range(n), concurrency=CAP)
-    return sum(isinstance(a, str) for a in answers)
 
 
 @workflow(name="bench-batch-items")
@@ -61,137 +83,136 @@ async def batch_items(n: int) -> int:
     return sum(isinstance(o, int) for o in out)
 
 
-def through_gateway(api: Client, name: str, n: int) -> float:
+async def plain(base_url: str, n: int, model: str) -> float:
+    """n calls, cap at a time: plain asyncio + the openai SDK, one process."""
+    gate = asyncio.Semaphore(CAPS[model])
+    client = openai.AsyncOpenAI(base_url=base_url, api_key="sim", max_retries=0)
+
+    async def one(i: int) -> None:
+        async with gate:
+            await client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": str(i)}]
+            )
+
+    async with client:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(n)))
+        return time.perf_counter() - t0
+
+
+def through_gateway(api: Client, name: str, body: dict[str, Any], n: int) -> float:
     """POST the run, follow its events to the terminal one; seconds in between."""
     t0 = time.perf_counter()
-    run = api.start(name, {"n": n})
+    run = api.start(name, body)
     last = None
     for entry in api.events(run["id"]):
-        last = entry.event
+        last = entry
     elapsed = time.perf_counter() - t0
     assert last is not None and last.type == "run.succeeded", last
     assert api.get(run["id"])["output"] == n
     return elapsed
 
 
-def _peak_mb(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
+def _roles(procs: dict[str, Any], sim: Any) -> dict[str, list[int]]:
+    return {
+        "gateway": [procs["gateway"].pid], "worker": [procs["worker"].pid], "sim": [sim.pid],
+        "run hosts": processes("ray::RunHost"), "pool actors": processes("ray::PoolActor"),
+        "redis": processes("redis-server"),
+    }  # fmt: skip
 
 
-def _cpu_seconds(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def scenario(
+    api: Client, base_url: str, procs: dict[str, Any], sim: Any, n: int, model: str,
+    latency: float, rounds: int = 3,
+) -> dict[str, float]:  # fmt: skip
+    ideal = n / CAPS[model] * latency
+    walls: dict[str, list[float]] = {"plain": [], "auto": [], "local": [], "placed": []}
+    cpu: dict[str, dict[str, float]] = {}
+    for _ in range(rounds):  # interleaved, so a noisy moment does not favour one
+        walls["plain"].append(asyncio.run(plain(base_url, n, model)))
+        for path in ("auto", "local", "placed"):
+            roles = _roles(procs, sim)
+            before = {r: sum(map(cpu_seconds, p)) for r, p in roles.items()}
+            t0 = busy_seconds()
+            walls[path].append(
+                through_gateway(api, "bench-batch", {"n": n, "model": model, "path": path}, n)
+            )
+            spent = cpu.setdefault(path, {})
+            spent["machine"] = spent.get("machine", 0) + (busy_seconds() - t0) / rounds
+            for r, pids in roles.items():
+                spent[r] = spent.get(r, 0) + (sum(map(cpu_seconds, pids)) - before[r]) / rounds
+    base = statistics.median(walls["plain"])
+    print(f"  {n} calls x {latency * 1e3:.0f} ms, cap {CAPS[model]}, median of {rounds}:"
+          f" ideal {ideal:.2f} s")  # fmt: skip
+    print(f"    plain asyncio + openai SDK, semaphore {CAPS[model]:<4}        {base:6.2f} s"
+          f"            x{base / ideal:.2f} ideal")  # fmt: skip
+    labels = {"auto": "map of an unplaced component (default)",
+              "local": "the same, spread=False (the run's loop)",
+              "placed": "map of a placed component (remote=True)"}  # fmt: skip
+    out = {"plain": base}
+    for path, label in labels.items():
+        wall = statistics.median(walls[path])
+        out[path] = wall
+        per_call = {r: v / n * 1e3 for r, v in cpu[path].items() if v > 0.01}
+        print(f"    {label:44s} {wall:6.2f} s  x{wall / base:.2f} plain  x{wall / ideal:.2f}"
+              f" ideal   CPU ms/call: " + ", ".join(f"{r} {v:.2f}" for r, v in per_call.items()))
+    return out
 
 
-def _busy_seconds() -> float:
-    """CPU seconds the whole machine has been busy (every process, the kernel too)."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
-
-
-def _ray_processes(marker: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if cmdline.startswith(marker):
-                pids.append(int(entry.name))
-    return pids
+def peaks(procs: dict[str, Any]) -> dict[str, float]:
+    return {
+        "gateway": peak_mb(procs["gateway"].pid), "worker": peak_mb(procs["worker"].pid),
+        "run host": max(map(peak_mb, processes("ray::RunHost")), default=0.0),
+        "pool actor": max(map(peak_mb, processes("ray::PoolActor")), default=0.0),
+    }  # fmt: skip
 
 
 def main() -> None:
+    import subprocess
+
     redis_url = resolve_redis_url()
-    sim_port, api_port = free_port(), free_port()
+    sim_port = free_port()
     base_url = f"http://127.0.0.1:{sim_port}/v1"
-    env = {
-        **os.environ, "GENX_REDIS_URL": redis_url, "GENX_WORKFLOWS": "bench.batch",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-        "OPENAI_BASE_URL": base_url, "OPENAI_API_KEY": "sim",
-        "GENX_LLM_LIMITS": json.dumps({MODEL: {"concurrency": CAP}}),
-    }  # fmt: skip
-    cli = [sys.executable, "-m", "genx_ray.cli"]
-    procs = {
-        "sim": subprocess.Popen(
-            [*cli, "sim", "--port", str(sim_port), "--latency-ms", "100"], env=env
-        ),
-        "gateway": subprocess.Popen([*cli, "gateway", "--port", str(api_port)], env=env),
-        "worker": subprocess.Popen([*cli, "worker"], env=env, stderr=subprocess.DEVNULL),
-    }
-    api = Client(f"http://127.0.0.1:{api_port}", timeout=60)
+    env = bench_env(redis_url, "bench.batch", OPENAI_BASE_URL=base_url, OPENAI_API_KEY="sim",
+                    GENX_LLM_LIMITS=json.dumps(LIMITS))  # fmt: skip
+    # GENX_BENCH_ONLY=100ms,1s,10k,items: a subset of the scenarios.
+    only = set(filter(None, os.environ.get("GENX_BENCH_ONLY", "100ms,1s,10k,items").split(",")))
+    sim = subprocess.Popen([*CLI, "sim", "--port", str(sim_port), "--latency-ms", "100"], env=env)
     try:
-        for _ in range(300):
-            try:
-                if httpx.get(f"http://127.0.0.1:{api_port}/healthz", timeout=1).is_success:
+        with stack(env) as (base, procs):
+            api = Client(base, timeout=120)
+            for _ in range(100):
+                try:
+                    httpx.get(f"http://127.0.0.1:{sim_port}/sim/stats", timeout=1)
                     break
-            except httpx.TransportError:
-                time.sleep(0.1)
-        through_gateway(api, "bench-batch-llm", CAP)  # warm: a run host, the pool actor
-        asyncio.run(plain(base_url))
-        ours, base = [], []
-        roles = {"gateway": [procs["gateway"].pid], "worker": [procs["worker"].pid],
-                 "sim": [procs["sim"].pid], "run hosts": _ray_processes("ray::RunHost"),
-                 "pool actor": _ray_processes("ray::PoolActor")}  # fmt: skip
-        cpu: dict[str, float] = dict.fromkeys(roles, 0.0)
-        busy = {"plain": 0.0, "ours": 0.0}
-        for _ in range(3):
-            t0 = _busy_seconds()
-            base.append(asyncio.run(plain(base_url)))
-            busy["plain"] += (_busy_seconds() - t0) / 3
-            before = {r: sum(map(_cpu_seconds, pids)) for r, pids in roles.items()}
-            t0 = _busy_seconds()
-            ours.append(through_gateway(api, "bench-batch-llm", N))
-            busy["ours"] += (_busy_seconds() - t0) / 3
-            for r, pids in roles.items():
-                cpu[r] += (sum(map(_cpu_seconds, pids)) - before[r]) / 3
-        ideal = N / CAP * 0.1
-        b, o = statistics.median(base), statistics.median(ours)
-        print(f"  {N} LLM calls, 100 ms latency, cap {CAP}, median of 3: ideal {ideal:.2f} s")
-        print(f"    plain asyncio + openai SDK, semaphore {CAP}       {b:6.2f} s  x{b / ideal:.2f}"
-              " ideal")  # fmt: skip
-        runs = ", ".join(f"{x:.2f}" for x in ours)
-        print(f"    gateway -> worker -> run host -> pool actors   {o:6.2f} s  x{o / b:.2f} plain"
-              f"  x{o / ideal:.2f} ideal   (runs: {runs})")  # fmt: skip
-        print("      CPU seconds per run: " + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items()))
-        cores = os.cpu_count() or 1
-        floor = busy["ours"] / cores
-        print(f"    the machine's CPU, every process, per run: plain {busy['plain']:.2f} s,"
-              f" ours {busy['ours']:.2f} s; on {cores} cores ours cannot take less than"
-              f" {floor:.2f} s (x{floor / ideal:.2f} ideal)")  # fmt: skip
-        for n in (10_000, 100_000):
-            elapsed = through_gateway(api, "bench-batch-items", n)
-            hosts = _ray_processes("ray::RunHost")
-            pools = _ray_processes("ray::PoolActor")
-            peaks = {
-                "gateway": _peak_mb(procs["gateway"].pid),
-                "worker": _peak_mb(procs["worker"].pid),
-                "run host": max((_peak_mb(p) for p in hosts), default=0.0),
-                "pool actor": max((_peak_mb(p) for p in pools), default=0.0),
-            }
-            print(f"  {n:>7,} items through the gateway: {elapsed:6.2f} s"
-                  f" ({n / elapsed:,.0f} items/s); peak RSS MB: "
-                  + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items()))  # fmt: skip
+                except httpx.TransportError:
+                    time.sleep(0.1)
+            for path in ("auto", "local", "placed"):  # warm: hosts, pool actors, connections
+                through_gateway(api, "bench-batch", {"n": 64, "model": "gpt-4o-mini",
+                                                     "path": path}, 64)  # fmt: skip
+            if "100ms" in only:
+                scenario(api, base_url, procs, sim, 1000, "gpt-4o-mini", 0.1)
+            at_1k = peaks(procs)
+            if "10k" in only:
+                scenario(api, base_url, procs, sim, 10_000, "gpt-4o", 0.1)
+                at_10k = peaks(procs)
+                print("    peak RSS MB at 1k -> 10k calls: " + ", ".join(
+                    f"{k} {at_1k[k]:.0f} -> {at_10k[k]:.0f}" for k in at_1k))  # fmt: skip
+            if "1s" in only:
+                httpx.post(f"http://127.0.0.1:{sim_port}/sim/config",
+                           json={"latency_ms": 1000})  # fmt: skip
+                scenario(api, base_url, procs, sim, 640, "gpt-4o-mini", 1.0)
+            if "items" in only:
+                for n in (10_000, 100_000):
+                    elapsed = through_gateway(api, "bench-batch-items", {"n": n}, n)
+                    print(f"  {n:>7,} cheap items through the gateway: {elapsed:6.2f} s"
+                          f" ({n / elapsed:,.0f} items/s); peak RSS MB: "
+                          + ", ".join(f"{k} {v:.0f}" for k, v in peaks(procs).items()))  # fmt: skip
+            api.close()
     finally:
-        api.close()
-        for p in procs.values():
-            p.send_signal(signal.SIGTERM)
-        for p in procs.values():
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        sim.terminate()
+        sim.wait(10)
+        os.environ.pop("OPENAI_BASE_URL", None)
 
 
 if __name__ == "__main__":

@@ -44,12 +44,14 @@ def create_app(
         app.state.runs = RunStore(
             client, maxlen=settings.stream_maxlen, retention_seconds=settings.retention_seconds
         )
-        app.state.hub = hub = EventHub(client)
+        raw = async_redis(url, decode=False)  # the hub passes stored events on as bytes
+        app.state.hub = hub = EventHub(raw)
         await hub.start()
         try:
             yield
         finally:
             await hub.stop()
+            await raw.aclose()
             await client.aclose()
 
     app = FastAPI(

@@ -3,32 +3,60 @@
 A client first replays what is stored (``XRANGE`` pages, no connection held), then joins the hub:
 a single task that ``XREAD``s all followed streams at once and hands each subscriber the entries
 after its own last id. Many concurrent clients cost one blocking Redis connection, no thread each.
-Entries pass through as stored (type and JSON), never parsed: what the gateway does per event is
-string work.
+
+Entries pass through as stored, as bytes (a client that does not decode replies): the event's
+type and JSON are never decoded, parsed or encoded again, so what the gateway does per event is
+joining bytes (:mod:`gateway.sse`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 from genx_ray import keys
+from genx_ray.events import TERMINAL_TYPES
 from genx_ray.status import TERMINAL
-from genx_ray.streams import EventStore, StreamEntry, id_key, parse_entries
+from genx_ray.streams import id_key
 
 log = logging.getLogger("gateway.hub")
 PAGE = 1000
+_TERMINAL = frozenset(t.encode() for t in TERMINAL_TYPES)
+_T, _E = keys.TYPE_FIELD.encode(), keys.EVENT_FIELD.encode()
+
+
+class RawEntry:
+    """A stored event as bytes: its stream id (the SSE id), its type, its JSON."""
+
+    __slots__ = ("data", "id", "type")
+
+    def __init__(self, entry_id: bytes, type: bytes, data: bytes) -> None:
+        self.id, self.type, self.data = entry_id, type, data
+
+    @property
+    def terminal(self) -> bool:
+        return self.type in _TERMINAL
+
+
+def raw_entries(raw: list[Any]) -> list[RawEntry]:
+    out = []
+    for entry_id, fields in raw:
+        data = fields[_E]
+        kind = fields.get(_T) or json.loads(data)["type"].encode()  # entries of older versions
+        out.append(RawEntry(entry_id, kind, data))
+    return out
 
 
 @dataclass(eq=False)
 class _Subscriber:
     run_id: str
     last: str
-    queue: asyncio.Queue[list[StreamEntry]] = field(default_factory=asyncio.Queue)
+    queue: asyncio.Queue[list[RawEntry]] = field(default_factory=asyncio.Queue)
 
 
 class EventHub:
@@ -39,8 +67,8 @@ class EventHub:
         block_ms: int = 20,
         recheck_seconds: float = 5.0,
     ) -> None:
+        """``client``: a Redis client that does not decode replies (bytes in, bytes out)."""
         self.redis = client
-        self.events = EventStore(client)
         # Bounds how long a client that joined while the reader was blocked waits for its first
         # live event; reads return at once when any followed stream has data.
         self.block_ms = block_ms
@@ -66,18 +94,22 @@ class EventHub:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    async def stream(self, run_id: str, after: str) -> AsyncIterator[list[StreamEntry]]:
+    async def read(self, run_id: str, after: str, count: int | None = None) -> list[RawEntry]:
+        raw = await self.redis.xrange(keys.events(run_id), f"({after}", "+", count=count)
+        return raw_entries(raw)
+
+    async def stream(self, run_id: str, after: str) -> AsyncIterator[list[RawEntry]]:
         """Every event after ``after`` in batches, then live ones, ending with the terminal
         event. An empty batch now and then means "still running, nothing new"."""
         last = after
         while True:  # replay what is stored, a page at a time
-            page = await self.events.read(run_id, last, count=PAGE)
+            page = await self.read(run_id, last, count=PAGE)
             for i, entry in enumerate(page):
                 if entry.terminal:
                     yield page[: i + 1]
                     return
             if page:
-                last = page[-1].id
+                last = page[-1].id.decode()
                 yield page
             if len(page) < PAGE:
                 break
@@ -90,8 +122,8 @@ class EventHub:
                     batch = await asyncio.wait_for(sub.queue.get(), self.recheck_seconds)
                 except TimeoutError:
                     status = await self.redis.hget(keys.run(run_id), "status")
-                    if status is None or status in TERMINAL:
-                        rest = await self.events.read(run_id, sub.last)
+                    if status is None or status.decode() in TERMINAL:
+                        rest = await self.read(run_id, sub.last)
                         if rest:
                             yield rest
                         return
@@ -129,10 +161,11 @@ class EventHub:
                 await asyncio.sleep(0.5)
                 continue
             for stream, raw in resp or ():
-                entries = parse_entries(raw)
-                for sub in list(self._subs.get(keys.run_id_of(str(stream)), ())):
+                entries = raw_entries(raw)
+                keyed = [(id_key(e.id.decode()), e) for e in entries]
+                for sub in list(self._subs.get(keys.run_id_of(stream.decode()), ())):
                     after = id_key(sub.last)
-                    fresh = [e for e in entries if id_key(e.id) > after]
+                    fresh = [e for k, e in keyed if k > after]
                     if fresh:
-                        sub.last = fresh[-1].id
+                        sub.last = fresh[-1].id.decode()
                         sub.queue.put_nowait(fresh)

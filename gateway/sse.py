@@ -1,9 +1,9 @@
-"""A run's events on the wire: SSE frames or NDJSON lines, built from the stored JSON as it is.
+"""A run's events on the wire: SSE frames or NDJSON lines, joined from the stored bytes as they are.
 
 Each batch of events (a page of a replay, or what arrived together) goes out as one write, and no
-event is parsed or serialized again: the frame is the stored JSON with its id and type around
-it. A quiet stream gets a keep-alive comment every ``PING_SECONDS`` (proxies close idle
-connections), and the first frame carries a ``retry:`` hint for EventSource clients.
+event is decoded, parsed or serialized again: a frame is the stored JSON with its id and type
+around it. A quiet stream gets a keep-alive comment every ``PING_SECONDS`` (proxies close idle
+connections), and the stream starts with a ``retry:`` hint for EventSource clients.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 
 from starlette.responses import StreamingResponse
 
-from genx_ray.streams import StreamEntry
+from gateway.hub import RawEntry
 
 PING_SECONDS = 15.0
 RETRY_MS = 1000  # how soon an EventSource reconnects after a dropped connection
@@ -21,16 +21,22 @@ SSE = "text/event-stream"
 NDJSON = "application/x-ndjson"
 
 
-def sse_frames(batch: list[StreamEntry]) -> bytes:
-    return "".join(f"id: {e.id}\nevent: {e.type}\ndata: {e.data}\n\n" for e in batch).encode()
+def sse_frames(batch: list[RawEntry]) -> bytes:
+    parts: list[bytes] = []
+    for e in batch:
+        parts += (b"id: ", e.id, b"\nevent: ", e.type, b"\ndata: ", e.data, b"\n\n")
+    return b"".join(parts)
 
 
-def ndjson_lines(batch: list[StreamEntry]) -> bytes:
+def ndjson_lines(batch: list[RawEntry]) -> bytes:
     # The stored JSON is an object: the id goes in front of its first field.
-    return "".join(f'{{"id":"{e.id}",{e.data[1:]}\n' for e in batch).encode()
+    parts: list[bytes] = []
+    for e in batch:
+        parts += (b'{"id":"', e.id, b'",', e.data[1:], b"\n")
+    return b"".join(parts)
 
 
-async def _body(batches: AsyncIterator[list[StreamEntry]], sse: bool) -> AsyncIterator[bytes]:
+async def _body(batches: AsyncIterator[list[RawEntry]], sse: bool) -> AsyncIterator[bytes]:
     if sse:
         yield f"retry: {RETRY_MS}\n\n".encode()
     last_write = time.monotonic()
@@ -44,7 +50,7 @@ async def _body(batches: AsyncIterator[list[StreamEntry]], sse: bool) -> AsyncIt
 
 
 def event_response(
-    batches: AsyncIterator[list[StreamEntry]],
+    batches: AsyncIterator[list[RawEntry]],
     *,
     ndjson: bool = False,
     headers: dict[str, str] | None = None,

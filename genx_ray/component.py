@@ -162,7 +162,12 @@ class Component(Generic[P, R]):
         return call_step(self.spec, ctx, scope.next_step_id(self.name), args, kwargs)
 
     async def map(
-        self, items: Iterable[Any], *, concurrency: int | None = None, fail_fast: bool = False
+        self,
+        items: Iterable[Any],
+        *,
+        concurrency: int | None = None,
+        fail_fast: bool = False,
+        spread: bool | None = None,
     ) -> list[R | StepError]:
         """Call the component on every item, at most ``concurrency`` at a time: by default the
         largest concurrency budget of ``GENX_LLM_LIMITS`` (the limiter still holds each model to
@@ -179,7 +184,9 @@ class Component(Generic[P, R]):
         ``concurrency`` spread over the nodes within what each node's resources allow
         (see :mod:`genx_ray.pool`). Any other component maps on the run's own event loop.
         """
-        return await map_component(self.spec, items, concurrency=concurrency, fail_fast=fail_fast)
+        return await map_component(
+            self.spec, items, concurrency=concurrency, fail_fast=fail_fast, spread=spread
+        )
 
 
 @overload

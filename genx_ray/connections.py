@@ -77,13 +77,16 @@ POOL_SIZE = 64
 POOL_WAIT_SECONDS = 20
 
 
-def async_redis(url: str, *, pool_size: int = POOL_SIZE) -> redis.asyncio.Redis:
-    """An asyncio client over a bounded, blocking pool; close it with ``await client.aclose()``."""
+def async_redis(
+    url: str, *, pool_size: int = POOL_SIZE, decode: bool = True
+) -> redis.asyncio.Redis:
+    """An asyncio client over a bounded, blocking pool; close it with ``await client.aclose()``.
+    ``decode=False``: replies stay bytes (for code that only passes them on)."""
     pool = redis.asyncio.BlockingConnectionPool.from_url(
         url,
         max_connections=pool_size,
         timeout=POOL_WAIT_SECONDS,
-        decode_responses=True,
+        decode_responses=decode,
         socket_keepalive=True,
         health_check_interval=30,
     )

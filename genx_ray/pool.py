@@ -50,6 +50,10 @@ _ACTOR_PREFIX = "genx-pool-"
 Outcome = tuple[int, bool, Any]
 
 
+class Unplaceable(UserError):
+    """A component whose function cannot be sent to another process (it does not pickle)."""
+
+
 def requirements(spec: StepSpec) -> dict[str, float]:
     """What one item of the component takes on its node."""
     need = {r: q for r, q in spec.resources.items() if q > 0}
@@ -103,12 +107,16 @@ class _Units:
         return all(self.free.get(r, 0.0) >= q - 1e-9 for r, q in need.items())
 
     async def take(self, need: Mapping[str, float]) -> None:
+        if not need:
+            return  # nothing to count (remote=True alone): no lock, no wake-ups
         async with self.changed:
             await self.changed.wait_for(lambda: self._fits(need))
             for r, q in need.items():
                 self.free[r] = self.free.get(r, 0.0) - q
 
     async def give(self, need: Mapping[str, float]) -> None:
+        if not need:
+            return
         async with self.changed:
             for r, q in need.items():
                 self.free[r] = self.free.get(r, 0.0) + q
@@ -298,7 +306,10 @@ async def map_on_cluster(
         return
     ensure_ray()
     placement = plan(spec, concurrency, ray.nodes())  # type: ignore[no-untyped-call]
-    component_ref = ray.put(spec)
+    try:
+        component_ref = ray.put(spec)
+    except Exception as exc:  # cloudpickle: a lock, a client, an open file in its closure...
+        raise Unplaceable(f"{type(exc).__name__}: {exc}") from exc
     key = f"{spec.name}:{secrets.token_hex(8)}"
     run = (ctx.run_id, ctx.workflow, ctx.attempt) if ctx is not None else None
     pending = deque(indexes)

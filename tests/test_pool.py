@@ -144,3 +144,49 @@ async def note(i: int) -> int:
 @workflow(name="pool-publishing", registry=reg)
 async def publishing(n: int) -> int:
     return len(await note.map(range(n)))
+
+
+# -- the map a user writes first: an unplaced component ------------------------------------------
+
+
+@component
+async def where(x: int) -> int:
+    """Unplaced: where it runs is the map's choice."""
+    return os.getpid()
+
+
+@workflow(name="pool-auto", registry=reg)
+async def auto(n: int, spread: bool | None = None) -> list[int]:
+    return await where.map(range(n), concurrency=32, spread=spread)  # type: ignore[return-value]
+
+
+def test_a_large_map_of_an_unplaced_component_goes_to_the_pool_actors() -> None:
+    here = os.getpid()  # the run executes in this process (genx_ray.start), on the session Ray
+    large = start(auto, {"n": 200}).result(120)
+    assert here not in large and len(set(large)) >= 1  # every item ran in a pool actor
+    assert set(start(auto, {"n": 20}).result(60)) == {here}  # a small map stays on the run loop
+    forced = start(auto, {"n": 200, "spread": False}).result(60)
+    assert set(forced) == {here}  # spread=False keeps it here whatever its size
+    assert here not in start(auto, {"n": 5, "spread": True}).result(60)
+
+
+@workflow(name="pool-unpicklable", registry=reg)
+async def unpicklable(n: int) -> int:
+    import threading
+
+    lock = threading.Lock()  # a lock in the closure: the function cannot go to another process
+
+    @component(name="locked")
+    async def locked(x: int) -> int:
+        with lock:
+            return os.getpid()
+
+    return len(set(await locked.map(range(n), concurrency=16)))
+
+
+def test_a_map_whose_function_cannot_be_sent_stays_on_the_run_loop_and_says_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level("WARNING", logger="genx_ray.mapping"):
+        assert start(unpicklable, {"n": 150}).result(60) == 1  # all here, and correct
+    assert any("cannot be sent to the pool actors" in r.getMessage() for r in caplog.records)

@@ -41,6 +41,35 @@ def _transport(
     return GenxTransport(policy, Settings.current())
 
 
+class _SharedHttpClient(openai.DefaultAsyncHttpxClient):
+    """The HTTP client every ``AsyncOpenAI`` with the same options shares: building one per SDK
+    client cost a tenth of a call's CPU when code makes a client per call (common). Closing an
+    SDK client must not close it for the others: its connections live in per-loop pools
+    (genx_ray.llm.shared) that go with their event loop."""
+
+    async def aclose(self) -> None:
+        pass
+
+
+_http_clients: dict[tuple[Any, ...], _SharedHttpClient] = {}
+
+
+def _http_client(
+    fallback: Sequence[str], cache_ttl: float | None, max_attempts: int, policy: Policy | None,
+    api_key: Any,
+) -> _SharedHttpClient:  # fmt: skip
+    # Settings.current() is one object per distinct environment (and kept): its id names it.
+    key = (tuple(fallback), cache_ttl, max_attempts, repr(policy), api_key is None,
+           id(Settings.current()))  # fmt: skip
+    client = _http_clients.get(key)
+    if client is None:
+        transport = _transport(fallback, cache_ttl, max_attempts, policy, api_key)
+        client = _http_clients[key] = _SharedHttpClient(transport=transport)
+    elif api_key is None and not os.environ.get("OPENAI_API_KEY"):
+        _transport(fallback, cache_ttl, max_attempts, policy, api_key)  # the same clear error
+    return client
+
+
 @functools.cache
 def _platform() -> Any:
     from openai._base_client import get_platform
@@ -63,9 +92,10 @@ class AsyncOpenAI(openai.AsyncOpenAI):
         """``fallback``: models to move to, in order, when one fails for good (or its circuit is
         open); ``cache_ttl``: cache responses (not streams) for this many seconds;
         ``max_attempts``: per model, the first try included; ``policy``: all knobs at once."""
-        transport = _transport(fallback, cache_ttl, max_attempts, policy, kwargs.get("api_key"))
         kwargs.setdefault("max_retries", 0)  # retries are ours: cluster-aware, with fallback
-        kwargs["http_client"] = openai.DefaultAsyncHttpxClient(transport=transport)
+        kwargs["http_client"] = _http_client(
+            fallback, cache_ttl, max_attempts, policy, kwargs.get("api_key")
+        )
         super().__init__(*args, **kwargs)
         if getattr(self, "_platform", False) is None:
             # The SDK looks the platform up on a worker thread at each client's first request
