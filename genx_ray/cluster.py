@@ -52,3 +52,12 @@ def shutdown_ray() -> None:
 
     if ray.is_initialized():
         ray.shutdown()
+
+
+def cluster_cpus() -> int:
+    """The CPUs of the Ray cluster this process joined (1 if it has not joined one)."""
+    import ray
+
+    if not ray.is_initialized():
+        return 1
+    return int(ray.cluster_resources().get("CPU", 1))  # type: ignore[no-untyped-call]

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from genx_ray.context import JournalEntry, RunContext, item_scope
 from genx_ray.errors import StepError, UserError
-from genx_ray.events import StepRef
+from genx_ray.events import ErrorInfo, StepFailedEvent, StepRef
 from genx_ray.mapping import item_step_id
 from genx_ray.steps import StepSpec, cache_key, call_direct, item_error
 from genx_ray.values import canonical_hash, dumps
@@ -304,7 +304,7 @@ async def map_on_cluster(
 
     if not indexes:
         return
-    ensure_ray()
+    await asyncio.to_thread(ensure_ray)  # starting a local Ray takes seconds: not on the loop
     placement = plan(spec, concurrency, ray.nodes())  # type: ignore[no-untyped-call]
     try:
         component_ref = ray.put(spec)
@@ -356,6 +356,7 @@ async def _deliver(
     outcomes: list[Outcome], on_result: Callable[[int, Any, bool], None],
 ) -> None:  # fmt: skip
     entries: list[tuple[str, str]] = []
+    failures: list[StepFailedEvent] = []
     delivered: list[tuple[int, Any, bool]] = []
     for index, ok, payload in outcomes:
         step_id = item_step_id(map_id, index, spec.name)
@@ -366,9 +367,13 @@ async def _deliver(
         else:
             entry = JournalEntry(spec.name, input_hash, error=payload)
             delivered.append((index, item_error(spec, step_id, payload), False))
+            if ctx is not None:  # as a map on the run's loop says of its failed items
+                ref = StepRef(id=step_id, name=spec.name, attempt=int(payload.get("attempts", 1)))
+                error = ErrorInfo(type=payload["type"], message=payload["message"])
+                failures.append(StepFailedEvent(run_id=ctx.run_id, step=ref, error=error))
         entries.append((step_id, entry.dumps()))
     if ctx is not None:
-        await ctx.writer.commit((), entries)
+        await ctx.writer.commit(failures, entries)
     for index, value, ok in delivered:
         on_result(index, value, ok)
 

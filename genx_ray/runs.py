@@ -59,8 +59,10 @@ class Run(BaseModel):
     tenant: str = DEFAULT_TENANT
     cancel_requested: bool = False
     # LLM usage of the run (genx_ray.llm): calls, prompt_tokens, completion_tokens, retries,
-    # cost_usd (an estimate from public prices); None before any call.
+    # cost_usd (an estimate from public prices); None before any call. And the same by model
+    # (calls, prompt_tokens, completion_tokens, cost_usd).
     usage: dict[str, float] | None = None
+    usage_by_model: dict[str, dict[str, float]] | None = None
 
     @classmethod
     def from_hash(cls, h: dict[str, str]) -> Run:
@@ -81,6 +83,7 @@ class Run(BaseModel):
             tenant=h.get("tenant", DEFAULT_TENANT),
             cancel_requested=h.get("cancel_requested") == "1",
             usage=_usage(h),
+            usage_by_model=_usage_by_model(h),
         )
 
 
@@ -107,6 +110,18 @@ class Claim:
 
 # A claimed run, and its journal (step id -> recorded entry).
 Claimed = tuple[Run, dict[str, str]]
+
+
+def _usage_by_model(h: dict[str, str]) -> dict[str, dict[str, float]] | None:
+    out: dict[str, dict[str, float]] = {}
+    for field, value in h.items():
+        if field.startswith("usage_m:"):
+            model, _, counter = field[len("usage_m:") :].rpartition(":")
+            if counter == "cost_nanos":
+                out.setdefault(model, {})["cost_usd"] = int(value) / 1e9
+            else:
+                out.setdefault(model, {})[counter] = int(value)
+    return out or None
 
 
 def _pairs(fields: dict[str, str] | None) -> list[str]:
@@ -170,10 +185,17 @@ class RunStore:
             if enqueue:
                 pipe.xadd(keys.QUEUE, {"run": run_id, "attempt": "1", "workflow": workflow})
             results = await pipe.execute(raise_on_error=False)
-        if one_trip and isinstance(results[0], Exception):  # Redis restarted: scripts reloaded
+        if one_trip and isinstance(results[0], Exception):
             if not isinstance(results[0], NoScriptError):
                 raise results[0]
+            # The script was not loaded (a new Redis, or one restarted): the index entries and
+            # the queue entry went out before the run. Create it now (that loads the script) and
+            # queue it again: a worker may have taken the first entry and, finding no run,
+            # dropped it; if not, the second claim of the same attempt is refused.
             await lua.CREATE(self.redis, create[1], create[2])
+            if enqueue:
+                await self.redis.xadd(keys.QUEUE, {"run": run_id, "attempt": "1",
+                                                   "workflow": workflow})  # fmt: skip
         for result in results[1:]:
             if isinstance(result, Exception):
                 raise result

@@ -28,6 +28,7 @@ import time
 from typing import Any, cast
 
 from genx_ray import keys
+from genx_ray.ids import new_run_id
 from genx_ray.runs import RunStore
 from genx_ray.settings import Settings
 from genx_ray.webhooks import notify
@@ -139,7 +140,9 @@ class Supervisor:
                     for run_id in run_ids:
                         pipe.exists(keys.run(run_id))
                     exists = await pipe.execute()
-                gone = [r for r, e in zip(run_ids, exists, strict=True) if not e]
+                # A run younger than a minute may be indexed a moment before it exists.
+                young = new_run_id(time.time() - 60)
+                gone = [r for r, e in zip(run_ids, exists, strict=True) if not e and r < young]
                 if gone:
                     removed += int(await self.redis.zrem(index, *gone))
                 if not gone or len(run_ids) < batch:

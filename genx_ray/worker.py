@@ -42,6 +42,7 @@ from typing import Any
 import redis
 
 from genx_ray import keys, lua
+from genx_ray.cluster import cluster_cpus
 from genx_ray.connections import async_redis, sync_redis
 from genx_ray.errors import Fenced, InvalidTransition, RunNotFound
 from genx_ray.hostpool import HostPool
@@ -98,7 +99,9 @@ class Worker:
         self.redis = client
         self.registry = registry or default_registry
         self.settings = settings or Settings.current()
-        self.max_runs = max_runs or default_max_runs(self.settings, hosts, _cluster_cpus(hosts))
+        self.max_runs = max_runs or default_max_runs(
+            self.settings, hosts, cluster_cpus() if hosts == "ray" else 1
+        )
         self.drain_timeout = drain_timeout
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.fate = fate or (
@@ -377,12 +380,3 @@ async def serve_worker(
     finally:
         await client.aclose()
 
-
-def _cluster_cpus(hosts: str) -> int:
-    if hosts != "ray":
-        return 1
-    import ray
-
-    if not ray.is_initialized():
-        return 1
-    return int(ray.cluster_resources().get("CPU", 1))  # type: ignore[no-untyped-call]

@@ -15,6 +15,7 @@ from genx_ray.llm.limits import Booking
 # Rough public prices (USD per million tokens: input, output) for the cost estimate.
 PRICES = {"gpt-4o": (2.5, 10.0), "gpt-4o-mini": (0.15, 0.6)}
 USAGE_FIELDS = ("calls", "prompt_tokens", "completion_tokens", "retries")
+MODEL_PREFIX = "usage_m:"  # run hash fields usage_m:<model>:<counter>
 REPORT_EVERY = 1.0  # seconds between a run's llm.usage events from one process
 
 # run id -> (this process's running totals for the run, when they were last reported); the
@@ -47,9 +48,14 @@ def account(model: str, prompt: int, completion: int, retries: int) -> Booking |
     _totals[ctx.run_id] = (totals, sent)
     while len(_totals) > _KEEP:
         _totals.popitem(last=False)
+    cost = cost_nanos(model, prompt, completion)
+    by_model = f"{MODEL_PREFIX}{model}:"
     return keys.run(ctx.run_id), {
         "usage_calls": 1, "usage_prompt_tokens": prompt, "usage_completion_tokens": completion,
-        "usage_retries": retries, "usage_cost_nanos": cost_nanos(model, prompt, completion),
+        "usage_retries": retries, "usage_cost_nanos": cost,
+        # ...and by model, for usage by model (genx_ray.explore.usage_frame)
+        by_model + "calls": 1, by_model + "prompt_tokens": prompt,
+        by_model + "completion_tokens": completion, by_model + "cost_nanos": cost,
     }  # fmt: skip
 
 

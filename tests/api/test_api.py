@@ -38,7 +38,8 @@ async def test_async_start_then_full_replay(api: httpx.AsyncClient) -> None:
     assert run["status"] == "queued" and run["input"] == {"text": "hi"}
     assert resp.headers["location"] == f"/v1/runs/{run['id']}"
     assert set(run) == {"id", "workflow", "status", "input", "output", "error", "attempt",
-                        "created_at", "started_at", "finished_at", "cancel_requested", "usage"}  # fmt: skip
+                        "created_at", "started_at", "finished_at", "cancel_requested", "usage",
+                        "usage_by_model"}  # fmt: skip
     frames = await _events(api, run["id"])
     assert [f["event"] for f in frames] == [
         "run.queued", "run.started", "step.started", "step.completed", "run.succeeded",
