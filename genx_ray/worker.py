@@ -379,4 +379,3 @@ async def serve_worker(
         await worker.serve()
     finally:
         await client.aclose()
-
