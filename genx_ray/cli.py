@@ -15,6 +15,8 @@ import typer
 
 from genx_ray.errors import GenxError
 
+DEMO_REVIEW_SECONDS = 60  # how long `genx demo --workflow article` waits for the outline's review
+
 app = typer.Typer(
     name="genx",
     help="genx-ray: durable LLM and agent workflows on Ray, served as REST APIs.",
@@ -24,17 +26,38 @@ app = typer.Typer(
 )
 runs_app = typer.Typer(help="Inspect runs through the API (GENX_API_URL, GENX_API_KEY).")
 app.add_typer(runs_app, name="runs")
+schedules_app = typer.Typer(help="Runs started on a cron, through the API (GENX_API_URL).")
+app.add_typer(schedules_app, name="schedules")
 
 
 @app.command()
 def info() -> None:
-    """Show the configuration this machine resolves to (Redis, Ray, workflows)."""
-    from genx_ray.connections import resolve_redis_url
-    from genx_ray.settings import Settings
+    """Show the configuration this machine resolves to (Redis, Ray, workflows). Starts nothing."""
+    from genx_ray.connections import is_cluster_url, ping
+    from genx_ray.settings import EMBEDDED, Settings
 
     settings = Settings.current()
-    typer.echo(f"redis:     {resolve_redis_url(settings)}")
-    typer.echo(f"ray:       {settings.ray_address}")
+    url = settings.redis_url
+    if url == EMBEDDED:
+        redis = "embedded: a private Redis for each process that starts one (GENX_REDIS_URL)"
+    elif (reason := ping(url)) is not None:
+        redis = f"{url}: nothing answers ({reason}); " + (
+            "set by GENX_REDIS_URL: every command fails"
+            if settings.redis_url_explicit
+            else "GENX_REDIS_URL unset: genx worker and gateway fail, genx dev and "
+            "genx_ray.run/start start a private Redis"
+        )
+    else:
+        kind = "Redis Cluster" if is_cluster_url(url) else "single Redis"
+        source = "GENX_REDIS_URL" if settings.redis_url_explicit else "default"
+        redis = f"{url} ({kind}; {source})"
+    ray = {
+        "local": "local: a private Ray for each process that needs one",
+        "auto": "auto: joins the running cluster (RAY_ADDRESS, or the one `ray start` started "
+        "here), or fails",
+    }.get(settings.ray_address, f"{settings.ray_address}: joins that cluster, or fails")
+    typer.echo(f"redis:     {redis}")
+    typer.echo(f"ray:       {ray}")
     typer.echo(f"workflows: {', '.join(settings.workflows)}")
     typer.echo(f"auth:      {'bearer keys' if settings.api_keys else 'open (single tenant)'}")
 
@@ -48,10 +71,14 @@ def gateway(
     import uvicorn
 
     from gateway.app import create_app
+    from genx_ray.connections import resolve_redis_url
     from genx_ray.settings import Settings
 
     settings = Settings.current()
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", lifespan="on")
+    # The Redis its workers use, or a clear error now (never a private one nobody else sees).
+    url = resolve_redis_url(settings, allow_embedded=False)
+    app = create_app(settings, redis_url=url)
+    uvicorn.run(app, host=host, port=port, log_level="warning", lifespan="on")
 
 
 @app.command()
@@ -73,6 +100,10 @@ def worker(
             "'inline' (this process; no Ray)."
         ),
     ] = "ray",
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(help="Serve GET /metrics (Prometheus) on this port [default: off]."),
+    ] = None,
 ) -> None:
     """The compute plane: takes runs from Redis and executes them (steps placed on Ray)."""
     import asyncio
@@ -84,8 +115,10 @@ def worker(
     if address:
         os.environ["GENX_RAY_ADDRESS"] = address
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    url = resolve_redis_url()
-    asyncio.run(serve_worker(url, max_runs=max_runs, drain_timeout=drain_timeout, hosts=hosts))
+    # The Redis its gateways use, or a clear error now (never a private one nobody else sees).
+    url = resolve_redis_url(allow_embedded=False)
+    asyncio.run(serve_worker(url, max_runs=max_runs, drain_timeout=drain_timeout, hosts=hosts,
+                             metrics_port=metrics_port))  # fmt: skip
 
 
 @app.command()
@@ -95,7 +128,9 @@ def dev(port: Annotated[int, typer.Option(help="Gateway port.")] = 8000) -> None
     from genx_ray.connections import resolve_redis_url
     from genx_ray.embedded import free_port
 
-    url = resolve_redis_url()  # exported as GENX_REDIS_URL for the processes started below
+    # A private Redis if none answers (and GENX_REDIS_URL is unset); exported as GENX_REDIS_URL
+    # for the worker and gateway started below, which then never start one of their own.
+    url = resolve_redis_url(allow_embedded=True)
     cli = [sys.executable, "-m", "genx_ray.cli"]
     children: list[subprocess.Popen[bytes]] = []
     llm = os.environ.get("OPENAI_BASE_URL")
@@ -156,21 +191,24 @@ def run_cmd(
     workflow: Annotated[str, typer.Argument(help="Workflow name (see GET /v1/workflows).")],
     input: Annotated[str, typer.Option("--input", help="The run's input, as JSON.")] = "null",
     detach: Annotated[bool, typer.Option(help="Print the run and return at once.")] = False,
+    delay: Annotated[
+        float | None, typer.Option(help="Start it this many seconds from now.")
+    ] = None,
+    start_at: Annotated[str | None, typer.Option(help="Start it at this time (RFC 3339).")] = None,
 ) -> None:
     """Start a run through the API; follow it with live progress and print its output."""
     from genx_ray.client import Client
     from genx_ray.console import follow
 
-    try:
-        payload = json.loads(input)
-    except json.JSONDecodeError as exc:
-        raise typer.BadParameter(f"--input is not JSON: {exc}") from None
     client = Client()
-    run = client.start(workflow, payload)
+    run = client.start(
+        workflow, _json_option("--input", input), delay_seconds=delay, start_at=start_at
+    )
     if detach:
         typer.echo(json.dumps(run, indent=2))
         return
     typer.echo(f"run {run['id']}", err=True)
+    typer.echo(f"viewer: {client.viewer_url(run)}", err=True)
     raise typer.Exit(0 if follow(client, run["id"]) == "succeeded" else 1)
 
 
@@ -208,8 +246,15 @@ def demo(
                 raise GenxError("the stack did not become ready in 120 s")
             time.sleep(0.3)
         client = Client(base)
-        run = client.start(workflow, json.loads(input))
+        payload = _json_option("--input", input)
+        if workflow == "article" and isinstance(payload, dict):
+            # The article waits for a person to approve the outline: the demo shows how to
+            # answer (here on stdin, with the CLI or with curl), and writes the draft outline
+            # if nobody does within the minute.
+            payload.setdefault("review_seconds", DEMO_REVIEW_SECONDS)
+        run = client.start(workflow, payload)
         typer.echo(f"run {run['id']} ({workflow}) via {base}", err=True)
+        typer.echo(f"viewer: {client.viewer_url(run)}", err=True)
         status = follow(client, run["id"])
     finally:
         os.killpg(stack.pid, signal.SIGTERM)
@@ -261,6 +306,60 @@ def runs_tail(
 
     for entry in Client().events(run_id, after):
         typer.echo(f"{entry.id} {entry.event.type} {dumps(entry.event)}")
+
+
+@runs_app.command("input")
+def runs_input(
+    run_id: Annotated[str, typer.Argument(help="The run waiting for input.")],
+    data: Annotated[str, typer.Option("--data", help="The input, as JSON.")],
+    input_id: Annotated[
+        str | None, typer.Option(help="Answer only this request (its input.requested input_id).")
+    ] = None,
+) -> None:
+    """Answer a run waiting in wait_for_input; it carries on with the input."""
+    from genx_ray.client import Client
+
+    run = Client().send_input(run_id, _json_option("--data", data), input_id)
+    typer.echo(f"run {run['id']} {run['status']}")
+
+
+@schedules_app.command("add")
+def schedules_add(
+    workflow: Annotated[str, typer.Argument(help="The workflow to start.")],
+    cron: Annotated[str, typer.Option(help="When, as cron: '*/5 * * * *' (a 6th field: seconds).")],
+    input: Annotated[str, typer.Option("--input", help="Each run's input, as JSON.")] = "null",
+    timezone: Annotated[str, typer.Option(help="The cron's time zone.")] = "UTC",
+) -> None:
+    """Start a run of WORKFLOW at each tick of a cron expression."""
+    from genx_ray.client import Client
+
+    schedule = Client().create_schedule(workflow, cron, _json_option("--input", input), timezone)
+    typer.echo(json.dumps(schedule, indent=2))
+
+
+@schedules_app.command("ls")
+def schedules_ls() -> None:
+    """The schedules: id, workflow, cron, time zone, next run."""
+    from genx_ray.client import Client
+
+    for s in Client().schedules():
+        typer.echo("\t".join([s["id"], s["workflow"], s["cron"], s["timezone"],
+                              str(s["next_run_at"])]))  # fmt: skip
+
+
+@schedules_app.command("rm")
+def schedules_rm(schedule_id: Annotated[str, typer.Argument(help="The schedule.")]) -> None:
+    """Delete a schedule: no more runs start from it (runs it started go on)."""
+    from genx_ray.client import Client
+
+    Client().delete_schedule(schedule_id)
+
+
+def _json_option(name: str, value: str) -> Any:
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise typer.BadParameter(f"{name} is not JSON: {exc}") from None
 
 
 def main() -> None:

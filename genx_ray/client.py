@@ -48,15 +48,58 @@ class Client:
         return resp.json()
 
     def start(
-        self, workflow: str, input: Any = None, *, wait: float | None = None, key: str | None = None
+        self,
+        workflow: str,
+        input: Any = None,
+        *,
+        wait: float | None = None,
+        key: str | None = None,
+        delay_seconds: float | None = None,
+        start_at: str | None = None,
     ) -> dict[str, Any]:
+        """Start a run (later, with ``delay_seconds`` or an RFC 3339 ``start_at``); returns the
+        run object, with its ``stream_token`` (read-only, this run only: for a browser, see
+        :meth:`viewer_url`)."""
         params = {"wait": wait} if wait else None
         headers = {"Idempotency-Key": key} if key else None
+        body: dict[str, Any] = {"input": input}
+        if delay_seconds is not None:
+            body["delay_seconds"] = delay_seconds
+        if start_at is not None:
+            body["start_at"] = start_at
         resp = self.http.post(
-            f"/v1/workflows/{workflow}/runs", json={"input": input}, params=params, headers=headers
+            f"/v1/workflows/{workflow}/runs", json=body, params=params, headers=headers
         )
         result: dict[str, Any] = self._check(resp)
         return result
+
+    def send_input(self, run_id: str, input: Any, input_id: str | None = None) -> dict[str, Any]:
+        """Answer a run waiting for input (:class:`ApiError` 422 when it does not fit, 409 when
+        the run does not wait for input)."""
+        body = {"input": input, **({"input_id": input_id} if input_id else {})}
+        result: dict[str, Any] = self._check(self.http.post(f"/v1/runs/{run_id}/input", json=body))
+        return result
+
+    def create_schedule(
+        self, workflow: str, cron: str, input: Any = None, timezone: str = "UTC"
+    ) -> dict[str, Any]:
+        body = {"workflow": workflow, "cron": cron, "input": input, "timezone": timezone}
+        result: dict[str, Any] = self._check(self.http.post("/v1/schedules", json=body))
+        return result
+
+    def schedules(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._check(self.http.get("/v1/schedules"))
+        return result
+
+    def delete_schedule(self, schedule_id: str) -> None:
+        resp = self.http.delete(f"/v1/schedules/{schedule_id}")
+        if resp.status_code >= 400:
+            self._check(resp)
+
+    def viewer_url(self, run: dict[str, Any]) -> str:
+        """The address of a run's viewer page, with the run's token when ``run`` has one."""
+        url = f"{self.base_url}/ui/runs/{run['id']}"
+        return f"{url}?token={run['stream_token']}" if run.get("stream_token") else url
 
     def get(self, run_id: str) -> dict[str, Any]:
         result: dict[str, Any] = self._check(self.http.get(f"/v1/runs/{run_id}"))

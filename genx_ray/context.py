@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis.asyncio
 from pydantic import JsonValue
 
+from genx_ray.connections import AsyncRedis
 from genx_ray.errors import NondeterminismError
 from genx_ray.events import ProgressEvent, StepRef
 from genx_ray.writer import RunWriter
@@ -68,10 +68,14 @@ class RunContext:
     run_id: str
     workflow: str
     attempt: int
-    redis: redis.asyncio.Redis
+    redis: AsyncRedis
     writer: RunWriter
     journal: dict[str, JournalEntry]
     cancel_requested: bool = False
+    tenant: str = "default"
+    origin: str = ""  # 'local': started from a script (genx_ray.start), its children run there
+    # Starts a child run in this process (for a script's runs): (child id, workflow).
+    start_here: Callable[[str, Any], Awaitable[object]] | None = None
 
     def __post_init__(self) -> None:
         # position (step id without its component name) -> recorded step id, to name the step

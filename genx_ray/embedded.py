@@ -46,7 +46,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def die_with_parent() -> None:
+    """For ``preexec_fn``: the child gets SIGTERM when its parent dies (Linux; a no-op elsewhere).
+    Runs in the child between fork and exec."""
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError):
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -86,7 +88,7 @@ class EmbeddedRedis:
                  *persistence, "--dir", self._dir.name, "--loglevel", "warning",
                  "--logfile", os.path.join(self._dir.name, "redis.log")],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )  # fmt: skip
             if self._wait_ready(timeout):
                 return self.url

@@ -10,10 +10,14 @@
     │   └── WorkflowNotFound
     ├── Conflict                   HTTP 409: the request contradicts the current state
     │   ├── InvalidTransition      a run status change that is not allowed (e.g. out of terminal)
+    │   ├── NotWaitingForInput     input posted to a run that does not wait for it
     │   └── IdempotencyConflict    an Idempotency-Key reused with another input
+    ├── QuotaExceeded              HTTP 429: a tenant over its GENX_TENANT_LIMITS (Retry-After)
     ├── RedisUnavailable           nothing answers at the Redis URL
     ├── StepError                  a step failed for good (after retries); raised into the workflow
     │   └── StepTimeout            ... its last attempt timed out
+    ├── InputTimeout               ``wait_for_input`` passed its deadline; raised into the workflow
+    ├── ChildFailed                a child run the workflow waited for failed or was cancelled
     ├── RunFailed                  ``handle.result()`` of a run that failed
     ├── RunCancelled               a run stopped because it was cancelled
     └── Fenced                     a superseded attempt tried to write (it must stop)
@@ -74,6 +78,11 @@ class InputInvalid(UserError):
         super().__init__(message)
         self.errors = errors or []
 
+    @classmethod
+    def field(cls, name: str, message: str) -> InputInvalid:
+        """The error for one named field: ``"<name>: <message>"``."""
+        return cls(f"{name}: {message}", [{"loc": [name], "msg": message, "type": "value_error"}])
+
 
 class NotFound(GenxError):
     status_code = 404
@@ -109,8 +118,28 @@ class InvalidTransition(Conflict):
         self.run_id, self.current, self.target = run_id, current, target
 
 
+class NotWaitingForInput(Conflict):
+    code = "not_waiting_for_input"
+
+    def __init__(self, run_id: str, why: str) -> None:
+        super().__init__(f"run {run_id} {why}")
+        self.run_id = run_id
+
+
 class IdempotencyConflict(Conflict):
     code = "idempotency_conflict"
+
+
+class QuotaExceeded(GenxError):
+    """A tenant started more runs than its quota allows (``GENX_TENANT_LIMITS``); nothing was
+    created. ``retry_after``: seconds until a retry may succeed."""
+
+    status_code = 429
+    code = "quota_exceeded"
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class RedisUnavailable(GenxError):
@@ -141,6 +170,27 @@ class StepTimeout(StepError):
     """A step failed after its retries, its last attempt having timed out."""
 
     code = "step_timeout"
+
+
+class InputTimeout(GenxError):
+    """``wait_for_input`` reached its deadline without input; the workflow may catch it."""
+
+    code = "input_timeout"
+
+    def __init__(self, run_id: str, input_id: str, deadline: float) -> None:
+        super().__init__(f"run {run_id}: no input {input_id} by its deadline")
+        self.run_id, self.input_id, self.deadline = run_id, input_id, deadline
+
+
+class ChildFailed(GenxError):
+    """A child run ended without output (failed or cancelled); the parent may catch it."""
+
+    code = "child_failed"
+
+    def __init__(self, child_id: str, status: str, error_type: str, message: str) -> None:
+        super().__init__(f"child run {child_id} {status}: {error_type}: {message}")
+        self.child_id, self.status = child_id, status
+        self.error_type, self.error_message = error_type, message
 
 
 class RunFailed(GenxError):

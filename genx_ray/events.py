@@ -81,6 +81,63 @@ class RunRestartedEvent(BaseEvent):
     reason: str
 
 
+class RunScheduledEvent(BaseEvent):
+    """The run starts later: at ``start_at`` (unix seconds) it is queued."""
+
+    type: Literal["run.scheduled"] = "run.scheduled"
+    workflow: str
+    start_at: float
+
+
+class RunWaitingEvent(BaseEvent):
+    """The run parked itself: no host holds it until it is resumed."""
+
+    type: Literal["run.waiting"] = "run.waiting"
+    reason: Literal["input", "sleep", "child"]
+    until: float | None = None  # the deadline or wake-up time, unix seconds
+    step: StepRef | None = None
+
+
+class RunResumedEvent(BaseEvent):
+    """A parked run is queued again, as ``attempt``: it replays its journal up to the wait."""
+
+    type: Literal["run.resumed"] = "run.resumed"
+    attempt: int
+    reason: str
+
+
+class InputRequestedEvent(BaseEvent):
+    """``wait_for_input``: the run waits for ``POST /v1/runs/{id}/input`` with this schema."""
+
+    type: Literal["input.requested"] = "input.requested"
+    input_id: str
+    input_schema: dict[str, Any]
+    prompt: str | None = None
+    deadline: float | None = None  # unix seconds; past it the workflow gets InputTimeout
+    step: StepRef | None = None
+
+
+class InputReceivedEvent(BaseEvent):
+    type: Literal["input.received"] = "input.received"
+    input_id: str
+    input: JsonValue = None
+    step: StepRef | None = None
+
+
+class ChildStartedEvent(BaseEvent):
+    type: Literal["child.started"] = "child.started"
+    child_id: str
+    workflow: str
+    step: StepRef | None = None
+
+
+class ChildFinishedEvent(BaseEvent):
+    type: Literal["child.finished"] = "child.finished"
+    child_id: str
+    status: str
+    step: StepRef | None = None
+
+
 class StepStartedEvent(BaseEvent):
     type: Literal["step.started"] = "step.started"
     step: StepRef
@@ -144,10 +201,27 @@ class RunCancelledEvent(BaseEvent):
     reason: str | None = None
 
 
+class EventsTruncatedEvent(BaseEvent):
+    """Sent by the gateway, never stored: a reader resumed after ``after``, but the stream was
+    trimmed (``GENX_STREAM_MAXLEN``) and what follows starts at ``first_available``; events in
+    between are gone. The run object still has the run's status and output."""
+
+    type: Literal["events.truncated"] = "events.truncated"
+    after: str
+    first_available: str
+
+
 Event = Annotated[
     RunQueuedEvent
+    | RunScheduledEvent
     | RunStartedEvent
     | RunRestartedEvent
+    | RunWaitingEvent
+    | RunResumedEvent
+    | InputRequestedEvent
+    | InputReceivedEvent
+    | ChildStartedEvent
+    | ChildFinishedEvent
     | StepStartedEvent
     | StepRetryingEvent
     | StepCompletedEvent
@@ -156,7 +230,8 @@ Event = Annotated[
     | OutputEvent
     | RunSucceededEvent
     | RunFailedEvent
-    | RunCancelledEvent,
+    | RunCancelledEvent
+    | EventsTruncatedEvent,
     Field(discriminator="type"),
 ]
 

@@ -8,6 +8,8 @@ client, batch writer and lease renewer; each attempt is one asyncio task with it
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import os
 import socket
@@ -15,19 +17,24 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from genx_ray import keys
+from genx_ray import keys, metrics, tracing
+from genx_ray.children import outcome_entry
 from genx_ray.context import JournalEntry, RunContext, run_scope
 from genx_ray.errors import Fenced, GenxError, InvalidTransition, RunCancelled, RunNotFound
 from genx_ray.events import (
+    ChildFinishedEvent,
     ErrorInfo,
     RunCancelledEvent,
     RunFailedEvent,
+    RunResumedEvent,
     RunStartedEvent,
     RunSucceededEvent,
+    StepRef,
 )
 from genx_ray.runs import Claim, Run
 from genx_ray.status import RunStatus
 from genx_ray.values import dumps
+from genx_ray.waits import Parked
 from genx_ray.webhooks import notify
 
 if TYPE_CHECKING:
@@ -113,6 +120,7 @@ async def start_many(
             raise result
         if rt.leases is not None:
             rt.leases.hold(me.run_id, me.attempt or 0)
+        metrics.run_started(result[0].workflow)
         me.runner = asyncio.create_task(_run(rt, me, *result), name=f"genx-attempt-{me.run_id}")
         started[me.run_id] = me
     return [started.get(run[0]) for run in runs]
@@ -158,6 +166,13 @@ async def execute(
     return await me.runner
 
 
+async def _start_here(rt: Runtime, run_id: str, workflow: Any) -> None:
+    """A child of a run started from a script: it runs in the same process (workers may not
+    have its code)."""
+    rt.registry.add(workflow)
+    await start(rt, run_id, "local", attempt=1, workflow=workflow.name)
+
+
 def _forget(rt: Runtime, me: Attempt) -> None:
     me.done.set()
     if rt.active.get(me.run_id) is me:
@@ -166,16 +181,26 @@ def _forget(rt: Runtime, me: Attempt) -> None:
 
 async def _run(rt: Runtime, me: Attempt, run: Run, raw_journal: dict[str, str]) -> str | None:
     run_id, attempt = me.run_id, run.attempt
+    # The attempt's span: the parent of its steps' spans (the body's task inherits it).
+    span = tracing.attempt_span(run, len(raw_journal))
     try:
-        journal = {k: JournalEntry.loads(v) for k, v in raw_journal.items()}
-        writer = rt.writes.writer(run_id, attempt)
-        ctx = RunContext(run_id, run.workflow, attempt, rt.redis, writer, journal)
-        ctx.cancel_requested = me.cancel_asked or run.cancel_requested
-        me.ctx = ctx
-        status = await _finish(rt, me, ctx, run.workflow, run.input)
-        if status is not None:
-            await notify(rt.redis, rt.settings, run_id)
-        return status.value if status is not None else None
+        with tracing.activated(span):
+            journal = {k: JournalEntry.loads(v) for k, v in raw_journal.items()}
+            writer = rt.writes.writer(run_id, attempt)
+            ctx = RunContext(
+                run_id, run.workflow, attempt, rt.redis, writer, journal, tenant=run.tenant,
+                origin=run.origin or "", start_here=functools.partial(_start_here, rt),
+            )  # fmt: skip
+            ctx.cancel_requested = me.cancel_asked or run.cancel_requested
+            me.ctx = ctx
+            status = await _finish(rt, me, ctx, run.workflow, run.input)
+            tracing.attempt_done(span, status.value if status is not None else None)
+            if status is not None and status.terminal:
+                metrics.run_finished(run.workflow, status.value)
+                await notify(rt.redis, rt.settings, run_id)
+                if run.parent_id and run.parent_step:
+                    await tell_parent(rt.runs, run_id, run.parent_id, run.parent_step)
+            return status.value if status is not None else None
     finally:
         # The lease goes with the terminal status (lua.FINISH). An attempt stopped any other way
         # (superseded, or this process torn down) keeps it until it expires: then the supervisor
@@ -196,6 +221,8 @@ async def _finish(
     if outcome is None or ctx.writer.fenced:
         await ctx.writer.close()
         return None
+    if isinstance(outcome, Parked):
+        return await _park(rt, ctx, outcome)
     status, fields, final_event = outcome
     fields["finished_at"] = repr(time.time())
     try:
@@ -206,11 +233,46 @@ async def _finish(
     return status
 
 
+async def _park(rt: Runtime, ctx: RunContext, parked: Parked) -> RunStatus | None:
+    """The body parked the run on a wait: ``waiting`` (as its next attempt), holding nothing;
+    the timer service looks at it when ``parked.due`` comes."""
+    leased = rt.leases is not None
+    try:
+        outcome = await ctx.writer.park(
+            parked.step, parked.events, parked.fields,
+            ready_if_journaled=parked.ready_if_journaled, leased=leased,
+        )  # fmt: skip
+    except (Fenced, InvalidTransition, RunNotFound):
+        return None
+    if outcome == "ready":  # what it would wait for came meanwhile: run again from the journal
+        with contextlib.suppress(Fenced, InvalidTransition, RunNotFound):
+            await rt.runs.requeue(ctx.run_id, ctx.attempt, f"{parked.kind} ready")
+        return RunStatus.QUEUED
+    if parked.due is not None:
+        await rt.redis.zadd(keys.TIMERS, {ctx.run_id: parked.due})
+    return RunStatus.WAITING
+
+
+async def tell_parent(runs: Any, run_id: str, parent_id: str, parent_step: str) -> int:
+    """Deliver an ended child run's outcome to its parent (once, whoever calls)."""
+    run = await runs.get(run_id)
+    error = run.error.model_dump(exclude={"traceback"}) if run.error else None
+    entry = outcome_entry(run.status.value, run.output, error)
+    ref = StepRef(id=parent_step, name="child")
+    finished = ChildFinishedEvent(run_id=parent_id, child_id=run_id, status=run.status.value,
+                                  step=ref)  # fmt: skip
+    attempt = int(await runs.redis.hget(keys.run(parent_id), "attempt") or 0)
+    resumed = RunResumedEvent(run_id=parent_id, attempt=attempt, reason=f"child run {run.status}")
+    result: int = await runs.child_done(parent_id, parent_step, entry, finished, resumed)
+    return result
+
+
 async def _run_body(
     rt: Runtime, me: Attempt, ctx: RunContext, workflow: str, raw_input: Any
-) -> tuple[RunStatus, dict[str, str], Any] | None:
-    """The run's outcome: status, fields and terminal event; None when this attempt lost its
-    lease or was fenced (another attempt owns the run: write nothing more)."""
+) -> tuple[RunStatus, dict[str, str], Any] | Parked | None:
+    """The run's outcome: status, fields and terminal event (or where it parked); None when
+    this attempt lost its lease or was fenced (another attempt owns the run: write nothing
+    more)."""
     run_id = ctx.run_id
     try:
         wf = rt.registry.get(workflow)
@@ -235,6 +297,10 @@ async def _run_body(
             {"output": dumps(output)},
             RunSucceededEvent(run_id=run_id, output=output),
         )
+    except Parked as parked:
+        if ctx.cancel_requested:
+            return _cancelled(run_id)
+        return parked
     except (asyncio.CancelledError, RunCancelled):
         if me.lost:
             return None

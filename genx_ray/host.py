@@ -9,6 +9,10 @@ Detached, so the worker that placed a run can die (or be redeployed) without tak
 along: Ray kills what a dead owner owned, but not detached actors. A host exits by itself once
 it has run nothing and heard nothing from its worker for ``ORPHAN_EXIT_SECONDS``, so a dead
 worker leaks none for long. The worker side is :mod:`genx_ray.hostpool`.
+
+Observability: its answer to the worker's ping carries its metrics (what it recorded, when that
+moved), which the worker's ``/metrics`` shows; an idle host flushes its spans at each ping, as
+the worker kills a host it retires (see :mod:`genx_ray.metrics`, :mod:`genx_ray.tracing`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import threading
 import time
 from typing import Any
 
+from genx_ray import metrics, tracing
 from genx_ray.runtime import Runtime
 
 # A host with no run that no worker pinged for this long exits by itself.
@@ -28,6 +33,7 @@ _host_class: Any = None
 
 class RunHost:
     def __init__(self, redis_url: str) -> None:
+        tracing.setup("run-host")
         self.redis_url = redis_url
         self.accepted = 0  # runs taken over its lifetime
         self._runtime: Runtime | None = None
@@ -53,13 +59,19 @@ class RunHost:
             time.sleep(1.0)
             idle = self._runtime is None or not self._runtime.active
             if idle and time.monotonic() - self._heard > ORPHAN_EXIT_SECONDS:
+                tracing.flush()
                 os._exit(0)
 
-    async def ping(self) -> dict[str, Any]:
-        """Alive, and what it runs: what the worker's health check reads."""
+    async def ping(self, metrics_mark: int | None = None) -> dict[str, Any]:
+        """Alive, and what it runs: what the worker's health check reads. With its metrics,
+        unless nothing was recorded since ``metrics_mark`` (the mark of the last it got)."""
         self._heard = time.monotonic()
         rt = await self._rt()
-        return {"pid": os.getpid(), "runs": rt.attempts(), "accepted": self.accepted}
+        if not rt.active and tracing.enabled():
+            await asyncio.to_thread(tracing.flush)  # idle: the worker may retire (kill) it
+        mark, snapshot = metrics.snapshot(if_changed_since=metrics_mark)
+        return {"pid": os.getpid(), "runs": rt.attempts(), "accepted": self.accepted,
+                "metrics_mark": mark, "metrics": snapshot}  # fmt: skip
 
     async def start(
         self, runs: list[tuple[str, int | None, str | None]], worker: str

@@ -14,6 +14,10 @@ partitioned) gets no new runs until it answers again, and a batch sent to it tha
 claimed goes to other hosts (safe: a queued attempt is claimed once, so if the frozen host wakes
 up, its claims fail). A host Ray reports dead has its runs handed to ``on_lost`` at once, to be
 restarted without waiting for their leases.
+
+The ping's answer also carries the host's metrics (when they moved): what the worker's
+``/metrics`` adds to its own (:meth:`HostPool.reported_metrics`), with the last answer of each
+host that is gone, so that no counter goes down.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from genx_ray import metrics
 from genx_ray.host import start_host, wait_ready
 from genx_ray.queue import QueueEntry
 
@@ -51,6 +56,8 @@ class Host:
     healthy: bool = True
     dead: bool = False
     idle_since: float = field(default_factory=time.monotonic)
+    reported: metrics.Snapshot = field(default_factory=dict)  # its metrics, as last reported
+    reported_mark: int | None = None
 
     @property
     def up(self) -> bool:
@@ -87,6 +94,7 @@ class HostPool:
         self._room = asyncio.Event()  # set when some host has room again
         self._health: asyncio.Task[None] | None = None
         self._closed = False
+        self._gone_metrics: metrics.Snapshot = {}  # the last of every host that is gone
 
     @property
     def load(self) -> int:
@@ -96,6 +104,10 @@ class HostPool:
     def ready(self) -> int:
         """Hosts up and healthy."""
         return sum(1 for h in self.hosts if h.up and h.healthy)
+
+    def reported_metrics(self) -> list[metrics.Snapshot]:
+        """The metrics of every host this pool ever had, as last reported."""
+        return [self._gone_metrics, *(h.reported for h in list(self.hosts))]
 
     def attempts(self) -> list[tuple[str, int]]:
         """(run id, attempt) of every run on these hosts, as last reported."""
@@ -230,6 +242,7 @@ class HostPool:
         host.dead = True
         if host in self.hosts:
             self.hosts.remove(host)
+            metrics.add(self._gone_metrics, host.reported)
         log.warning("run host %s is gone, with %d run(s)", host.name, len(host.runs))
         self._top_up()
         self._room.set()
@@ -241,6 +254,7 @@ class HostPool:
 
         if host in self.hosts:
             self.hosts.remove(host)
+            metrics.add(self._gone_metrics, host.reported)
         host.dead = True
         with contextlib.suppress(Exception):
             ray.kill(host.actor)
@@ -251,7 +265,9 @@ class HostPool:
         import ray
 
         try:
-            report = await asyncio.wait_for(host.actor.ping.remote(), HEALTH_TIMEOUT)
+            report = await asyncio.wait_for(
+                host.actor.ping.remote(host.reported_mark), HEALTH_TIMEOUT
+            )
         except TimeoutError:
             if host.healthy:
                 log.warning("run host %s does not answer; no new runs for it", host.name)
@@ -263,6 +279,8 @@ class HostPool:
         if not host.healthy:
             log.warning("run host %s answers again", host.name)
         host.healthy = True
+        if report.get("metrics") is not None:
+            host.reported, host.reported_mark = report["metrics"], report["metrics_mark"]
         before = host.load
         host.runs = {run_id: attempt for run_id, attempt in report["runs"]}
         if host.load < before:

@@ -43,6 +43,21 @@ WEBHOOK_GROUP = "senders"
 # Sorted set: tenant index keys (members) -> 0. The supervisor walks it to trim expired runs.
 INDEXES = f"{PREFIX}:indexes"
 
+# Sorted set: run id -> when something is due for it (unix seconds): a scheduled run's start, a
+# sleeping run's wake-up, an input's deadline, a child's next check. Read by the timer service of
+# every supervisor; what is due is done by a script that checks the run first (exactly once).
+TIMERS = f"{PREFIX}:timers"
+
+# Hash: schedule id -> JSON {tenant, workflow, cron, timezone, input, created_at}.
+SCHEDULES = f"{PREFIX}:schedules"
+# Sorted set: schedule id -> its next due time (unix seconds); advanced by compare-and-set.
+SCHEDULES_DUE = f"{PREFIX}:schedules:due"
+
+# String: the secret run tokens (browser-safe, read-only, one run each) are signed with, when
+# GENX_TOKEN_SECRET is not set. Created once (SET NX) by the first gateway and never expired, so
+# every gateway on this Redis, and a restarted one, accepts the tokens any of them minted.
+TOKEN_SECRET = f"{PREFIX}:token-secret"
+
 # What a stream entry of a run's events holds: the event type apart (readers that pass the event
 # through, such as the gateway's SSE, need no JSON parsing) and the event as JSON.
 TYPE_FIELD = "t"
@@ -76,6 +91,21 @@ def lease(run_id: str) -> str:
     return f"{PREFIX}:run:{{{run_id}}}:lease"
 
 
+def children(run_id: str) -> str:
+    """Set: the ids of the child runs a run started (a cancelled parent cancels them)."""
+    return f"{PREFIX}:run:{{{run_id}}}:children"
+
+
+def local_queue(runner: str) -> str:
+    """Stream: the runs a script's process (``genx_ray.start``) runs again when they resume."""
+    return f"{PREFIX}:queue:local:{runner}"
+
+
+def runner(runner: str) -> str:
+    """String with a TTL: a script's process that runs runs is alive (see genx_ray.local)."""
+    return f"{PREFIX}:runner:{runner}"
+
+
 def run_keys(run_id: str) -> tuple[str, str, str]:
     """The keys that share a run's lifetime (expired together after the retention period)."""
     return run(run_id), events(run_id), journal(run_id)
@@ -92,11 +122,31 @@ def run_index(tenant: str, workflow: str | None = None) -> str:
     return base if workflow is None else f"{base}:wf:{part(workflow)}"
 
 
+def schedule_index(tenant: str) -> str:
+    """Sorted set (by creation time): a tenant's schedule ids."""
+    return f"{PREFIX}:schedules:t:{part(tenant)}"
+
+
 def idempotency(tenant: str, workflow: str, key: str) -> str:
     """String: the run an ``Idempotency-Key`` created (kept 24 h, see :mod:`genx_ray.runs`).
     The client's key is hashed: any length or character set makes a short, safe key."""
     digest = hashlib.sha256(key.encode()).hexdigest()[:32]
     return f"{PREFIX}:idem:{part(tenant)}:{part(workflow)}:{digest}"
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaKeys:
+    """A tenant's quota on starting runs (``GENX_TENANT_LIMITS``), under one hash tag so one
+    script checks both: a token bucket (hash: tokens, at) and its open runs (sorted set: run id
+    -> created at, pruned of finished runs when it looks full)."""
+
+    bucket: str
+    open: str
+
+
+def quota(tenant: str) -> QuotaKeys:
+    tag = f"{PREFIX}:quota:{{{part(tenant)}}}"
+    return QuotaKeys(bucket=f"{tag}:bucket", open=f"{tag}:open")
 
 
 def cache(component: str, version: str, digest: str) -> str:

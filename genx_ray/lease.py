@@ -2,7 +2,8 @@
 
 A run's lease is a key with a TTL holding its attempt number (set when the run is claimed, see
 :data:`genx_ray.lua.CLAIM`). One thread per process renews every lease it holds in one pipeline
-(a round trip per Redis node, however many runs), every third of the TTL: user code that blocks
+(a round trip per Redis node, however many runs; on a Redis Cluster one pipeline per node, so a
+node in a failover holds back only its own runs), every third of the TTL: user code that blocks
 the event loop cannot stop the heartbeat. The renewal script refuses once a run has moved to
 another attempt or left ``running``, and says when a cancel was requested: the thread tells the
 run's owner, which stops it (a zombie of a superseded attempt could write nothing anyway: every
@@ -15,8 +16,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import redis
+import redis.cluster
+from redis.exceptions import RedisClusterException
 
 from genx_ray import keys, lua
 from genx_ray.connections import sync_redis
@@ -75,23 +79,27 @@ class Leases:
         if not held:
             return {}
         ttl_ms = int(self.ttl * 1000)
-        with self._redis.pipeline(transaction=False) as pipe:
-            for run_id, attempt in held:
-                pipe.execute_command(  # type: ignore[no-untyped-call]
-                    "EVALSHA", lua.RENEW.sha, 2, keys.run(run_id), keys.lease(run_id), attempt,
-                    ttl_ms,
-                )  # fmt: skip
-            results = pipe.execute(raise_on_error=False)
         outcomes: dict[str, int] = {}
-        for (run_id, attempt), result in zip(held, results, strict=True):
-            if isinstance(result, redis.exceptions.NoScriptError):
-                result = lua.RENEW.sync(
-                    self._redis, [keys.run(run_id), keys.lease(run_id)], [attempt, ttl_ms]
-                )
-            if isinstance(result, Exception):
-                log.warning("run %s: lease renewal failed (%s)", run_id, result)
+        failure: Exception | None = None
+        for group in self._by_node(held):
+            try:
+                results = self._renew(group, ttl_ms)
+            except (redis.RedisError, RedisClusterException, OSError) as exc:  # others go on
+                failure = exc
                 continue
-            outcomes[run_id] = int(result)
+            for (run_id, attempt), result in zip(group, results, strict=True):
+                if isinstance(result, redis.exceptions.NoScriptError):
+                    result = lua.RENEW.sync(
+                        self._redis, [keys.run(run_id), keys.lease(run_id)], [attempt, ttl_ms]
+                    )
+                if isinstance(result, Exception):
+                    log.warning("run %s: lease renewal failed (%s)", run_id, result)
+                    continue
+                outcomes[run_id] = int(result)
+        if failure is not None and not outcomes:
+            raise failure
+        if failure is not None:
+            log.warning("lease renewal failed for some runs (%s); retrying", failure)
         alive = [r for r, outcome in outcomes.items() if outcome != SUPERSEDED]
         if alive:
             self._redis.zadd(keys.LEASES, dict.fromkeys(alive, time.time()))
@@ -105,9 +113,32 @@ class Leases:
                 self.on_cancel(run_id, attempt)
         return outcomes
 
+    def _by_node(self, held: list[tuple[str, int]]) -> list[list[tuple[str, int]]]:
+        """The held runs in one group, or on a Redis Cluster one group per node (each renewed
+        in a pipeline of its own: a node in a failover holds back only its own runs)."""
+        if not isinstance(self._redis, redis.cluster.RedisCluster):
+            return [held]
+        groups: dict[str, list[tuple[str, int]]] = {}
+        for run_id, attempt in held:
+            node = self._redis.get_node_from_key(keys.run(run_id))  # type: ignore[no-untyped-call]
+            groups.setdefault(node.name, []).append((run_id, attempt))
+        return list(groups.values())
+
+    def _renew(self, group: list[tuple[str, int]], ttl_ms: int) -> list[Any]:
+        with self._redis.pipeline(transaction=False) as pipe:
+            for run_id, attempt in group:
+                pipe.execute_command(
+                    "EVALSHA", lua.RENEW.sha, 2, keys.run(run_id), keys.lease(run_id), attempt,
+                    ttl_ms,
+                )  # fmt: skip
+            return list(pipe.execute(raise_on_error=False))
+
     def _beat(self) -> None:
         while not self._stop.wait(self.ttl / 3):
             try:
                 self.renew_all()
-            except (redis.RedisError, OSError) as exc:  # keep trying: the leases have slack
+            # Keep trying, whatever it was (the leases have slack): a renewer that stopped would
+            # let every lease of the process lapse. (A cluster with no node answering raises
+            # RedisClusterException, which is no RedisError.)
+            except Exception as exc:
                 log.warning("lease renewal failed (%s); retrying", exc)

@@ -12,17 +12,21 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import secrets
 import threading
 import time
 from collections.abc import Coroutine, Iterator
+from datetime import datetime
 from typing import Any, TypeVar, cast
 
-import redis
+from pydantic import BaseModel
+from redis.exceptions import RedisError
 
 from genx_ray import keys
-from genx_ray.connections import async_redis, resolve_redis_url, sync_redis
+from genx_ray.connections import SyncRedis, async_redis, resolve_redis_url, sync_redis
 from genx_ray.errors import RunCancelled, RunFailed
-from genx_ray.runs import Run, RunStatus, RunStore
+from genx_ray.runs import Run, RunStatus, RunStore, start_time
 from genx_ray.runtime import Runtime
 from genx_ray.settings import Settings
 from genx_ray.status import TERMINAL
@@ -31,6 +35,7 @@ from genx_ray.supervisor import Supervisor
 from genx_ray.workflow import Registry, Workflow, registry
 
 T = TypeVar("T")
+RUNNER_TTL = 15.0  # a script's process silent this long is gone (its resumed runs fail)
 
 
 class RunHandle:
@@ -44,7 +49,7 @@ class RunHandle:
         future: concurrent.futures.Future[Any] | None = None,
     ) -> None:
         self.id = run_id
-        self._redis: redis.Redis = sync_redis(redis_url)
+        self._redis: SyncRedis = sync_redis(redis_url)
         self._workflow = workflow
         self._future = future
 
@@ -106,20 +111,51 @@ class RunHandle:
         """Ask the run to stop; it does within a second (at once if it is still queued)."""
         return _runner().call(RunStore(_runner().redis).request_cancel(self.id))
 
+    def send_input(self, value: Any, *, input_id: str | None = None) -> Run:
+        """Answer the run's ``wait_for_input``: ``value`` (a model or JSON-able data) is checked
+        against the schema it asked for (:class:`InputInvalid` naming the field), and the run
+        carries on. :class:`NotWaitingForInput` when it does not wait for input (or, with
+        ``input_id``, waits for another)."""
+        if isinstance(value, BaseModel):
+            value = value.model_dump(mode="json")
+        store = RunStore(_runner().redis)
+        return _runner().call(store.deliver_input(self.id, value, input_id=input_id))
+
 
 class _LocalRunner:
     """A daemon thread with an event loop, a Redis client and a runtime (with a supervisor),
-    executing runs for this process."""
+    executing runs for this process.
+
+    Its runs come back to it when they resume after a wait (a sleep, input, a child): they are
+    queued on its own stream (``keys.local_queue``), not the workers' queue (workers may not have
+    their code). A key with a short TTL, renewed by a thread, says it is alive; a run whose
+    process is gone when it resumes fails with the reason.
+    """
 
     def __init__(self, redis_url: str) -> None:
         self.redis_url = redis_url
+        self.id = secrets.token_hex(8)
+        self.queue = keys.local_queue(self.id)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self.loop.run_forever, name="genx-runner", daemon=True
         )
         self._thread.start()
         self.settings = Settings.current()
+        threading.Thread(target=self._alive, name="genx-runner-alive", daemon=True).start()
         self.redis, self.runtime = self.call(self._start())
+
+    @property
+    def fields(self) -> dict[str, str]:
+        """What a run of this process carries in its record."""
+        return {"origin": "local", "queue": self.queue, "runner": self.id}
+
+    def _alive(self) -> None:
+        client = sync_redis(self.redis_url)
+        while True:
+            with contextlib.suppress(RedisError, OSError):
+                client.set(keys.runner(self.id), "1", px=int(RUNNER_TTL * 1000))
+            time.sleep(RUNNER_TTL / 3)
 
     async def _start(self) -> tuple[Any, Runtime]:
         client = async_redis(self.redis_url)
@@ -127,7 +163,24 @@ class _LocalRunner:
         self.supervisor = Supervisor(client, self.settings)
         self._stop = asyncio.Event()
         self.loop.create_task(self.supervisor.serve(self._stop))
+        self.loop.create_task(self._take(client, runtime))
         return client, runtime
+
+    async def _take(self, client: Any, runtime: Runtime) -> None:
+        """Start this process's runs as they come back on its queue."""
+        last = "0-0"
+        while True:
+            try:
+                resp = await client.xread({self.queue: last}, count=100, block=1000)
+            except (RedisError, OSError):
+                await asyncio.sleep(1)
+                continue
+            for _, entries in resp or ():
+                for entry_id, f in entries:
+                    last = entry_id
+                    attempt = int(f["attempt"]) if f.get("attempt") else None
+                    await runtime.start(f["run"], "local", attempt=attempt)
+                    await client.xdel(self.queue, entry_id)
 
     def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
@@ -137,28 +190,45 @@ class _LocalRunner:
 
 
 _lock = threading.Lock()
-_local: _LocalRunner | None = None
+# Runners by the GENX_REDIS_URL they were made for (and the URL it resolved to): a process that
+# points GENX_REDIS_URL elsewhere later (a notebook, a test) starts its next runs there.
+_runners: dict[str, _LocalRunner] = {}
 
 
 def _runner() -> _LocalRunner:
-    global _local
     with _lock:
-        if _local is None:
-            _local = _LocalRunner(resolve_redis_url())
-        return _local
+        configured = Settings.current().redis_url
+        runner = _runners.get(configured)
+        if runner is None:
+            # A script or notebook may make do with a private Redis (started, and said so,
+            # only when GENX_REDIS_URL is unset and nothing answers at the default URL).
+            url = resolve_redis_url(allow_embedded=True)
+            runner = _runners.get(url) or _LocalRunner(url)
+            _runners[configured] = _runners[url] = runner
+        return runner
 
 
 def _resolve(wf: Workflow[Any, Any] | str) -> Workflow[Any, Any]:
     return registry.get(wf) if isinstance(wf, str) else wf
 
 
-def start(wf: Workflow[Any, Any] | str, input: Any = None, *, tenant: str = "default") -> RunHandle:
+def start(
+    wf: Workflow[Any, Any] | str,
+    input: Any = None,
+    *,
+    tenant: str = "default",
+    start_at: datetime | None = None,
+    delay_seconds: float | None = None,
+) -> RunHandle:
     """Start a run of ``wf`` in the background; returns its handle at once.
 
     Redis comes from ``GENX_REDIS_URL`` (an embedded one is started when none is set and none
     answers); Ray is started only if a step needs it. The input is validated first:
-    :class:`InputInvalid` says what is wrong and nothing is created.
+    :class:`InputInvalid` says what is wrong and nothing is created. With ``start_at`` (an aware
+    datetime) or ``delay_seconds`` the run is ``scheduled`` until then, and this process starts
+    it when its time comes (if it is still alive).
     """
+    when = start_time(start_at, delay_seconds)
     workflow = _resolve(wf)
     payload = workflow.encode_input(input)
     runner = _runner()
@@ -171,13 +241,17 @@ def start(wf: Workflow[Any, Any] | str, input: Any = None, *, tenant: str = "def
             maxlen=settings.stream_maxlen,
             retention_seconds=settings.retention_seconds,
         )
-        run = await store.create(workflow.name, payload, tenant=tenant, extra={"origin": "local"})
+        run = await store.create(
+            workflow.name, payload, tenant=tenant, extra=runner.fields, start_at=when
+        )
         return run.id
 
     run_id = runner.call(create())
-    future = runner.submit(
-        runner.runtime.execute(run_id, "local", attempt=1, workflow=workflow.name)
-    )
+    future = None
+    if when is None:
+        future = runner.submit(
+            runner.runtime.execute(run_id, "local", attempt=1, workflow=workflow.name)
+        )
     return RunHandle(run_id, runner.redis_url, workflow, future)
 
 

@@ -21,8 +21,9 @@ import logging
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from genx_ray import metrics, tracing
 from genx_ray.context import RunContext, current_run, current_scope, step_scope
 from genx_ray.errors import StepError, UserError
 from genx_ray.events import (
@@ -35,6 +36,9 @@ from genx_ray.events import (
 from genx_ray.settings import Settings
 from genx_ray.steps import StepSpec, call_direct, call_step, item_error
 from genx_ray.values import canonical_hash
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
 
 log = logging.getLogger("genx_ray.mapping")
 PROGRESS_EVERY = 0.5  # seconds between coalesced map progress events
@@ -77,6 +81,21 @@ async def map_component(
         return await map_direct(
             spec, todo, map_id, concurrency=concurrency, fail_fast=fail_fast, spread=spread
         )
+    span = tracing.map_span(spec.name, map_id, len(todo), concurrency)
+    with tracing.activated(span):
+        try:
+            return await _map_step(spec, ctx, map_id, todo, concurrency, fail_fast, spread, span)
+        except Exception as exc:  # fail_fast: the first failed item's error
+            tracing.failed(span, exc)
+            raise
+
+
+async def _map_step(
+    spec: StepSpec, ctx: RunContext, map_id: str, todo: list[Any], concurrency: int,
+    fail_fast: bool, spread: bool | None, span: Span | None,
+) -> list[Any]:  # fmt: skip
+    """A map in a run: a step of its own, its items journaled (see :func:`map_component`)."""
+    map_name = f"{spec.name}.map"
     ref = StepRef(id=map_id, name=map_name)
     ctx.writer.emit(StepStartedEvent(run_id=ctx.run_id, step=ref))
     started = time.perf_counter()
@@ -110,7 +129,11 @@ async def map_component(
         with step_scope(ref):
             await map_in_run(spec, ctx, map_id, todo, left, concurrency=concurrency, settle=settle)
     tracker.publish(final=True)
-    duration = round((time.perf_counter() - started) * 1e3, 3)
+    seconds = time.perf_counter() - started
+    metrics.step_finished(map_name, seconds)
+    where = "pool" if on_cluster else "loop"
+    tracing.map_done(span, failed=tracker.failed, replayed=len(todo) - len(left), where=where)
+    duration = round(seconds * 1e3, 3)
     await ctx.writer.commit([StepCompletedEvent(run_id=ctx.run_id, step=ref, duration_ms=duration)])
     return results
 

@@ -11,7 +11,10 @@ runs on the same node never exceed the node's capacity together. The run host jo
 finished item, so a restarted run does not redo it.
 
 Inside the actor an item runs with its run's context: ``publish``, LLM usage and LLM events
-reach the run's stream, fenced by the run's attempt like every other write.
+reach the run's stream, fenced by the run's attempt like every other write. Each remote call
+carries the map's trace context (the chunk's span, and its items' LLM calls, join the run's
+trace) and brings back what the chunk recorded for metrics, added to the run host's
+(:func:`genx_ray.metrics.collecting`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from genx_ray import metrics, tracing
 from genx_ray.context import JournalEntry, RunContext, item_scope
 from genx_ray.errors import StepError, UserError
 from genx_ray.events import ErrorInfo, StepFailedEvent, StepRef
@@ -35,6 +39,8 @@ from genx_ray.steps import StepSpec, cache_key, call_direct, item_error
 from genx_ray.values import canonical_hash, dumps
 
 if TYPE_CHECKING:
+    from opentelemetry.trace import Span
+
     from genx_ray.writer import BatchWriter
 
 log = logging.getLogger("genx_ray.pool")
@@ -48,6 +54,8 @@ _ACTOR_PREFIX = "genx-pool-"
 
 # What an item comes back as: (index, ok, encoded value or error as a dict).
 Outcome = tuple[int, bool, Any]
+# What a chunk comes back as: its items' outcomes, and what it recorded for metrics.
+ChunkResult = tuple[list[Outcome], metrics.Deltas]
 
 
 class Unplaceable(UserError):
@@ -131,6 +139,7 @@ class PoolActor:
         from genx_ray.settings import Settings
         from genx_ray.writer import BatchWriter
 
+        tracing.setup("pool")
         self.units = _Units(resources)
         self.redis = async_redis(resolve_redis_url())
         self.writes: BatchWriter = BatchWriter(self.redis, maxlen=Settings.current().stream_maxlen)
@@ -150,43 +159,61 @@ class PoolActor:
 
     async def run(
         self, key: str, component_ref: list[Any], slots: int, run: tuple[str, str, int] | None,
-        map_id: str, items: Sequence[tuple[int, Any]],
-    ) -> list[Outcome]:  # fmt: skip
-        """Run a chunk of one map's items, at most ``slots`` of that map at once on this node."""
+        map_id: str, items: Sequence[tuple[int, Any]], trace: str | None = None,
+    ) -> ChunkResult:  # fmt: skip
+        """Run a chunk of one map's items, at most ``slots`` of that map at once on this node.
+        ``trace``: the map's span, the parent of this chunk's."""
         self.busy += 1
         try:
             spec, gate, need = await self._component(key, component_ref, slots)
-            ctx = self._context(run) if run is not None else None
-
-            async def one(index: int, item: Any) -> Outcome:
-                async with gate:
-                    await self.units.take(need)
-                    step_id = item_step_id(map_id, index, spec.name)
-                    try:
-                        with item_scope(ctx, StepRef(id=step_id, name=spec.name)):
-                            value = await call_direct(spec, (item,), {}, step_id)
-                        return index, True, spec.codec.encode(value)
-                    except StepError as exc:
-                        error = {"type": exc.error_type, "message": exc.error_message,
-                                 "attempts": exc.attempt}  # fmt: skip
-                        return index, False, error
-                    finally:
-                        await self.units.give(need)
-
-            cached: list[Outcome] = []
-            cache_keys: dict[int, str] = {}
-            if spec.cache_ttl:  # one read for the chunk; hits do not run
-                cache_keys = {i: cache_key(spec, (item,), {}) for i, item in items}
-                cached, items = await self._cached(cache_keys, items)
-            outcomes = await asyncio.gather(*(one(i, item) for i, item in items))
-            if spec.cache_ttl:
-                await self._cache(cache_keys, int(spec.cache_ttl * 1000), outcomes)
-            if ctx is not None:
-                await ctx.writer.flush()  # its events are stored before its results go back
-            return cached + list(outcomes)
+            span = tracing.chunk_span(trace, spec.name, map_id, len(items), run[0] if run else None)
+            with metrics.collecting() as recorded, tracing.activated(span):
+                outcomes = await self._chunk(spec, gate, need, run, map_id, items, span)
+            return outcomes, recorded
         finally:
             self.busy -= 1
             self.last_used = time.monotonic()
+
+    async def _chunk(
+        self, spec: StepSpec, gate: asyncio.Semaphore, need: dict[str, float],
+        run: tuple[str, str, int] | None, map_id: str, items: Sequence[tuple[int, Any]],
+        span: Span | None,
+    ) -> list[Outcome]:  # fmt: skip
+        ctx = self._context(run) if run is not None else None
+
+        async def one(index: int, item: Any) -> Outcome:
+            async with gate:
+                await self.units.take(need)
+                step_id = item_step_id(map_id, index, spec.name)
+                started = time.perf_counter()
+                try:
+                    with item_scope(ctx, StepRef(id=step_id, name=spec.name)):
+                        value = await call_direct(spec, (item,), {}, step_id)
+                    seconds = time.perf_counter() - started
+                    metrics.step_finished(spec.name, seconds)
+                    tracing.item_event(span, step_id, seconds)
+                    return index, True, spec.codec.encode(value)
+                except StepError as exc:
+                    seconds = time.perf_counter() - started
+                    metrics.step_finished(spec.name, seconds)
+                    tracing.item_event(span, step_id, seconds, exc.error_type)
+                    error = {"type": exc.error_type, "message": exc.error_message,
+                             "attempts": exc.attempt}  # fmt: skip
+                    return index, False, error
+                finally:
+                    await self.units.give(need)
+
+        cached: list[Outcome] = []
+        cache_keys: dict[int, str] = {}
+        if spec.cache_ttl:  # one read for the chunk; hits do not run
+            cache_keys = {i: cache_key(spec, (item,), {}) for i, item in items}
+            cached, items = await self._cached(cache_keys, items)
+        outcomes = await asyncio.gather(*(one(i, item) for i, item in items))
+        if spec.cache_ttl:
+            await self._cache(cache_keys, int(spec.cache_ttl * 1000), outcomes)
+        if ctx is not None:
+            await ctx.writer.flush()  # its events are stored before its results go back
+        return cached + list(outcomes)
 
     async def _cached(
         self, cache_keys: Mapping[int, str], items: Sequence[tuple[int, Any]]
@@ -252,6 +279,7 @@ class PoolActor:
         while True:
             await asyncio.sleep(min(IDLE_SECONDS / 4, 60.0))
             if self.busy == 0 and time.monotonic() - self.last_used > IDLE_SECONDS:
+                await asyncio.to_thread(tracing.flush)
                 ray.actor.exit_actor()  # type: ignore[no-untyped-call]
 
 
@@ -312,6 +340,7 @@ async def map_on_cluster(
         raise Unplaceable(f"{type(exc).__name__}: {exc}") from exc
     key = f"{spec.name}:{secrets.token_hex(8)}"
     run = (ctx.run_id, ctx.workflow, ctx.attempt) if ctx is not None else None
+    trace = tracing.traceparent()  # the map's span: each chunk's span is its child
     pending = deque(indexes)
 
     async def lane(
@@ -322,10 +351,10 @@ async def map_on_cluster(
         while pending:
             batch = [pending.popleft() for _ in range(min(chunk, len(pending)))]
             ref = actor.run.remote(
-                key, [component_ref], slots, run, map_id, [(i, todo[i]) for i in batch]
+                key, [component_ref], slots, run, map_id, [(i, todo[i]) for i in batch], trace
             )
             try:
-                outcomes: list[Outcome] = await ref
+                outcomes, recorded = await ref
             except asyncio.CancelledError:
                 ray.cancel(ref)
                 raise
@@ -336,6 +365,7 @@ async def map_on_cluster(
                     return
                 actor, retried = _pool_actor(node_id, index, resources, fresh=True), True
                 continue
+            metrics.absorb(recorded)  # its LLM calls and steps count here, where the run is
             # Journal them while the next chunk is already on its way.
             tg.create_task(_deliver(spec, ctx, map_id, todo, outcomes, on_result))
 

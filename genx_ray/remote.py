@@ -3,7 +3,8 @@
 Only components that ask for placement (``resources``, ``num_cpus``, ``node_labels``) or for
 ``remote=True`` go here: a Ray task round trip costs ~1.6 ms and a process, the wrong grain for
 a single LLM call (those stay inline or go to async actor pools). Retries, the journal and events
-stay in the run host; the task runs the bare function once.
+stay in the run host; the task runs the bare function once, under a span whose parent is its
+step's (the context goes with the call), and brings back what it recorded for metrics.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import os
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from genx_ray import metrics, tracing
+
 if TYPE_CHECKING:
     from genx_ray.steps import StepSpec
 
@@ -21,7 +24,22 @@ if TYPE_CHECKING:
 _remote_fns: dict[Callable[..., Any], Any] = {}
 
 
-def _trampoline(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def _trampoline(
+    fn: Callable[..., Any], name: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+    trace: str | None,
+) -> tuple[Any, metrics.Deltas]:  # fmt: skip
+    """In the task's process: the function's value, and what it recorded for metrics."""
+    tracing.setup("task")
+    span = tracing.task_span(trace, name)
+    with metrics.collecting() as recorded, tracing.activated(span):
+        try:
+            return _call(fn, args, kwargs), recorded
+        except Exception as exc:
+            tracing.failed(span, exc)
+            raise
+
+
+def _call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     if inspect.isasyncgenfunction(fn):
 
         async def collect() -> list[Any]:
@@ -41,10 +59,12 @@ async def run_as_task(spec: StepSpec, args: tuple[Any, ...], kwargs: Mapping[str
     ensure_ray(redis_url=os.environ.get("GENX_REDIS_URL"))
     remote_fn = _remote_fns.get(spec.fn)
     if remote_fn is None:
-        fn = spec.fn
+        fn, name = spec.fn, spec.name
 
-        def call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            return _trampoline(fn, args, kwargs)
+        def call(
+            args: tuple[Any, ...], kwargs: dict[str, Any], trace: str | None = None
+        ) -> tuple[Any, metrics.Deltas]:
+            return _trampoline(fn, name, args, kwargs, trace)
 
         call.__name__ = call.__qualname__ = spec.name
         remote_fn = _remote_fns[spec.fn] = ray.remote(max_retries=0)(call)
@@ -55,9 +75,11 @@ async def run_as_task(spec: StepSpec, args: tuple[Any, ...], kwargs: Mapping[str
         options["resources"] = dict(spec.resources)
     if spec.node_labels:
         options["label_selector"] = dict(spec.node_labels)
-    ref = remote_fn.options(**options).remote(args, dict(kwargs))
+    ref = remote_fn.options(**options).remote(args, dict(kwargs), tracing.traceparent())
     try:
-        return await ref
+        value, recorded = await ref
+        metrics.absorb(recorded)
+        return value
     except asyncio.CancelledError:  # timeout or run cancelled: stop the task too
         ray.cancel(ref)
         raise

@@ -11,6 +11,7 @@ the stream is complete. Writes on behalf of an attempt are fenced by its number.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import json
 import time
 from collections.abc import Sequence
@@ -18,19 +19,32 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from pydantic import BaseModel, JsonValue
+from pydantic import BaseModel, Field, JsonValue
 from redis.exceptions import NoScriptError, ResponseError
 
-from genx_ray import keys, lua
+from genx_ray import keys, lua, metrics, tracing
 from genx_ray.connections import is_cluster
-from genx_ray.errors import Fenced, IdempotencyConflict, InvalidTransition, RunNotFound, UserError
+from genx_ray.context import JournalEntry
+from genx_ray.errors import (
+    Fenced,
+    IdempotencyConflict,
+    InputInvalid,
+    InvalidTransition,
+    NotWaitingForInput,
+    RunNotFound,
+    UserError,
+)
 from genx_ray.events import (
     ErrorInfo,
+    InputReceivedEvent,
     RunCancelledEvent,
     RunFailedEvent,
     RunQueuedEvent,
     RunRestartedEvent,
+    RunResumedEvent,
+    RunScheduledEvent,
     RunStartedEvent,
+    StepRef,
     dumps,
 )
 from genx_ray.ids import RunId, new_run_id
@@ -40,7 +54,38 @@ from genx_ray.values import canonical_hash
 __all__ = ["DEFAULT_TENANT", "TERMINAL", "Run", "RunStatus", "RunStore"]
 
 DEFAULT_TENANT = "default"
+# The statuses a cancel ends at once (no host holds the run).
+_CANCELLABLE = frozenset({"queued", "scheduled", "waiting"})
 IDEMPOTENCY_TTL = 24 * 3600  # how long an Idempotency-Key maps to its run
+MAX_DELAY_SECONDS = 366 * 24 * 3600  # how far ahead a run may be scheduled
+
+
+class Wait(BaseModel):
+    """What a ``waiting`` run waits for."""
+
+    kind: str  # input | sleep | child
+    step: str
+    input_id: str | None = None
+    input_schema: dict[str, Any] | None = None
+    prompt: str | None = None
+    deadline: datetime | None = None  # input: when the workflow gets InputTimeout
+    until: datetime | None = None  # sleep: when it wakes up
+    child_id: str | None = None
+
+    @classmethod
+    def from_hash(cls, h: dict[str, str]) -> Wait | None:
+        if "wait_kind" not in h:
+            return None
+
+        def ts(name: str) -> datetime | None:
+            return datetime.fromtimestamp(float(h[name]), UTC) if h.get(name) else None
+
+        return cls(
+            kind=h["wait_kind"], step=h.get("wait_step", ""), input_id=h.get("input_id"),
+            input_schema=json.loads(h["input_schema"]) if h.get("input_schema") else None,
+            prompt=h.get("wait_prompt") or None, deadline=ts("wait_deadline"),
+            until=ts("wait_until"), child_id=h.get("wait_child"),
+        )  # fmt: skip
 
 
 class Run(BaseModel):
@@ -63,6 +108,20 @@ class Run(BaseModel):
     # (calls, prompt_tokens, completion_tokens, cost_usd).
     usage: dict[str, float] | None = None
     usage_by_model: dict[str, dict[str, float]] | None = None
+    # A child run: the run that started it. A delayed run: when it starts. A run a schedule
+    # started: the schedule.
+    parent_id: str | None = None
+    start_at: datetime | None = None
+    schedule_id: str | None = None
+    # A waiting run: what it waits for (the input it asks for, until when...).
+    waiting: Wait | None = None
+    # The OpenTelemetry trace every attempt of the run joins (None with tracing off).
+    trace_id: str | None = None
+    # Not shown by the API: where the run was started, and where its outcome goes in its parent.
+    origin: str | None = Field(default=None, exclude=True)
+    parent_step: str | None = Field(default=None, exclude=True)
+    # The W3C context its attempts' spans are children of (genx_ray.tracing).
+    traceparent: str | None = Field(default=None, exclude=True)
 
     @classmethod
     def from_hash(cls, h: dict[str, str]) -> Run:
@@ -84,6 +143,14 @@ class Run(BaseModel):
             cancel_requested=h.get("cancel_requested") == "1",
             usage=_usage(h),
             usage_by_model=_usage_by_model(h),
+            parent_id=h.get("parent_id") or None,
+            start_at=ts("start_at"),
+            schedule_id=h.get("schedule_id") or None,
+            waiting=Wait.from_hash(h),
+            origin=h.get("origin") or None,
+            parent_step=h.get("parent_step") or None,
+            trace_id=tracing.trace_id_of(h.get("traceparent")),
+            traceparent=h.get("traceparent") or None,
         )
 
 
@@ -151,8 +218,11 @@ class RunStore:
         run_id: RunId | None = None,
         enqueue: bool = False,
         extra: dict[str, str] | None = None,
+        start_at: float | None = None,
     ) -> Run:
         """Write a queued run and its ``run.queued`` event; put it on the run queue if asked.
+        With ``start_at`` (unix seconds, in the future), a ``scheduled`` run instead, with its
+        ``run.scheduled`` event: the timer service queues it when its time comes.
 
         With a ``run_id`` that exists already, nothing is written and the existing run is
         returned: creating is idempotent, so a retried request cannot reset a run.
@@ -160,14 +230,24 @@ class RunStore:
         fresh = run_id is None  # a new id: it cannot exist yet
         run_id = run_id or new_run_id()
         now = time.time()
+        scheduled = start_at is not None and start_at > now
+        status = RunStatus.SCHEDULED if scheduled else RunStatus.QUEUED
         fields = {
-            "id": run_id, "workflow": workflow, "status": RunStatus.QUEUED.value,
+            "id": run_id, "workflow": workflow, "status": status.value,
             "input": json.dumps(input, separators=(",", ":")), "attempt": "1",
             "created_at": repr(now), "tenant": tenant, **(extra or {}),
         }  # fmt: skip
-        event = dumps(RunQueuedEvent(run_id=run_id, workflow=workflow, ts=now))
+        if (parent := tracing.new_run(run_id, workflow)) is not None:
+            fields["traceparent"] = parent  # every attempt joins this trace
+        first: BaseModel = RunQueuedEvent(run_id=run_id, workflow=workflow, ts=now)
+        if scheduled:
+            assert start_at is not None
+            fields["start_at"] = repr(start_at)
+            first = RunScheduledEvent(run_id=run_id, workflow=workflow, start_at=start_at, ts=now)
+            enqueue = False  # the timer service does, when its time comes
+        event = dumps(first)
         create: lua.Call = (lua.CREATE, [keys.run(run_id), keys.events(run_id)],
-                            [event, self.maxlen, *_pairs(fields)])  # fmt: skip
+                            [first.type, event, self.maxlen, *_pairs(fields)])  # type: ignore[attr-defined]  # fmt: skip
         # Index and queue live in other slots, so they are separate commands; the queue goes last
         # so a worker never sees a run that does not exist or is not indexed yet. One Redis runs
         # a pipeline in order: a fresh run goes in one round trip. A Redis Cluster runs each
@@ -182,6 +262,8 @@ class RunStore:
             pipe.zadd(tenant_index, {run_id: 0})
             pipe.zadd(workflow_index, {run_id: 0})
             pipe.zadd(keys.INDEXES, {tenant_index: 0, workflow_index: 0})
+            if scheduled:
+                pipe.zadd(keys.TIMERS, {run_id: start_at})
             if enqueue:
                 pipe.xadd(keys.QUEUE, {"run": run_id, "attempt": "1", "workflow": workflow})
             results = await pipe.execute(raise_on_error=False)
@@ -199,10 +281,18 @@ class RunStore:
         for result in results[1:]:
             if isinstance(result, Exception):
                 raise result
+        metrics.run_created(workflow)
         return Run.from_hash(fields)
 
     async def create_idempotent(
-        self, workflow: str, input: JsonValue, *, tenant: str, key: str
+        self,
+        workflow: str,
+        input: JsonValue,
+        *,
+        tenant: str,
+        key: str,
+        start_at: float | None = None,
+        extra: dict[str, str] | None = None,
     ) -> tuple[Run, bool]:
         """The run an ``Idempotency-Key`` made before (and True), or a new queued run under it.
 
@@ -215,7 +305,10 @@ class RunStore:
             run_id = new_run_id()
             record = json.dumps({"run": run_id, "hash": digest})
             if await self.redis.set(ikey, record, nx=True, ex=IDEMPOTENCY_TTL):
-                run = await self.create(workflow, input, tenant=tenant, run_id=run_id, enqueue=True)
+                run = await self.create(
+                    workflow, input, tenant=tenant, run_id=run_id, enqueue=True,
+                    start_at=start_at, extra=extra,
+                )  # fmt: skip
                 return run, False
             held = await self.redis.get(ikey)
             if held is None:
@@ -229,8 +322,9 @@ class RunStore:
             # creating is idempotent, so this returns its run either way.
             run_id = first["run"]
             return await self.create(
-                workflow, input, tenant=tenant, run_id=run_id, enqueue=True
-            ), True
+                workflow, input, tenant=tenant, run_id=run_id, enqueue=True, start_at=start_at,
+                extra=extra,
+            ), True  # fmt: skip
         raise IdempotencyConflict("the Idempotency-Key is contended; retry")
 
     # -- reading -------------------------------------------------------------------------------
@@ -414,7 +508,7 @@ class RunStore:
             event=RunRestartedEvent(run_id=run_id, attempt=nxt, reason=reason),
             fence_attempt=attempt,
         )  # fmt: skip
-        await self.redis.xadd(keys.QUEUE, {"run": run_id, "attempt": str(nxt)})
+        await self.enqueue(run_id, nxt)
         return nxt
 
     async def reap(
@@ -435,26 +529,124 @@ class RunStore:
             await lua.REAP(self.redis, [*keys.run_keys(run_id), keys.lease(run_id)], args)
         )
         if outcome == "requeued":
-            await self.redis.xadd(keys.QUEUE, {"run": run_id, "attempt": str(attempt + 1)})
+            await self.enqueue(run_id, attempt + 1)
+        elif outcome == "failed":
+            metrics.run_finished(str(await self.redis.hget(keys.run(run_id), "workflow")), "failed")
         if outcome in ("requeued", "failed", "gone"):
             await self.redis.zrem(keys.LEASES, run_id)
         return outcome
 
     async def request_cancel(self, run_id: str, reason: str = "cancel requested") -> RunStatus:
-        """Cancel a queued run now, or flag a running one and signal its host (it stops within a
-        second). Returns the status after the call."""
+        """Cancel a run no host holds (queued, scheduled, waiting) now, or flag a running one
+        and signal its host (it stops within a second); its child runs are cancelled too.
+        Returns the status after the call."""
         event = dumps(RunCancelledEvent(run_id=run_id, reason=reason))
         args = [event, self.maxlen, repr(time.time()), self.retention_seconds]
+        before, workflow = await self.redis.hmget(keys.run(run_id), "status", "workflow")
         try:
             status = RunStatus(await lua.CANCEL(self.redis, keys.run_keys(run_id), args))
         except ResponseError as exc:
             raise self._error(exc, run_id, RunStatus.CANCELLED, None) from None
+        if status is RunStatus.CANCELLED and before in _CANCELLABLE:  # it ends here, no host
+            metrics.run_finished(str(workflow), "cancelled")
         if status is RunStatus.RUNNING:
             await self.redis.xadd(
                 keys.SIGNALS, {"run": run_id, "signal": "cancel"},
                 maxlen=keys.SIGNALS_MAXLEN, approximate=True,
             )  # fmt: skip
+        for child in await self.redis.smembers(keys.children(run_id)):
+            with contextlib.suppress(RunNotFound):
+                if not (await self.status(str(child))).terminal:
+                    await self.request_cancel(str(child), "its parent run was cancelled")
         return status
+
+    # -- waits ---------------------------------------------------------------------------------
+
+    async def resume(self, run_id: str, step: str, entry: str, events: Sequence[BaseModel]) -> int:
+        """Resume a run parked on ``step``: ``entry`` journaled as what the wait returns, the run
+        queued again with ``events``. Returns the attempt queued, or 0 when the run was not
+        waiting on that step (another resumed it first, or it was cancelled)."""
+        args: list[Any] = [step, entry, repr(time.time()), self.maxlen, len(events)]
+        for event in events:
+            args += [getattr(event, "type", ""), dumps(event)]
+        attempt = int(await lua.RESUME(self.redis, keys.run_keys(run_id), args))
+        if attempt:
+            await self.enqueue(run_id, attempt)
+        return attempt
+
+    async def deliver_input(
+        self, run_id: str, value: Any, *, input_id: str | None = None, tenant: str | None = None
+    ) -> Run:
+        """Give a run waiting in ``wait_for_input`` its input: checked against the schema it
+        asked for (:class:`InputInvalid` naming the field), journaled with an
+        ``input.received`` event, and the run resumed. :class:`NotWaitingForInput` when it does
+        not wait for input (or for another ``input_id``); :class:`RunNotFound` for another
+        tenant's run."""
+        run = await self.get(run_id, tenant=tenant)
+        wait = run.waiting
+        if run.status is not RunStatus.WAITING or wait is None or wait.kind != "input":
+            raise NotWaitingForInput(run_id, f"is {run.status.value}, not waiting for input")
+        if input_id is not None and input_id != wait.input_id:
+            raise NotWaitingForInput(run_id, f"waits for input {wait.input_id}, not {input_id}")
+        check_input(value, wait.input_schema or {})
+        wait_hash = await self.redis.hget(keys.run(run_id), "wait_hash") or ""
+        entry = JournalEntry("wait_for_input", str(wait_hash), value=value).dumps()
+        ref = StepRef(id=wait.step, name="wait_for_input")
+        events = [
+            InputReceivedEvent(run_id=run_id, input_id=wait.input_id or "", input=value, step=ref),
+            RunResumedEvent(run_id=run_id, attempt=run.attempt, reason="input received"),
+        ]  # fmt: skip
+        if not await self.resume(run_id, wait.step, entry, events):
+            raise NotWaitingForInput(run_id, "stopped waiting for input meanwhile")
+        return await self.get(run_id)
+
+    async def child_done(
+        self, parent_id: str, step: str, entry: str, finished: BaseModel, resumed: BaseModel
+    ) -> int:
+        """Deliver a child run's outcome to its parent (once): journaled, and the parent resumed
+        if it waits on it. Returns the attempt queued, 0 or -1 (see lua.CHILD_DONE)."""
+        args = [step, entry, repr(time.time()), dumps(finished), dumps(resumed), self.maxlen]
+        attempt = int(await lua.CHILD_DONE(self.redis, keys.run_keys(parent_id), args))
+        if attempt > 0:
+            await self.enqueue(parent_id, attempt)
+        return attempt
+
+    async def start_scheduled(self, run_id: str) -> bool:
+        """Queue a scheduled run whose time came (once, whoever calls)."""
+        workflow = await self.redis.hget(keys.run(run_id), "workflow")
+        if workflow is None:
+            return False
+        event = dumps(RunQueuedEvent(run_id=run_id, workflow=str(workflow)))
+        args = [event, repr(time.time()), self.maxlen]
+        if not await lua.START_SCHEDULED(self.redis, [keys.run(run_id), keys.events(run_id)], args):
+            return False
+        await self.enqueue(run_id, 1, str(workflow))
+        return True
+
+    async def enqueue(self, run_id: str, attempt: int, workflow: str | None = None) -> None:
+        """Put a queued run's attempt where it is taken from: the workers' queue, or, for a run
+        of a script (``genx_ray.start``), the queue of the process that runs it, if it is
+        still alive (else the run fails: workers may not have its code)."""
+        queue, runner = await self.redis.hmget(keys.run(run_id), "queue", "runner")
+        if runner and not await self.redis.exists(keys.runner(str(runner))):
+            error = ErrorInfo(
+                type="RunHostLost",
+                message="the process that started it with genx_ray.start() is gone; a run "
+                "started from a script is not run elsewhere",
+            )  # fmt: skip
+            with contextlib.suppress(InvalidTransition, RunNotFound):
+                await self.transition(
+                    run_id, RunStatus.FAILED, allowed={RunStatus.QUEUED},
+                    event=RunFailedEvent(run_id=run_id, error=error),
+                    fields={"error": error.model_dump_json(), "finished_at": repr(time.time())},
+                )  # fmt: skip
+                workflow = await self.redis.hget(keys.run(run_id), "workflow")
+                metrics.run_finished(str(workflow), "failed")
+            return
+        fields = {"run": run_id, "attempt": str(attempt)}
+        if workflow:
+            fields["workflow"] = workflow
+        await self.redis.xadd(str(queue or keys.QUEUE), fields)
 
     @staticmethod
     def _error(
@@ -470,5 +662,42 @@ class RunStore:
         return exc
 
 
+def start_time(start_at: datetime | None, delay_seconds: float | None) -> float | None:
+    """When a delayed run starts (unix seconds), from ``start_at`` (aware) or ``delay_seconds``;
+    None to start now. :class:`InputInvalid` naming the field when they do not make sense."""
+    if start_at is not None and delay_seconds is not None:
+        raise InputInvalid.field("start_at", "give start_at or delay_seconds, not both")
+    if delay_seconds is not None:
+        if not 0 <= delay_seconds <= MAX_DELAY_SECONDS:
+            raise InputInvalid.field("delay_seconds", f"must be from 0 to {MAX_DELAY_SECONDS}")
+        return time.time() + delay_seconds if delay_seconds > 0 else None
+    if start_at is None:
+        return None
+    if start_at.tzinfo is None:
+        raise InputInvalid.field(
+            "start_at", "must carry a time zone (RFC 3339, e.g. 2026-01-31T09:00:00Z)"
+        )
+    when = start_at.timestamp()
+    if when > time.time() + MAX_DELAY_SECONDS:
+        raise InputInvalid.field("start_at", "must be within a year from now")
+    return when if when > time.time() else None
+
+
 def _as_dict(flat: list[Any]) -> dict[str, str]:
     return {str(flat[i]): str(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+
+def check_input(value: Any, schema: dict[str, Any]) -> None:
+    """:class:`InputInvalid`, naming the field, if ``value`` does not fit the JSON schema."""
+    import jsonschema
+
+    error = jsonschema.exceptions.best_match(
+        jsonschema.Draft202012Validator(schema).iter_errors(value)
+    )
+    if error is not None:
+        where = ".".join(str(p) for p in error.absolute_path) or "input"
+        raise InputInvalid(
+            f"input: {where}: {error.message}",
+            errors=[{"loc": ["input", *error.absolute_path], "msg": error.message,
+                     "type": str(error.validator)}],
+        )  # fmt: skip

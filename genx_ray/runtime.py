@@ -19,7 +19,7 @@ import threading
 import time
 from typing import Any, cast
 
-from genx_ray import keys
+from genx_ray import keys, tracing
 from genx_ray.executor import Attempt, execute, start, start_many
 from genx_ray.lease import Leases
 from genx_ray.runs import RunStore
@@ -43,6 +43,7 @@ class Runtime:
     ) -> None:
         """``redis_url``: where the lease renewer connects (None: runs hold no lease, so nothing
         restarts them if this process dies: for tests only)."""
+        tracing.setup("script")  # unless the process did already (a worker, a run host)
         self.redis = client
         self.registry = registry
         self.settings = settings

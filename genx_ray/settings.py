@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
@@ -30,6 +31,14 @@ class LLMLimit:
 
 
 @dataclass(frozen=True, slots=True)
+class TenantLimit:
+    """What one tenant may start through the API; ``None`` means unlimited."""
+
+    runs_per_minute: int | None = None  # a token bucket: bursts up to this, refilled evenly
+    running: int | None = None  # runs started and not finished (queued, running or waiting)
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     redis_url: str = DEFAULT_REDIS_URL
     # True when the user named a Redis: then we never silently start our own instead.
@@ -38,6 +47,8 @@ class Settings:
     workflows: tuple[str, ...] = DEFAULT_WORKFLOWS
     api_keys: Mapping[str, str] = field(default_factory=dict)  # bearer key -> tenant
     llm_limits: Mapping[str, LLMLimit] = field(default_factory=dict)
+    # Per-tenant quotas on starting runs (tenant name, or "*" for every other tenant).
+    tenant_limits: Mapping[str, TenantLimit] = field(default_factory=dict)
     # An LLM concurrency slot's lease (refreshed while its call runs): how soon a crashed
     # holder's slot comes back.
     llm_lease_seconds: int = 60
@@ -97,6 +108,7 @@ class Settings:
             workflows=_modules(env.get("GENX_WORKFLOWS", "")) or DEFAULT_WORKFLOWS,
             api_keys=_api_keys(env.get("GENX_API_KEYS", "")),
             llm_limits=_llm_limits(env.get("GENX_LLM_LIMITS", "")),
+            tenant_limits=_tenant_limits(env.get("GENX_TENANT_LIMITS", "")),
             llm_lease_seconds=_positive_int(env, "GENX_LLM_LEASE_SECONDS", 60),
             retention_seconds=_positive_int(env, "GENX_RETENTION_SECONDS", 7 * 24 * 3600),
             stream_maxlen=_positive_int(env, "GENX_STREAM_MAXLEN", 100_000),
@@ -123,7 +135,7 @@ ENV_VARS = (
     "GENX_MAX_BODY_BYTES", "GENX_LEASE_SECONDS", "GENX_MAX_ATTEMPTS", "GENX_MAX_RUNNING",
     "GENX_DEPLOYMENT", "GENX_WEBHOOK_URL", "GENX_WEBHOOK_SECRET", "GENX_HOST_RESOURCES",
     "GENX_HOST_RUNS", "GENX_HOST_MAX_RUNS", "GENX_TOKEN_SECRET", "GENX_TOKEN_TTL",
-    "GENX_CORS_ORIGINS",
+    "GENX_CORS_ORIGINS", "GENX_TENANT_LIMITS",
 )  # fmt: skip
 _parsed: dict[tuple[str | None, ...], Settings] = {}
 
@@ -193,13 +205,23 @@ def _modules(value: str) -> tuple[str, ...]:
     return mods
 
 
+TENANT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
 def _api_keys(value: str) -> dict[str, str]:
     keys: dict[str, str] = {}
     for item in filter(None, (p.strip() for p in value.split(","))):
-        key, sep, tenant = item.partition(":")
-        if not sep or not key.strip() or not tenant.strip():
-            raise ConfigError("GENX_API_KEYS", f"{item!r}: expected key:tenant")
-        keys[key.strip()] = tenant.strip()
+        key, sep, tenant = (p.strip() for p in item.partition(":"))
+        if not sep or not key or not tenant:
+            raise ConfigError("GENX_API_KEYS", "expected key:tenant pairs, comma-separated")
+        if not TENANT_NAME.fullmatch(tenant):
+            # The key itself is never repeated in an error: errors may be logged.
+            raise ConfigError(
+                "GENX_API_KEYS", f"tenant {tenant!r}: a tenant name is 1 to 64 of A-Z a-z 0-9 _ . -"
+            )
+        if key in keys and keys[key] != tenant:
+            raise ConfigError("GENX_API_KEYS", f"one key is given for two tenants ({tenant!r})")
+        keys[key] = tenant
     return keys
 
 
@@ -230,6 +252,31 @@ def _llm_limits(value: str) -> dict[str, LLMLimit]:
                     "GENX_LLM_LIMITS", f"{glob!r}.{name}: expected a positive integer"
                 )
         limits[glob] = LLMLimit(**spec)
+    return limits
+
+
+def _tenant_limits(value: str) -> dict[str, TenantLimit]:
+    name = "GENX_TENANT_LIMITS"
+    example = '{"*": {"runs_per_minute": 600, "running": 1000}, "acme": {"running": 5000}}'
+    if not value.strip():
+        return {}
+    try:
+        raw = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(name, f"not JSON ({exc}); e.g. {example}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(name, f"expected an object of tenant -> limits, e.g. {example}")
+    fields = ("runs_per_minute", "running")
+    limits: dict[str, TenantLimit] = {}
+    for tenant, spec in raw.items():
+        if tenant != "*" and not TENANT_NAME.fullmatch(tenant):
+            raise ConfigError(name, f"{tenant!r} is not a tenant name (or '*' for the others)")
+        if not isinstance(spec, dict) or not spec or set(spec) - set(fields):
+            raise ConfigError(name, f"{tenant!r}: expected an object with {fields}")
+        for field_name, number in spec.items():
+            if isinstance(number, bool) or not isinstance(number, int) or number <= 0:
+                raise ConfigError(name, f"{tenant!r}.{field_name}: expected a positive integer")
+        limits[tenant] = TenantLimit(**spec)
     return limits
 
 

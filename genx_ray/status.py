@@ -6,8 +6,10 @@ from enum import StrEnum
 
 
 class RunStatus(StrEnum):
+    SCHEDULED = "scheduled"  # created to start later (start_at, delay_seconds, a schedule)
     QUEUED = "queued"  # accepted, waiting for a worker (or for a restart)
     RUNNING = "running"  # a run host is executing it
+    WAITING = "waiting"  # parked: waiting for input, a timer or a child run; no host holds it
     SUCCEEDED = "succeeded"  # finished; ``output`` is set
     FAILED = "failed"  # an uncaught error or too many restarts; ``error`` says why
     CANCELLED = "cancelled"  # stopped on request

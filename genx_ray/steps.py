@@ -18,9 +18,9 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-from genx_ray import keys
+from genx_ray import keys, metrics, tracing
 from genx_ray.context import JournalEntry, RunContext, step_scope, streaming_step
 from genx_ray.errors import RunCancelled, StepError, StepTimeout
 from genx_ray.events import (
@@ -34,6 +34,9 @@ from genx_ray.events import (
 )
 from genx_ray.retry import NO_RETRY, RetryPolicy
 from genx_ray.values import Codec, canonical_hash, dumps, to_json, type_hints
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
 
 
 @dataclass(frozen=True, eq=False)
@@ -167,8 +170,21 @@ async def call_step(
     input_hash = canonical_hash(args, kwargs)
     recorded = ctx.recorded(step_id, spec.name, input_hash)
     if recorded is not None:
+        if not quiet:
+            tracing.replayed_step(spec.name, step_id)
         return _replay(spec, ctx, StepRef(id=step_id, name=spec.name), recorded, quiet)
+    # A map item is an event of its map's span (a span each costs ~3x: see tracing.item_event).
+    span = None if quiet else tracing.step_span(spec.name, step_id)
+    with tracing.activated(span):
+        return await _execute(spec, ctx, step_id, input_hash, args, kwargs, quiet, span)
 
+
+async def _execute(
+    spec: StepSpec, ctx: RunContext, step_id: str, input_hash: str, args: tuple[Any, ...],
+    kwargs: Mapping[str, Any], quiet: bool, span: Span | None,
+) -> Any:  # fmt: skip
+    """A step no earlier attempt finished: from the cache, or run (retries, timeout); then
+    journaled."""
     key = None
     if spec.cache_ttl:
         key = cache_key(spec, args, kwargs)
@@ -179,6 +195,7 @@ async def call_step(
                 run_id=ctx.run_id, step=StepRef(id=step_id, name=spec.name), cached=True
             )
             await _record(ctx, quiet, done, step_id, JournalEntry(spec.name, input_hash, value))
+            tracing.step_done(span, cache_hit=True)
             return spec.codec.decode(value)
 
     started = time.perf_counter()
@@ -188,6 +205,7 @@ async def call_step(
         )
 
     def retrying(n: int, exc: BaseException, delay: float) -> None:
+        tracing.step_retry(span, n, exc, delay)
         ctx.writer.emit(
             StepRetryingEvent(
                 run_id=ctx.run_id, step=StepRef(id=step_id, name=spec.name, attempt=n),
@@ -203,8 +221,14 @@ async def call_step(
     except (asyncio.CancelledError, RunCancelled):
         raise
     except Exception as exc:
+        seconds = time.perf_counter() - started
+        metrics.step_finished(spec.name, seconds)
         ref = StepRef(id=step_id, name=spec.name, attempt=attempts_of(exc))
         error = ErrorInfo.from_exception(exc)
+        tracing.step_done(span, attempts=ref.attempt)
+        tracing.failed(span, exc)
+        if quiet:
+            tracing.item_event(tracing.current_span(), step_id, seconds, type(exc).__name__)
         # The failure is journaled too: a restarted run that caught it and fell back takes the
         # same fallback without paying for the failing step again.
         failure = JournalEntry(spec.name, input_hash, error=_recorded_error(error, ref.attempt))
@@ -212,10 +236,15 @@ async def call_step(
         await _record(ctx, quiet, failed, step_id, failure)
         raise step_error(spec, ref, exc) from exc
 
+    seconds = time.perf_counter() - started
+    metrics.step_finished(spec.name, seconds)
+    tracing.step_done(span, attempts=n)
+    if quiet:
+        tracing.item_event(tracing.current_span(), step_id, seconds)
     encoded = spec.codec.encode(value)
     done = StepCompletedEvent(
         run_id=ctx.run_id, step=StepRef(id=step_id, name=spec.name, attempt=n),
-        duration_ms=round((time.perf_counter() - started) * 1e3, 3),
+        duration_ms=round(seconds * 1e3, 3),
     )  # fmt: skip
     await _record(ctx, quiet, done, step_id, JournalEntry(spec.name, input_hash, encoded))
     if key is not None and spec.cache_ttl:

@@ -12,6 +12,7 @@ import functools
 import json
 import re
 from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, cast
 
 from pydantic import BaseModel
@@ -62,6 +63,55 @@ def check_event_id(value: str) -> str:
     if not m or int(m.group(1)) > _U64 or int(m.group(2) or 0) > _U64:
         raise UserError(f"malformed event id {value!r}: expected <ms>-<seq> as sent in 'id:'")
     return value
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a reader that saw up to some id goes on in a run's stream."""
+
+    after: str  # read the events after this id
+    first_available: str | None = None  # the stream was trimmed: events before this are gone
+    at_end: bool = False  # the run has ended and the reader saw its last event: nothing to send
+
+
+async def resume_point(redis: Any, run_id: str, after: str, *, ended: bool = False) -> ResumePoint:
+    """Where to go on with a run's stream for a reader that saw up to ``after``.
+
+    A reader that saw the last event of a run that has ``ended`` is ``at_end``: its stream ends
+    at once, with nothing sent (a reconnecting ``EventSource`` sees no event twice). An ``after``
+    past the stream's last id (an id from the future, or another run's) was never sent, so its
+    reader gets what comes next as any other: the live events of a running run, the terminal
+    event again of one that has ended.
+    Where the stream was trimmed past ``after`` (``GENX_STREAM_MAXLEN``), ``first_available`` is
+    the first id still stored: the events between the two are gone.
+    """
+    if after == START:
+        return ResumePoint(after)
+    try:
+        info = await redis.xinfo_stream(keys.events(run_id))
+    except ResponseError:  # no stream (yet)
+        return ResumePoint(after)
+    last = _str(info["last-generated-id"])
+    if after == last:
+        return ResumePoint(last, at_end=ended)
+    if id_key(after) > id_key(last):  # never sent: the reader did not see the end either
+        return ResumePoint(before(last) if ended else last)
+    first = info.get("first-entry")
+    first_id = _str(first[0]) if first else None
+    trimmed = int(info.get("entries-added", info["length"])) > int(info["length"])
+    if trimmed and first_id is not None and id_key(after) < id_key(first_id):
+        return ResumePoint(after, first_id)
+    return ResumePoint(after)
+
+
+def before(entry_id: str) -> str:
+    """The stream id just before ``entry_id``."""
+    ms, seq = id_key(entry_id)
+    return f"{ms}-{seq - 1}" if seq else f"{ms - 1}-{_U64}"
+
+
+def _str(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def id_key(entry_id: str) -> tuple[int, int]:

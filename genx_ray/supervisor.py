@@ -15,7 +15,8 @@ Either way :meth:`genx_ray.runs.RunStore.reap` re-checks the run's attempt atomi
 requeues it as ``attempt + 1`` with a ``run.restarted`` event, or, past the attempt cap (or for
 a run started from a script, whose code workers may lack), fails it with the reason. Two
 supervisors racing for one run: the second finds the attempt moved. The supervisor also trims the
-run indexes of runs past their retention.
+run indexes of runs past their retention, and runs the timer service (:mod:`genx_ray.timers`:
+scheduled runs, sleeps, input deadlines, schedules).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from genx_ray import keys
 from genx_ray.ids import new_run_id
 from genx_ray.runs import RunStore
 from genx_ray.settings import Settings
+from genx_ray.timers import TICK_SECONDS, Timers
 from genx_ray.webhooks import notify
 
 log = logging.getLogger("genx_ray.supervisor")
@@ -52,6 +54,7 @@ class Supervisor:
             client, maxlen=settings.stream_maxlen, retention_seconds=settings.retention_seconds
         )
         self._trimmed_at = 0.0
+        self.timers = Timers(self.runs)
 
     async def sweep(self) -> dict[str, int]:
         """One pass over runs whose last renewal is older than the lease; returns counts."""
@@ -67,11 +70,14 @@ class Supervisor:
         return counts
 
     async def _check(self, run_id: str, *, dead_worker: str | None = None) -> str:
-        attempt, origin = await self.redis.hmget(keys.run(run_id), "attempt", "origin")
+        attempt, origin, lost = await self.redis.hmget(
+            keys.run(run_id), "attempt", "origin", "lost"
+        )
         if attempt is None:
             await self.redis.zrem(keys.LEASES, run_id)
             return "gone"
         n, cap = int(attempt), self.settings.max_attempts
+        losses = int(lost or 0) + 1  # this one included
         if dead_worker is not None:
             reason = f"its worker {dead_worker} died, and its run host with it"
         else:
@@ -85,7 +91,7 @@ class Supervisor:
                 "started from a script is not restarted elsewhere"
             )
         else:
-            reason = f"{reason}; {n} of {cap} attempts used"
+            reason = f"{reason}; {losses} of {cap} attempts used"
         outcome = await self.runs.reap(
             run_id, n, max_attempts=cap, reason=reason, host_dead=dead_worker is not None
         )
@@ -157,6 +163,7 @@ class Supervisor:
         while not stop.is_set():
             now = time.monotonic()
             try:
+                await self.timers.tick()
                 await self.sweep_workers()
                 if now >= next_lease_sweep:
                     await self.sweep()
@@ -172,4 +179,4 @@ class Supervisor:
                     log.warning("supervisor: sweep failed (%s); retrying", exc)
                 failing = True
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), WORKER_BEAT_SECONDS)
+                await asyncio.wait_for(stop.wait(), TICK_SECONDS)

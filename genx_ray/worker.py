@@ -41,7 +41,7 @@ from typing import Any
 
 import redis
 
-from genx_ray import keys, lua
+from genx_ray import keys, lua, metrics, tracing
 from genx_ray.cluster import cluster_cpus
 from genx_ray.connections import async_redis, sync_redis
 from genx_ray.errors import Fenced, InvalidTransition, RunNotFound
@@ -130,6 +130,15 @@ class Worker:
     def stop(self) -> None:
         """Stop taking runs; :meth:`serve` then drains and returns."""
         self._stopping.set()
+
+    async def render_metrics(self) -> bytes:
+        """``GET /metrics``: this worker's metrics, its run hosts' (as they last reported them),
+        and the queue's state read from Redis now."""
+        depth, age = await metrics.queue_state(self.redis)
+        gauges = {"genx_runs_running": self.running, "genx_queue_depth": depth,
+                  "genx_queue_oldest_age_seconds": age}  # fmt: skip
+        hosts = self.pool.reported_metrics() if self.pool is not None else []
+        return metrics.exposition(gauges, hosts)
 
     async def serve(self) -> None:
         await self.queue.ensure_group()
@@ -245,9 +254,10 @@ class Worker:
         cap = self.settings.max_attempts
         for run_id, attempt in runs:
             with contextlib.suppress(OSError, redis.RedisError):
+                losses = int(await self.redis.hget(keys.run(run_id), "lost") or 0) + 1
                 outcome = await self.supervisor.runs.reap(
                     run_id, attempt, max_attempts=cap, host_dead=True,
-                    reason=f"its run host {host} died; {attempt} of {cap} attempts used",
+                    reason=f"its run host {host} died; {losses} of {cap} attempts used",
                 )  # fmt: skip
                 log.warning("worker %s: run %s %s (host %s died)", self.name, run_id, outcome,
                             host)  # fmt: skip
@@ -359,8 +369,11 @@ async def serve_worker(
     max_runs: int | None = None,
     drain_timeout: float = 30.0,
     hosts: str = "ray",
+    metrics_port: int | None = None,
 ) -> None:
-    """Run a worker until SIGTERM or SIGINT, then drain."""
+    """Run a worker until SIGTERM or SIGINT, then drain. With ``metrics_port``, serve
+    ``GET /metrics`` there (all interfaces) meanwhile."""
+    tracing.setup("worker")
     settings = Settings.current()
     registry = default_registry.load(settings.workflows)
     if hosts == "ray":
@@ -375,7 +388,10 @@ async def serve_worker(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)
+    server = await metrics.serve_http(metrics_port, worker.render_metrics) if metrics_port else None
     try:
         await worker.serve()
     finally:
+        if server is not None:
+            server.close()
         await client.aclose()

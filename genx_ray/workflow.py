@@ -10,12 +10,15 @@ from __future__ import annotations
 import importlib
 import inspect
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, Generic, ParamSpec, TypeVar, cast, overload
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, cast, overload
 
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, create_model
 
 from genx_ray.errors import InputInvalid, UserError, WorkflowNotFound
 from genx_ray.values import Codec, type_hints
+
+if TYPE_CHECKING:
+    from genx_ray.children import ChildRun
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -100,6 +103,30 @@ class Workflow(Generic[P, R]):
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Awaitable[R]:
         """Call the body directly: as a sub-workflow inside a run its steps join the run."""
         return self.fn(*args, **kwargs)
+
+    def start_child(self, *args: Any, **kwargs: Any) -> Awaitable[ChildRun[R]]:
+        """Inside a run: start this workflow as a child run of its own (own id and stream,
+        ``parent_id`` on it), journaled so a restarted parent does not start it twice. Returns
+        its :class:`~genx_ray.children.ChildRun` at once; ``await child.result()`` when you
+        want its output. Takes the workflow's input as the workflow does (a model, or its
+        fields as keywords)."""
+        from genx_ray.children import start_child
+
+        return start_child(self, self._child_input(args, kwargs))
+
+    async def run_child(self, *args: Any, **kwargs: Any) -> R:
+        """Inside a run: start this workflow as a child run and wait for its output (the parent
+        holds no host meanwhile); :class:`~genx_ray.errors.ChildFailed` if it did not succeed."""
+        child = await self.start_child(*args, **kwargs)
+        return await child.result()
+
+    def _child_input(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if len(args) == 1 and not kwargs and isinstance(args[0], BaseModel | dict):
+            return args[0]
+        names = list(self.input_model.model_fields)
+        if len(args) > len(names):
+            raise UserError(f"{self.name}: {len(args)} positional inputs for {len(names)} fields")
+        return {**dict(zip(names, args, strict=False)), **kwargs}
 
     def __repr__(self) -> str:
         return f"<workflow {self.name}>"

@@ -41,16 +41,16 @@ REDIS_OUTAGE_BUDGET = 30.0
 
 
 @dataclass
-class Finish:
-    """The end of an attempt, queued after its last events."""
+class End:
+    """The end of an attempt (lua.FINISH: a terminal status; lua.PARK: parked), queued after
+    its last events and written in the same pipeline."""
 
-    status: str
-    event: BaseModel
-    fields: dict[str, str]
-    done: asyncio.Future[str]  # the terminal event's id, or the error (Fenced...)
+    script: lua.Script
+    args: list[Any]  # after the attempt, which goes first
+    done: asyncio.Future[Any]  # the script's reply, or the error (Fenced...)
 
 
-Item = tuple[BaseModel | None, tuple[str, str] | None] | Finish
+Item = tuple[BaseModel | None, tuple[str, str] | None] | End
 
 
 class RunWriter:
@@ -115,11 +115,34 @@ class RunWriter:
         """End the attempt after what is queued: status, terminal event and ``fields`` in one
         fenced script that also releases its lease (``leased``). Returns the event's id; raises
         :class:`Fenced` (superseded), :class:`InvalidTransition` or :class:`RunNotFound`."""
+        args = [status, _type(event), dumps(event), self.batch.maxlen, self.batch.retention,
+                *[x for kv in fields.items() for x in kv]]  # fmt: skip
+        return str(await self._end(lua.FINISH, args, leased=leased))
+
+    async def park(
+        self,
+        step: str,
+        events: list[BaseModel],
+        fields: dict[str, str],
+        *,
+        ready_if_journaled: bool,
+        leased: bool,
+    ) -> str:
+        """Park the run after what is queued (lua.PARK): ``waiting`` on ``step``, with
+        ``events`` and the wait's ``fields``. Returns 'parked', or 'ready' when
+        ``ready_if_journaled`` and the step's outcome is in the journal already."""
+        args: list[Any] = [step, "1" if ready_if_journaled else "", self.batch.maxlen, len(events)]
+        for event in events:
+            args += [_type(event), dumps(event)]
+        args += [x for kv in fields.items() for x in kv]
+        return str(await self._end(lua.PARK, args, leased=leased))
+
+    async def _end(self, script: lua.Script, args: list[Any], *, leased: bool) -> Any:
         if self.error is not None:
             raise self.error
-        done: asyncio.Future[str] = self.batch.loop.create_future()
+        done: asyncio.Future[Any] = self.batch.loop.create_future()
         self.leased = leased
-        self._queue.append(Finish(status, event, fields, done))
+        self._queue.append(End(script, args, done))
         self._queued += 1
         self.batch.dirty(self)
         return await done
@@ -137,7 +160,7 @@ class RunWriter:
         while self._queue and len(out) < _MAX_BATCH:
             item = self._queue.popleft()
             out.append(item)
-            if isinstance(item, Finish):
+            if isinstance(item, End):
                 break
         return out
 
@@ -151,7 +174,7 @@ class RunWriter:
     def _fail(self, exc: BaseException) -> None:
         self.error = exc
         for item in self._queue:
-            if isinstance(item, Finish) and not item.done.done():
+            if isinstance(item, End) and not item.done.done():
                 item.done.set_exception(exc)
         self._queue.clear()
         for _, fut in self._waiters:
@@ -210,19 +233,17 @@ class BatchWriter:
 
     async def _write(self, batches: list[tuple[RunWriter, list[Item]]]) -> None:
         calls: list[lua.Call] = []
-        plan: list[tuple[RunWriter, int, int, Finish | None]] = []  # writer, calls, items, end
+        plan: list[tuple[RunWriter, int, int, End | None]] = []  # writer, calls, items, end
         for w, items in batches:
-            end = items[-1] if items and isinstance(items[-1], Finish) else None
+            end = items[-1] if items and isinstance(items[-1], End) else None
             run_keys = list(keys.run_keys(w.run_id))
             n = 0
             if end is None or len(items) > 1:
                 calls.append((lua.APPEND, run_keys, self._append_args(w, items)))
                 n += 1
             if end is not None:
-                fields = [x for kv in end.fields.items() for x in kv]
-                args = [w.attempt, end.status, _type(end.event), dumps(end.event), self.maxlen,
-                        self.retention, *fields]  # fmt: skip
-                calls.append((lua.FINISH, [*run_keys, keys.lease(w.run_id)], args))
+                lease = keys.lease(w.run_id)
+                calls.append((end.script, [*run_keys, lease], [w.attempt, *end.args]))
                 n += 1
             plan.append((w, n, len(items), end))
         results = await self._execute(calls, batches)
@@ -232,6 +253,7 @@ class BatchWriter:
                     end.done.set_exception(w.error)
             return
         at = 0
+        ended = []
         for w, n, count, end in plan:
             outcome = results[at : at + n]
             at += n
@@ -242,9 +264,11 @@ class BatchWriter:
                     end.done.set_exception(w.error or error)
                 continue
             w._stored(count)
-            if end is not None and not end.done.done():
-                end.done.set_result(str(outcome[-1]))
-        ended = [w.run_id for w, _, _, end in plan if end is not None and w.leased]
+            if end is not None:
+                if w.leased and outcome[-1] != "ready":  # 'ready': a park that did not happen
+                    ended.append(w.run_id)
+                if not end.done.done():
+                    end.done.set_result(outcome[-1])
         if ended:  # the supervisor stops watching them (another slot: its own command)
             with contextlib.suppress(Exception):
                 await self.redis.zrem(keys.LEASES, *ended)
@@ -253,7 +277,7 @@ class BatchWriter:
         events: list[BaseModel] = []
         journal: list[str] = []
         for item in items:
-            if isinstance(item, Finish):
+            if isinstance(item, End):
                 continue
             event, entry = item
             if event is not None:

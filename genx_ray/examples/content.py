@@ -1,9 +1,11 @@
-"""The content-generation example: research, outline, then every section written in parallel,
-each streaming its tokens as ``output`` events of its own step (a UI shows them side by side,
-told apart by ``step.id``), then the article assembled.
+"""The content-generation example: research, outline, a person's review of the outline (if
+asked for), then every section written in parallel, each streaming its tokens as ``output``
+events of its own step (a UI shows them side by side, told apart by ``step.id``), then the
+article assembled.
 
 Each phase is a journaled step: a run restarted after a crash does not pay for the research or
-the outline again, nor for any section already written.
+the outline again, nor for any section already written. The review is a durable wait: the run
+holds no host while a person reads the outline, and falls back to the draft if nobody answers.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import AsyncIterator
 
 from pydantic import BaseModel, Field
 
-from genx_ray import RetryPolicy, component, publish, workflow
+from genx_ray import InputTimeout, RetryPolicy, component, publish, wait_for_input, workflow
 from genx_ray.llm import AsyncOpenAI
 
 ANGLES = ("background", "how it works", "examples", "trade-offs", "what to do next", "sources")
@@ -24,6 +26,18 @@ class ArticleInput(BaseModel):
     topic: str = Field(default="durable workflows for LLM applications", min_length=3)
     sections: int = Field(default=4, ge=1, le=12)
     model: str = "gpt-4o-mini"
+    review_seconds: float = Field(
+        default=0, ge=0, le=7 * 24 * 3600,
+        description="how long to wait for a person to approve or edit the outline (POST "
+        "/v1/runs/{id}/input) before writing the draft as it is; 0: no review",
+    )  # fmt: skip
+
+
+class OutlineReview(BaseModel):
+    """A person's answer to the outline: approve it as it is, or give the headings to use."""
+
+    approve: bool = True
+    headings: list[str] | None = Field(default=None, min_length=1, max_length=12)
 
 
 class Section(BaseModel):
@@ -94,6 +108,17 @@ async def article(inp: ArticleInput) -> Article:
     notes = list(await asyncio.gather(*(research(a, inp.topic, inp.model) for a in ANGLES)))
     publish("phase", {"phase": "outlining"})
     headings = await outline(inp.topic, notes, inp.sections, inp.model)
+    if inp.review_seconds:
+        publish("phase", {"phase": "reviewing", "outline": headings})
+        try:
+            review = await wait_for_input(
+                OutlineReview, timeout=inp.review_seconds,
+                prompt="Approve the outline, or send the headings to write instead.",
+            )  # fmt: skip
+            if review.headings:
+                headings = review.headings
+        except InputTimeout:
+            publish("phase", {"phase": "reviewed", "by": "nobody: the draft outline is used"})
     publish("phase", {"phase": "writing", "sections": headings})
     texts = await asyncio.gather(*(write_section(h, inp.topic, notes, inp.model) for h in headings))
     sections = [Section(heading=h, text=t) for h, t in zip(headings, texts, strict=True)]

@@ -1,6 +1,11 @@
 """The HTTP transport under the openai SDK: where every call gets its limits, retries, fallback,
-cache, events, usage accounting and span. Working at the HTTP layer keeps the SDK's surface
-unchanged: any call the SDK can make passes through here as a request."""
+cache, events, usage accounting, metrics and span. Working at the HTTP layer keeps the SDK's
+surface unchanged: any call the SDK can make passes through here as a request.
+
+Each request sent to the provider (a retry is another) gets a span with the GenAI semantic
+conventions (model, tokens, finish reasons), a child of the step that made the call
+(:mod:`genx_ray.tracing`); calls, tokens, retries, 429s and the limiter's wait are counted by
+model (:mod:`genx_ray.metrics`)."""
 
 from __future__ import annotations
 
@@ -15,9 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx2 as httpx  # the HTTP client openai >= 3 is built on
-from opentelemetry import trace
+from opentelemetry.trace import Span
 
-from genx_ray import keys
+from genx_ray import keys, metrics, tracing
 from genx_ray.context import current_run, current_step, in_streaming_step
 from genx_ray.errors import ConfigError
 from genx_ray.events import OutputEvent
@@ -28,7 +33,6 @@ from genx_ray.llm.shared import Shared, shared_state
 from genx_ray.llm.usage import account, publish
 from genx_ray.settings import Settings
 
-tracer = trace.get_tracer("genx_ray.llm")
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 DROP_HEADERS = {"content-encoding", "content-length", "transfer-encoding"}
 
@@ -121,18 +125,25 @@ class GenxTransport(httpx.AsyncBaseTransport):
         delay = self.policy.initial_interval
         while call.attempts < self.policy.max_attempts:
             call.attempts += 1
+            waited = time.perf_counter()
             slot = await limiter.acquire(call.model, estimate)
-            span = tracer.start_span(f"chat {call.model}", kind=trace.SpanKind.CLIENT, attributes={
-                "gen_ai.system": "openai", "gen_ai.operation.name": _operation(request),
-                "gen_ai.request.model": call.model, "genx.attempt": call.attempts,
-            })  # fmt: skip
+            waited = time.perf_counter() - waited
+            metrics.limiter_wait(call.model, waited)
+            span = None
+            if tracing.enabled():  # nothing built for a span nobody records
+                step = current_step()
+                span = tracing.llm_span(
+                    call.model, _operation(request), attempt=call.attempts, waited=waited,
+                    step_id=step.id if step is not None else None,
+                    server=(request.url.host, request.url.port),
+                )  # fmt: skip
             retry_after: float | None = None
             try:
                 response = await shared.inner.handle_async_request(request)
             except (httpx.TransportError, OSError) as exc:
                 reason = f"{call.model}: {type(exc).__name__}: {exc}"
                 await limiter.release(slot)
-                _end(span, error=reason)
+                tracing.llm_failed(span, reason, type(exc).__name__)
             else:
                 if response.status_code < 400 or response.status_code not in RETRY_STATUS:
                     if body.get("stream") and response.status_code == 200:
@@ -142,23 +153,27 @@ class GenxTransport(httpx.AsyncBaseTransport):
                 reason = f"{call.model}: HTTP {response.status_code}"
                 retry_after = _retry_after(response)
                 await limiter.release(slot)
-                if response.status_code == 429 and retry_after:
-                    await limiter.pause(call.model, retry_after)  # every process waits, not just us
-                _end(span, error=reason)
+                if response.status_code == 429:
+                    metrics.llm_rate_limited(call.model)
+                    if retry_after:  # every process waits, not just us
+                        await limiter.pause(call.model, retry_after)
+                tracing.llm_failed(span, reason, str(response.status_code))
             errors.append(reason)
             if call.attempts >= self.policy.max_attempts:
                 break
             call.retries += 1
+            metrics.llm_retry(call.model)
             wait = retry_after if retry_after is not None else min(delay, self.policy.max_interval)
             wait *= 1 + random.uniform(0, 0.1)
             publish("llm.retry", {"model": call.model, "attempt": call.attempts, "error": reason,
                                    "delay": round(wait, 3)})  # fmt: skip
             await asyncio.sleep(wait)
             delay *= self.policy.backoff
+        metrics.llm_call(call.model, ok=False)  # given up on this model
         return None
 
     async def _finish(
-        self, response: httpx.Response, request: httpx.Request, slot: Slot, span: Any,
+        self, response: httpx.Response, request: httpx.Request, slot: Slot, span: Span | None,
         call: _Call, limiter: Limiter,
     ) -> httpx.Response:  # fmt: skip
         content = await response.aread()
@@ -166,9 +181,11 @@ class GenxTransport(httpx.AsyncBaseTransport):
         # then reuses it instead of opening another (and the pool, scanned on every request,
         # stays as small as the cap).
         await response.aclose()
-        usage: dict[str, Any] = {}
-        with contextlib.suppress(json.JSONDecodeError, AttributeError, UnicodeDecodeError):
-            usage = json.loads(content).get("usage") or {}
+        body: dict[str, Any] = {}
+        with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError):
+            parsed = json.loads(content)
+            body = parsed if isinstance(parsed, dict) else {}
+        usage: dict[str, Any] = body.get("usage") or {}
         prompt, completion = (
             int(usage.get("prompt_tokens") or 0),
             int(usage.get("completion_tokens") or 0),
@@ -178,14 +195,20 @@ class GenxTransport(httpx.AsyncBaseTransport):
             prompt + completion if usage else None,
             account(call.model, prompt, completion, call.retries),
         )
-        _end(span, prompt=prompt, completion=completion)
+        ok = response.status_code < 400
+        metrics.llm_call(call.model, ok=ok, input_tokens=prompt, output_tokens=completion)
+        if ok:
+            tracing.llm_done(span, input_tokens=prompt, output_tokens=completion,
+                             finish_reasons=_finish_reasons(body), response=body)  # fmt: skip
+        else:
+            tracing.llm_failed(span, f"HTTP {response.status_code}", str(response.status_code))
         headers = [(k, v) for k, v in response.headers.items() if k.lower() not in DROP_HEADERS]
         return httpx.Response(
             response.status_code, headers=headers, content=content, request=request
         )
 
     def _observe_stream(
-        self, response: httpx.Response, request: httpx.Request, slot: Slot, span: Any,
+        self, response: httpx.Response, request: httpx.Request, slot: Slot, span: Span | None,
         call: _Call, limiter: Limiter,
     ) -> httpx.Response:  # fmt: skip
         class Observed(httpx.AsyncByteStream):
@@ -193,6 +216,8 @@ class GenxTransport(httpx.AsyncBaseTransport):
                 self.usage: dict[str, Any] = {}
                 self.chunks = 0
                 self.closed = False
+                self.finish_reasons: list[str] = []
+                self.first: dict[str, Any] = {}  # the first chunk: the response's id and model
 
             async def __aiter__(self) -> AsyncIterator[bytes]:
                 buffer = b""
@@ -211,7 +236,10 @@ class GenxTransport(httpx.AsyncBaseTransport):
                 except json.JSONDecodeError:
                     return
                 self.usage = chunk.get("usage") or self.usage
+                self.first = self.first or chunk
                 for choice in chunk.get("choices") or ():
+                    if choice.get("finish_reason"):
+                        self.finish_reasons.append(str(choice["finish_reason"]))
                     text = (choice.get("delta") or {}).get("content")
                     if text:
                         self.chunks += 1
@@ -233,7 +261,11 @@ class GenxTransport(httpx.AsyncBaseTransport):
                 await limiter.release(
                     slot, prompt + completion, account(call.model, prompt, completion, call.retries)
                 )
-                _end(span, prompt=prompt, completion=completion)
+                metrics.llm_call(call.model, ok=True, input_tokens=prompt, output_tokens=completion)
+                tracing.llm_done(
+                    span, input_tokens=prompt, output_tokens=completion,
+                    finish_reasons=self.finish_reasons, response=self.first,
+                )  # fmt: skip
 
         headers = [(k, v) for k, v in response.headers.items() if k.lower() not in DROP_HEADERS]
         return httpx.Response(
@@ -264,10 +296,9 @@ def _operation(request: httpx.Request) -> str:
     return "embeddings" if path.endswith("/embeddings") else "chat" if "chat" in path else path
 
 
-def _end(span: Any, *, prompt: int = 0, completion: int = 0, error: str | None = None) -> None:
-    if error:
-        span.set_status(trace.Status(trace.StatusCode.ERROR, error))
-    else:
-        span.set_attribute("gen_ai.usage.input_tokens", prompt)
-        span.set_attribute("gen_ai.usage.output_tokens", completion)
-    span.end()
+def _finish_reasons(body: dict[str, Any]) -> list[str]:
+    choices = body.get("choices")
+    if not isinstance(choices, list):
+        return []
+    return [str(c["finish_reason"]) for c in choices
+            if isinstance(c, dict) and c.get("finish_reason")]  # fmt: skip
