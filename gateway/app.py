@@ -1,23 +1,30 @@
 """The API plane: an automatic REST API for every registered workflow.
 
 It never imports Ray. It hands a run to the compute plane once (run record + queue entry in
-Redis) and from then on only reads Redis, so any number of replicas can serve any client.
+Redis) and from then on only reads Redis, so any number of replicas can serve any client. It also
+serves the browser run viewer (:mod:`gateway.ui`); browser apps on other origins reach the API
+through CORS when ``GENX_CORS_ORIGINS`` names them (no CORS at all otherwise).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
-from gateway import errors
+from gateway import errors, metrics, openapi, schedules, ui
 from gateway.hub import EventHub
 from gateway.routes import router
-from genx_ray import __version__
+from gateway.tokens import REDACT_TOKENS, TokenSigner, shared_secret
+from gateway.tracing import TraceRequests
+from genx_ray import __version__, tracing
 from genx_ray.connections import async_redis, ping
 from genx_ray.errors import RedisUnavailable
+from genx_ray.quotas import Quotas
 from genx_ray.runs import RunStore
 from genx_ray.settings import Settings
 from genx_ray.workflow import Registry
@@ -30,6 +37,7 @@ def create_app(
     redis_url: str | None = None,
 ) -> FastAPI:
     settings = settings or Settings.current()
+    tracing.setup("gateway")  # the OTEL_* variables; nothing when they name no exporter
     if registry is None:
         registry = default_registry.load(settings.workflows)
     url = redis_url or settings.redis_url
@@ -44,6 +52,9 @@ def create_app(
         app.state.runs = RunStore(
             client, maxlen=settings.stream_maxlen, retention_seconds=settings.retention_seconds
         )
+        app.state.quotas = Quotas(client, settings.tenant_limits)
+        secret = await shared_secret(client, settings.token_secret)
+        app.state.tokens = TokenSigner(secret, settings.token_ttl)
         raw = async_redis(url, decode=False)  # the hub passes stored events on as bytes
         app.state.hub = hub = EventHub(raw)
         await hub.start()
@@ -59,9 +70,32 @@ def create_app(
         version=__version__,
         summary="Durable LLM and agent workflows, each served as a REST API.",
         lifespan=lifespan,
+        generate_unique_id_function=lambda route: route.name,  # operationIds: get_run...
+        # Request spans are gateway.tracing's: FastAPI's own would record the query string,
+        # where run tokens travel (?token=).
+        telemetry={"tracing": False},
     )
     app.state.settings = settings
     app.state.registry = registry
     errors.install(app)
     app.include_router(router)
+    app.include_router(schedules.router)
+    app.include_router(ui.router)
+    app.include_router(metrics.router)
+    openapi.install(app, registry, settings)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST"],  # a browser reads runs and answers input
+            allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "Idempotency-Key"],
+            expose_headers=["Location", "Idempotent-Replayed"],
+            max_age=600,
+        )
+    if tracing.enabled():
+        app.add_middleware(TraceRequests)  # a span per request: a run's trace starts there
+    # uvicorn's access log (off at the gateway's log level, on in many deployments) writes each
+    # request's path and query: a ?token= must not reach it.
+    for name in ("uvicorn.access", "uvicorn.error"):
+        logging.getLogger(name).addFilter(REDACT_TOKENS)
     return app

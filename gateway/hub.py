@@ -4,6 +4,16 @@ A client first replays what is stored (``XRANGE`` pages, no connection held), th
 a single task that ``XREAD``s all followed streams at once and hands each subscriber the entries
 after its own last id. Many concurrent clients cost one blocking Redis connection, no thread each.
 
+On a Redis Cluster one ``XREAD`` cannot span slots, and every run is a slot of its own (its keys
+share the tag ``{run_id}``): a blocking read per followed stream would hold a connection each.
+There the hub polls instead: one pipeline of non-blocking ``XREAD``s, one per followed stream,
+sent to each stream's node (one round trip per node), again at once while streams have news, else
+after a tick: ``poll_ms``, or four times what the round cost if that is longer, so that polling
+costs at most about a fifth of the time however many streams are followed (~25 us of CPU per
+stream per round here). Measured, an event's delay to a subscriber (median): 5 ms with one
+stream followed, ~20 ms with 100, 0.1-0.2 s with 1000 (a single Redis: 1, 1.5 and 6 ms). A
+single Redis keeps the one blocking read, whose latency is the point of this module.
+
 Entries pass through as stored, as bytes (a client that does not decode replies): the event's
 type and JSON are never decoded, parsed or encoded again, so what the gateway does per event is
 joining bytes (:mod:`gateway.sse`).
@@ -15,11 +25,13 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 from genx_ray import keys
+from genx_ray.connections import is_cluster
 from genx_ray.events import TERMINAL_TYPES
 from genx_ray.status import TERMINAL
 from genx_ray.streams import id_key
@@ -66,9 +78,13 @@ class EventHub:
         *,
         block_ms: int = 20,
         recheck_seconds: float = 5.0,
+        poll_ms: int = 10,
     ) -> None:
         """``client``: a Redis client that does not decode replies (bytes in, bytes out)."""
         self.redis = client
+        self.cluster = is_cluster(client)
+        # A Redis Cluster: how long a round of reads that found nothing waits before the next.
+        self.poll_ms = poll_ms
         # Bounds how long a client that joined while the reader was blocked waits for its first
         # live event; reads return at once when any followed stream has data.
         self.block_ms = block_ms
@@ -153,9 +169,13 @@ class EventHub:
                 for run_id, subs in self._subs.items()
             }
             try:
-                resp = cast(
-                    list[Any], await self.redis.xread(streams, count=PAGE, block=self.block_ms)
-                )
+                if self.cluster:
+                    resp = await self._poll(streams)
+                else:
+                    resp = cast(
+                        list[Any],
+                        await self.redis.xread(streams, count=PAGE, block=self.block_ms),
+                    )
             except Exception as exc:
                 log.warning("event hub: XREAD failed (%s); retrying", exc)
                 await asyncio.sleep(0.5)
@@ -169,3 +189,22 @@ class EventHub:
                     if fresh:
                         sub.last = fresh[-1].id.decode()
                         sub.queue.put_nowait(fresh)
+
+    async def _poll(self, streams: dict[str, str]) -> list[Any]:
+        """A Redis Cluster's round: what every followed stream has after its id, read without
+        blocking in one pipeline (one round trip per node); a round that found nothing then
+        waits a tick before it returns."""
+        started = time.monotonic()
+        await self.redis.initialize()  # a no-op unless a failure asked for a new slot map
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream, after in streams.items():
+                # The node named, so redis-py need not ask a server which key XREAD reads.
+                node = self.redis.get_node_from_key(stream)
+                pipe.execute_command(
+                    "XREAD", "COUNT", PAGE, "STREAMS", stream, after, target_nodes=node
+                )
+            replies = await pipe.execute()
+        resp = [stream for reply in replies if reply for stream in reply]
+        if not resp:
+            await asyncio.sleep(max(self.poll_ms / 1000, 4 * (time.monotonic() - started)))
+        return resp

@@ -6,23 +6,31 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import AsyncIterator
 from contextlib import suppress
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
 
-from gateway.auth import tenant
+from gateway.auth import run_answerer, run_reader, tenant
 from gateway.errors import PayloadTooLarge, error_response
-from gateway.hub import EventHub
+from gateway.hub import EventHub, RawEntry
 from gateway.sse import NDJSON, event_response
-from genx_ray.errors import InvalidTransition, UserError
-from genx_ray.runs import Run, RunStatus, RunStore
-from genx_ray.streams import START, check_event_id
+from gateway.tokens import READ, SCOPES, TokenSigner
+from genx_ray import keys
+from genx_ray.errors import InputInvalid, InvalidTransition, UserError
+from genx_ray.events import EventsTruncatedEvent, dumps
+from genx_ray.quotas import Quotas
+from genx_ray.runs import Run, RunStatus, RunStore, start_time
+from genx_ray.streams import START, before, check_event_id, resume_point
 from genx_ray.webhooks import notify
 from genx_ray.workflow import Registry
 
 MAX_WAIT_SECONDS = 300.0
+RUN_BODY_FIELDS = {"input", "start_at", "delay_seconds"}
+MAX_JSON_DEPTH = 64  # arrays and objects within each other in a request body
 
 router = APIRouter()
 
@@ -46,7 +54,15 @@ async def _registry(request: Request) -> Registry:
     return registry
 
 
-Tenant = Annotated[str, Depends(tenant)]
+async def _tokens(request: Request) -> TokenSigner:
+    signer: TokenSigner = request.app.state.tokens
+    return signer
+
+
+Tenant = Annotated[str, Depends(tenant)]  # an API key's tenant (or the one tenant, keys off)
+Reader = Annotated[str, Depends(run_reader)]  # the same, or a run token's for its own run
+Answerer = Annotated[str, Depends(run_answerer)]  # the same, or an answer token's for its run
+Tokens = Annotated[TokenSigner, Depends(_tokens)]
 Runs = Annotated[RunStore, Depends(_runs)]
 Hub = Annotated[EventHub, Depends(_hub)]
 Workflows = Annotated[Registry, Depends(_registry)]
@@ -83,6 +99,7 @@ async def start_run(
     runs: Runs,
     hub: Hub,
     registry: Workflows,
+    tokens: Tokens,
     wait: Annotated[float | None, Query(ge=0, le=MAX_WAIT_SECONDS)] = None,
     idempotency_key: Annotated[str | None, Header(max_length=256)] = None,
     accept: Annotated[str | None, Header()] = None,
@@ -91,28 +108,45 @@ async def start_run(
     body = await read_json(request, request.app.state.settings.max_body_bytes)
     if not isinstance(body, dict):
         raise UserError('the body must be a JSON object: {"input": ...}')
-    unknown = set(body) - {"input"}
+    unknown = set(body) - RUN_BODY_FIELDS
     if unknown:
-        raise UserError(f"unknown body field(s) {sorted(unknown)}; expected only 'input'")
+        raise UserError(
+            f"unknown body field(s) {sorted(unknown)}; expected {sorted(RUN_BODY_FIELDS)}"
+        )
     payload = wf.encode_input(body.get("input"))  # 422 on schema failure; nothing created
+    start_at = start_time(_rfc3339(body.get("start_at")), _seconds(body.get("delay_seconds")))
+    quotas: Quotas = request.app.state.quotas
     replayed = False
     if idempotency_key:
-        run, replayed = await runs.create_idempotent(name, payload, tenant=who, key=idempotency_key)
+        ikey = keys.idempotency(who, name, idempotency_key)
+        admitted = not await runs.redis.exists(ikey)  # a replay is no new run: not counted
+        if admitted:
+            await quotas.admit(who)  # 429 over quota: nothing created
+        run, replayed = await runs.create_idempotent(
+            name, payload, tenant=who, key=idempotency_key, start_at=start_at
+        )
+        if replayed and admitted:  # the same request, made twice at once
+            await quotas.refund(who)
     else:
-        run = await runs.create(name, payload, tenant=who, enqueue=True)
+        await quotas.admit(who)
+        run = await runs.create(name, payload, tenant=who, enqueue=True, start_at=start_at)
+    if not replayed:
+        await quotas.opened(who, run.id)
     headers = {"Location": f"/v1/runs/{run.id}"}
     if replayed:
         headers["Idempotent-Replayed"] = "true"
     if accept and "text/event-stream" in accept:
         return event_response(hub.stream(run.id, START), headers=headers)
-    if wait:
+    if wait and run.status is not RunStatus.SCHEDULED:  # a delayed run: no waiting for it
         run = await _wait_for_end(hub, runs, run, wait)
     status = 200 if run.status.terminal or replayed else 202
-    return JSONResponse(run_json(run), status_code=status, headers=headers)
+    # The creator's read-only pass for the run, to hand to a browser (CONTRACT.md section 5).
+    body = {**run_json(run), "stream_token": tokens.mint(run.id, who)[0]}
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 @router.get("/v1/runs/{run_id}", tags=["runs"])
-async def get_run(run_id: str, who: Tenant, runs: Runs) -> dict[str, Any]:
+async def get_run(run_id: str, who: Reader, runs: Runs) -> dict[str, Any]:
     return run_json(await runs.get(run_id, tenant=who))
 
 
@@ -134,18 +168,42 @@ async def list_runs(
 @router.get("/v1/runs/{run_id}/events", tags=["runs"])
 async def run_events(
     run_id: str,
-    who: Tenant,
+    who: Reader,
     runs: Runs,
     hub: Hub,
     after: Annotated[str | None, Query(max_length=48)] = None,
     last_event_id: Annotated[str | None, Header(max_length=48)] = None,
     accept: Annotated[str | None, Header()] = None,
 ) -> Response:
-    start = last_event_id or after
-    start = check_event_id(start) if start else START
-    await runs.get(run_id, tenant=who)  # 404 before any stream starts
+    for given in (after, last_event_id):  # each one given is checked, whichever is used
+        if given is not None:
+            check_event_id(given)
+    start = last_event_id or after or START
+    run = await runs.get(run_id, tenant=who)  # 404 before any stream starts
     ndjson = bool(accept and NDJSON in accept and "text/event-stream" not in accept)
-    return event_response(hub.stream(run_id, start), ndjson=ndjson)
+    point = await resume_point(runs.redis, run_id, start, ended=run.status.terminal)
+    if point.at_end:
+        return event_response(_nothing(), ndjson=ndjson)
+    batches = hub.stream(run_id, point.after)
+    if point.first_available is not None:
+        batches = _truncated(run_id, point.after, point.first_available, batches)
+    return event_response(batches, ndjson=ndjson)
+
+
+async def _nothing() -> AsyncIterator[list[RawEntry]]:
+    return
+    yield  # an async generator that yields nothing
+
+
+async def _truncated(
+    run_id: str, after: str, first: str, batches: AsyncIterator[list[RawEntry]]
+) -> AsyncIterator[list[RawEntry]]:
+    """The stream, after an ``events.truncated`` event saying what a reader resuming after
+    ``after`` missed (its id is just before the first event still stored)."""
+    event = EventsTruncatedEvent(run_id=run_id, after=after, first_available=first)
+    yield [RawEntry(before(first).encode(), event.type.encode(), dumps(event).encode())]
+    async for batch in batches:
+        yield batch
 
 
 @router.post("/v1/runs/{run_id}/cancel", tags=["runs"])
@@ -157,6 +215,64 @@ async def cancel_run(run_id: str, request: Request, who: Tenant, runs: Runs) -> 
         await notify(runs.redis, request.app.state.settings, run_id)  # it ends here, not in a host
     run = await runs.get(run_id, tenant=who)
     return JSONResponse(run_json(run), status_code=200 if run.status.terminal else 202)
+
+
+@router.post("/v1/runs/{run_id}/tokens", tags=["runs"])
+async def mint_token(
+    run_id: str, request: Request, who: Tenant, runs: Runs, tokens: Tokens
+) -> dict[str, Any]:
+    """A fresh run token for the run: body ``{"ttl": seconds, "scope": "read" | "answer"}``
+    (both optional: at most GENX_TOKEN_TTL, the default; ``read``, the default, reads the run,
+    ``answer`` also answers its input requests); returns ``{"token", "expires_at", "scope"}``."""
+    run = await runs.get(run_id, tenant=who)
+    body = await read_json(request, request.app.state.settings.max_body_bytes)
+    if not isinstance(body, dict) or set(body) - {"ttl", "scope"}:
+        raise UserError('the body must be a JSON object: {"ttl": seconds, "scope": ...} or {}')
+    ttl, scope = body.get("ttl"), body.get("scope", READ)
+    if ttl is not None:  # a JSON integer: 30 or 30.0, not "30" nor true nor 1.5
+        if isinstance(ttl, bool) or not isinstance(ttl, int | float) or ttl != int(ttl):
+            raise UserError(f"ttl must be a whole number of seconds from 1 to {tokens.ttl}")
+        ttl = int(ttl)
+        if not 1 <= ttl <= tokens.ttl:
+            raise UserError(f"ttl must be a whole number of seconds from 1 to {tokens.ttl}")
+    if scope not in SCOPES:
+        raise UserError(f"scope must be one of {list(SCOPES)}")
+    token, expires_at = tokens.mint(run.id, run.tenant, ttl, scope)
+    expires = datetime.fromtimestamp(expires_at, UTC).isoformat().replace("+00:00", "Z")
+    return {"token": token, "expires_at": expires, "scope": scope}  # the run object's format
+
+
+@router.post("/v1/runs/{run_id}/input", tags=["runs"])
+async def send_input(run_id: str, request: Request, who: Answerer, runs: Runs) -> dict[str, Any]:
+    """Answer a run waiting in ``wait_for_input``: body ``{"input": {...}}``, optionally with the
+    ``input_id`` of its ``input.requested`` event. ``422`` naming the field when the input does
+    not fit the schema it asked for, ``409`` when the run does not wait for input."""
+    body = await read_json(request, request.app.state.settings.max_body_bytes)
+    if not isinstance(body, dict) or "input" not in body:
+        raise UserError('the body must be a JSON object: {"input": ..., "input_id": optional}')
+    unknown = set(body) - {"input", "input_id"}
+    if unknown:
+        raise UserError(f"unknown body field(s) {sorted(unknown)}; expected 'input', 'input_id'")
+    input_id = body.get("input_id")
+    if input_id is not None and not isinstance(input_id, str):
+        raise UserError("input_id must be a string")
+    run = await runs.deliver_input(run_id, body["input"], input_id=input_id, tenant=who)
+    return run_json(run)
+
+
+def _rfc3339(value: Any) -> datetime | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        with suppress(ValueError):
+            return datetime.fromisoformat(value)
+    raise InputInvalid.field("start_at", "not an RFC 3339 time (e.g. 2026-01-31T09:00:00Z)")
+
+
+def _seconds(value: Any) -> float | None:
+    if value is None or (isinstance(value, int | float) and not isinstance(value, bool)):
+        return value
+    raise InputInvalid.field("delay_seconds", "not a number of seconds")
 
 
 async def read_json(request: Request, limit: int) -> Any:
@@ -172,10 +288,30 @@ async def read_json(request: Request, limit: int) -> Any:
     raw = b"".join(chunks)
     if not raw.strip():
         return {}
+    too_deep = UserError(f"the body nests deeper than {MAX_JSON_DEPTH} levels")
     try:
-        return json.loads(raw)
+        value = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"the body is not valid JSON: {exc}") from None
+    except RecursionError:  # far deeper than the limit
+        raise too_deep from None
+    if nesting(value) > MAX_JSON_DEPTH:
+        raise too_deep
+    return value
+
+
+def nesting(value: Any) -> int:
+    """How many arrays and objects deep JSON ``value`` nests (iteratively: measuring cannot
+    overflow the stack)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            stack.extend(
+                (child, depth + 1) for child in (item.values() if isinstance(item, dict) else item)
+            )
+    return deepest
 
 
 async def _wait_for_end(hub: EventHub, runs: RunStore, run: Run, seconds: float) -> Run:

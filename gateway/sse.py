@@ -4,6 +4,9 @@ Each batch of events (a page of a replay, or what arrived together) goes out as 
 event is decoded, parsed or serialized again: a frame is the stored JSON with its id and type
 around it. A quiet stream gets a keep-alive comment every ``PING_SECONDS`` (proxies close idle
 connections), and the stream starts with a ``retry:`` hint for EventSource clients.
+
+Each open stream counts in ``genx_sse_clients``; each event appended while its client was
+connected, once written, gives ``genx_sse_delivery_delay_seconds`` its append-to-write delay.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from collections.abc import AsyncIterator
 from starlette.responses import StreamingResponse
 
 from gateway.hub import RawEntry
+from genx_ray import metrics
 
 PING_SECONDS = 15.0
 RETRY_MS = 1000  # how soon an EventSource reconnects after a dropped connection
@@ -37,16 +41,20 @@ def ndjson_lines(batch: list[RawEntry]) -> bytes:
 
 
 async def _body(batches: AsyncIterator[list[RawEntry]], sse: bool) -> AsyncIterator[bytes]:
-    if sse:
-        yield f"retry: {RETRY_MS}\n\n".encode()
-    last_write = time.monotonic()
-    async for batch in batches:
-        if batch:
-            yield sse_frames(batch) if sse else ndjson_lines(batch)
-            last_write = time.monotonic()
-        elif sse and time.monotonic() - last_write >= PING_SECONDS:
-            yield b": ping\n\n"
-            last_write = time.monotonic()
+    with metrics.sse_client():
+        connected_ms = time.time() * 1000  # events appended before this are a replay
+        fmt = "sse" if sse else "ndjson"
+        if sse:
+            yield f"retry: {RETRY_MS}\n\n".encode()
+        last_write = time.monotonic()
+        async for batch in batches:
+            if batch:
+                yield sse_frames(batch) if sse else ndjson_lines(batch)
+                metrics.sse_delivered((e.id for e in batch), connected_ms, fmt)  # written now
+                last_write = time.monotonic()
+            elif sse and time.monotonic() - last_write >= PING_SECONDS:
+                yield b": ping\n\n"
+                last_write = time.monotonic()
 
 
 def event_response(

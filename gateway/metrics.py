@@ -1,0 +1,22 @@
+"""``GET /metrics``: the gateway's metrics in the Prometheus text format (:mod:`genx_ray.metrics`).
+
+Unauthenticated, like ``/healthz``: it tells counts by workflow, component and model, nothing of
+any run's content. The queue's gauges are read from Redis at each scrape.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from genx_ray import metrics
+
+router = APIRouter()
+
+
+@router.get("/metrics", tags=["ops"], response_class=Response)
+async def scrape(request: Request) -> Response:
+    depth, age = await metrics.queue_state(request.app.state.redis)
+    gauges = {"genx_queue_depth": depth, "genx_queue_oldest_age_seconds": age,
+              "genx_sse_clients": metrics.sse_clients()}  # fmt: skip
+    return Response(metrics.exposition(gauges), media_type=metrics.CONTENT_TYPE)
