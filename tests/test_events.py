@@ -32,6 +32,21 @@ EXAMPLES: dict[str, ev.BaseEvent] = {
         ev.RunSucceededEvent(run_id=RID, output={"report": "ok"}),
         ev.RunFailedEvent(run_id=RID, error=ERR),
         ev.RunCancelledEvent(run_id=RID, reason="user"),
+        ev.RunScheduledEvent(run_id=RID, workflow="wf", start_at=1795689293.5),
+        ev.RunWaitingEvent(run_id=RID, reason="input", until=1795689293.5, step=STEP),
+        ev.RunResumedEvent(run_id=RID, attempt=3, reason="input"),
+        ev.InputRequestedEvent(
+            run_id=RID,
+            input_id="inp_1",
+            input_schema={"type": "object"},
+            prompt="ok?",
+            deadline=1795689293.5,
+            step=STEP,
+        ),
+        ev.InputReceivedEvent(run_id=RID, input_id="inp_1", input={"ok": True}, step=STEP),
+        ev.ChildStartedEvent(run_id=RID, child_id="run_CHILD", workflow="wf", step=STEP),
+        ev.ChildFinishedEvent(run_id=RID, child_id="run_CHILD", status="succeeded", step=STEP),
+        ev.EventsTruncatedEvent(run_id=RID, after="1-0", first_available="9-0"),
     )
 }
 # What CONTRACT.md section 4 names, at least.

@@ -12,6 +12,8 @@ PINNED = [
     "Component", "GenxError", "NonRetryable", "RetryAfter", "RetryPolicy", "RunCancelled",
     "RunFailed", "RunHandle", "StepError", "StepTimeout", "UserError", "Workflow",
     "component", "publish", "registry", "run", "start", "workflow",
+    # durable waits (CONTRACT.md section 5)
+    "wait_for_input", "InputTimeout", "sleep", "sleep_until",
 ]  # fmt: skip
 
 

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from genx_ray import keys
+from genx_ray.ids import RunId, new_run_id
 from genx_ray.lease import Leases
 from genx_ray.runs import RunStatus, RunStore
 from genx_ray.settings import Settings
@@ -64,7 +65,7 @@ async def test_a_live_lease_is_left_alone(redis: Any, runs: RunStore, redis_url:
 
 
 async def test_the_attempt_cap_fails_the_run_with_the_reason(redis: Any, runs: RunStore) -> None:
-    run_id = await _orphan(runs, redis, attempt=3)
+    run_id = await _orphan(runs, redis, attempt=5, lost="2")  # two lost before (and a wait)
     assert await Supervisor(redis, SETTINGS)._check(run_id) == "failed"
     run = await runs.get(run_id)
     assert run.status is RunStatus.FAILED and run.error is not None
@@ -130,10 +131,15 @@ async def test_the_runs_of_a_dead_worker_that_shared_their_fate_restart_at_once(
 
 
 async def test_expired_runs_leave_the_run_indexes(redis: Any, runs: RunStore) -> None:
-    kept = await runs.create("trim", None, tenant="trimmer")
-    gone = [await runs.create("trim", None, tenant="trimmer") for _ in range(3)]
+    def old(minutes: float) -> RunId:
+        return new_run_id(time.time() - 60 * minutes)
+
+    kept = await runs.create("trim", None, tenant="trimmer", run_id=old(10))
+    gone = [await runs.create("trim", None, tenant="trimmer", run_id=old(5)) for _ in range(3)]
     await redis.delete(*(keys.run(r.id) for r in gone))  # as if past their retention
+    young = await runs.create("trim", None, tenant="trimmer")  # indexed, not created yet:
+    await redis.delete(keys.run(young.id))  # a create in flight must keep its index entry
     removed = await Supervisor(redis, SETTINGS).trim_indexes(batch=2)
     assert removed >= 6  # from the tenant's index and its workflow's
     for index in (keys.run_index("trimmer"), keys.run_index("trimmer", "trim")):
-        assert await redis.zrange(index, 0, -1) == [kept.id]
+        assert await redis.zrange(index, 0, -1) == [kept.id, young.id]

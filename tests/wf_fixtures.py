@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
-from genx_ray import component, publish, workflow
+from pydantic import BaseModel
+
+from genx_ray import InputTimeout, component, publish, sleep, wait_for_input, workflow
 
 
 @component
@@ -61,3 +64,39 @@ async def phases(n: int = 10, delay: float = 0.2) -> int:
         total += await work(i, delay)
         publish("phase", {"i": i})
     return total
+
+
+class Decision(BaseModel):
+    approve: bool
+    comment: str = ""
+
+
+@workflow(name="review")
+async def review(n: int = 3, deadline: float | None = None) -> dict[str, Any]:
+    """n steps, then a person's decision (None past the deadline)."""
+    for i in range(n):
+        await work(i, 0.05)
+        publish("phase", {"i": i})
+    try:
+        decision = await wait_for_input(Decision, timeout=deadline, prompt="approve?")
+    except InputTimeout:
+        return {"decision": None}
+    return {"decision": decision.model_dump(), "after": await work(n, 0)}
+
+
+@workflow(name="napper")
+async def napper(seconds: float = 3.0) -> str:
+    """One step, a durable sleep, one step."""
+    await work(0, 0)
+    publish("phase", {"i": 0})
+    await sleep(seconds)
+    await work(1, 0)
+    return "awake"
+
+
+@workflow(name="family")
+async def family(children: int = 2, n: int = 10, delay: float = 0.2) -> list[int]:
+    """Start ``children`` runs of ``phases`` at once, then wait for each."""
+    kids = [await phases.start_child(n=n, delay=delay) for _ in range(children)]
+    publish("phase", {"i": 0})
+    return [await kid.result() for kid in kids]

@@ -27,7 +27,8 @@ async def test_workflows_and_openapi_show_schemas(api: httpx.AsyncClient) -> Non
     assert wfs["echo"]["input_schema"]["required"] == ["text"]
     assert wfs["echo"]["output_schema"] == {"type": "string"}
     spec = (await api.get("/openapi.json")).json()
-    assert "/v1/workflows/{name}/runs" in spec["paths"]
+    start = spec["paths"]["/v1/workflows/echo/runs"]["post"]  # a route of its own per workflow
+    assert start["operationId"] == "start_echo"
     assert (await api.get("/healthz")).json()["status"] == "ok"
 
 
@@ -39,7 +40,8 @@ async def test_async_start_then_full_replay(api: httpx.AsyncClient) -> None:
     assert resp.headers["location"] == f"/v1/runs/{run['id']}"
     assert set(run) == {"id", "workflow", "status", "input", "output", "error", "attempt",
                         "created_at", "started_at", "finished_at", "cancel_requested", "usage",
-                        "usage_by_model"}  # fmt: skip
+                        "usage_by_model", "parent_id", "start_at", "schedule_id", "waiting",
+                        "trace_id", "stream_token"}  # fmt: skip
     frames = await _events(api, run["id"])
     assert [f["event"] for f in frames] == [
         "run.queued", "run.started", "step.started", "step.completed", "run.succeeded",

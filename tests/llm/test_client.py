@@ -309,20 +309,16 @@ async def test_a_span_per_call_with_genai_attributes(sim: Sim) -> None:
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    from genx_ray.llm import transport
+    from genx_ray import tracing
 
-    monkey_tracer = provider.get_tracer("test")
-    original = transport.tracer
-    transport.tracer = monkey_tracer
-    try:
+    with tracing.override(provider):
         await AsyncOpenAI().chat.completions.create(model="gpt-4o-mini", messages=_msg("span me"))
-    finally:
-        transport.tracer = original
     (span,) = exporter.get_finished_spans()
     attrs: dict[str, Any] = dict(span.attributes or {})
     assert span.name == "chat gpt-4o-mini" and span.kind is trace.SpanKind.CLIENT
     assert attrs["gen_ai.system"] == "openai" and attrs["gen_ai.request.model"] == "gpt-4o-mini"
     assert attrs["gen_ai.usage.input_tokens"] == 2 and attrs["gen_ai.usage.output_tokens"] == 3
+    assert attrs["gen_ai.response.finish_reasons"] == ("stop",)
 
 
 def test_no_api_key_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

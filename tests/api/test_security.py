@@ -1,0 +1,193 @@
+"""What an attacker tries, and what a careless client sends: tenants cannot meet through names,
+malformed bodies and event ids get clear 4xx (never a 500), a resumed stream always ends with the
+terminal event, and a 405 says what is allowed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from typing import Any
+
+import httpx
+import pytest
+
+from genx_ray import keys
+from genx_ray.errors import ConfigError
+from genx_ray.settings import Settings
+
+from .conftest import ApiFactory, sse
+
+
+@pytest.mark.parametrize(
+    "tenant", ["acme:wf:eu", "a{b}", "acme/eu", "ac me", "é", "x" * 65, "acme%3Awf", ""]
+)
+def test_a_tenant_name_outside_the_safe_set_is_refused_at_start(tenant: str) -> None:
+    with pytest.raises(ConfigError, match="GENX_API_KEYS") as caught:
+        Settings.from_env({"GENX_API_KEYS": f"kA:acme,secret-key-B:{tenant}"})
+    assert "secret-key-B" not in str(caught.value)  # a key is never repeated in an error
+
+
+def test_one_key_for_two_tenants_is_refused() -> None:
+    with pytest.raises(ConfigError, match="two tenants"):
+        Settings.from_env({"GENX_API_KEYS": "k:acme,k:globex"})
+
+
+async def test_tenants_whose_names_look_alike_never_see_each_others_runs(
+    make_api: ApiFactory,
+) -> None:
+    base = f"acme{secrets.token_hex(3)}"  # no other test's runs under these names
+    names = {"ka": base, "kb": f"{base}.wf", "kc": f"{base}-wf"}
+    async with make_api(GENX_API_KEYS=",".join(f"{k}:{t}" for k, t in names.items())) as api:
+        heads = {t: {"Authorization": f"Bearer {k}"} for k, t in names.items()}
+        made = {}
+        for tenant, head in heads.items():
+            resp = await api.post("/v1/workflows/echo/runs?wait=10", headers=head,
+                                  json={"input": {"text": tenant}},)  # fmt: skip
+            made[tenant] = resp.json()["id"]
+            again = await api.post("/v1/workflows/echo/runs", headers={**head, "Idempotency-Key": "k:1"},
+                                   json={"input": {"text": tenant}})  # fmt: skip
+            assert again.status_code == 202  # one idempotency key, three tenants: three runs
+        for tenant, head in heads.items():
+            for params in ({}, {"workflow": "echo"}, {"workflow": "wf"}, {"status": "succeeded"}):
+                listed = (await api.get("/v1/runs", params=params, headers=head)).json()["runs"]
+                assert all(r["input"]["text"] == tenant for r in listed), (tenant, params)
+            for other, run_id in made.items():
+                if other != tenant:
+                    assert (await api.get(f"/v1/runs/{run_id}", headers=head)).status_code == 404
+
+
+async def test_a_deeply_nested_body_is_400_and_creates_nothing(api: httpx.AsyncClient) -> None:
+    before = len((await api.get("/v1/runs", params={"limit": 500})).json()["runs"])
+    for depth in (65, 100_000):
+        body = '{"input": {"text": "a", "x": ' + "[" * depth + "]" * depth + "}}"
+        resp = await api.post("/v1/workflows/echo/runs", content=body)
+        assert resp.status_code == 400, resp.text[:300]
+        assert resp.json()["error"] == {
+            "code": "invalid_request", "message": "the body nests deeper than 64 levels",
+        }  # fmt: skip
+    ok = '{"input": {"text": ' + "[" * 10 + '"a"' + "]" * 10 + "}}"  # deep enough, bad input
+    assert (await api.post("/v1/workflows/echo/runs", content=ok)).status_code == 422
+    assert len((await api.get("/v1/runs", params={"limit": 500})).json()["runs"]) == before
+
+
+@pytest.mark.parametrize(
+    ("header", "query"),
+    [
+        ("99999999999999999999-0", None),  # over 2**64: Redis refuses it
+        ("1-99999999999999999999", None),
+        (None, "1\n"),
+        (None, "1-2-3"),
+        ("-1", None),
+        (None, "abc"),
+    ],
+)
+async def test_an_event_id_redis_would_refuse_is_400_naming_it(
+    api: httpx.AsyncClient, header: str | None, query: str | None
+) -> None:
+    run = (await api.post("/v1/workflows/echo/runs?wait=10", json={"input": {"text": "a"}})).json()
+    resp = await api.get(
+        f"/v1/runs/{run['id']}/events",
+        headers={"Last-Event-ID": header} if header else {},
+        params={"after": query} if query else {},
+    )
+    assert resp.status_code == 400 and resp.json()["error"]["code"] == "invalid_request"
+    assert "malformed event id" in resp.json()["error"]["message"]
+
+
+async def test_an_id_past_the_end_still_gets_the_later_events_and_the_end(
+    api: httpx.AsyncClient,
+) -> None:
+    future = "99999999999999-0"
+    running = (await api.post("/v1/workflows/ticker/runs",
+                              json={"input": {"n": 5, "delay": 0.2}})).json()  # fmt: skip
+    await asyncio.sleep(0.3)
+    resp = await asyncio.wait_for(
+        api.get(f"/v1/runs/{running['id']}/events", headers={"Last-Event-ID": future}), 20
+    )
+    frames = sse(resp.text)
+    assert frames and frames[-1]["event"] == "run.succeeded"  # the live events, then the end
+    full = sse((await api.get(f"/v1/runs/{running['id']}/events")).text)
+    assert [f["id"] for f in frames] == [f["id"] for f in full][-len(frames) :]
+    ended = {future: ["run.succeeded"], full[-1]["id"]: []}  # the end again, or all was seen
+    for after, expected in ended.items():  # a finished run: at once
+        resp = await asyncio.wait_for(
+            api.get(f"/v1/runs/{running['id']}/events", params={"after": after}), 2
+        )
+        assert resp.status_code == 200 and [f["event"] for f in sse(resp.text)] == expected
+
+
+async def test_a_reader_resuming_into_a_trimmed_stream_is_told_what_it_missed(
+    api: httpx.AsyncClient, redis: Any
+) -> None:
+    run = (await api.post("/v1/workflows/ticker/runs?wait=20", json={"input": {"n": 20}})).json()
+    full = sse((await api.get(f"/v1/runs/{run['id']}/events")).text)
+    seen = full[3]["id"]
+    await redis.xtrim(keys.events(run["id"]), maxlen=10, approximate=False)  # as MAXLEN does
+    resp = await api.get(f"/v1/runs/{run['id']}/events", headers={"Last-Event-ID": seen})
+    frames = sse(resp.text)
+    assert frames[0]["event"] == "events.truncated"
+    assert frames[0]["data"] == {
+        "type": "events.truncated", "run_id": run["id"], "ts": frames[0]["data"]["ts"],
+        "after": seen, "first_available": full[-10]["id"],
+    }  # fmt: skip
+    assert [f["id"] for f in frames[1:]] == [f["id"] for f in full[-10:]]
+    assert frames[0]["id"] < full[-10]["id"] or len(frames[0]["id"]) < len(full[-10]["id"])
+    ndjson = await api.get(f"/v1/runs/{run['id']}/events", params={"after": seen},
+                           headers={"Accept": "application/x-ndjson"})  # fmt: skip
+    assert json.loads(ndjson.text.splitlines()[0])["type"] == "events.truncated"
+    after_cut = await api.get(f"/v1/runs/{run['id']}/events", params={"after": full[-10]["id"]})
+    assert "events.truncated" not in after_cut.text  # nothing missed from there
+
+
+async def test_a_wrong_method_is_405_with_allow(api: httpx.AsyncClient) -> None:
+    resp = await api.delete("/v1/workflows")
+    assert resp.status_code == 405 and resp.headers["allow"] == "GET"
+    assert resp.json()["error"]["code"] == "method_not_allowed"
+    resp = await api.put("/v1/schedules")
+    assert resp.status_code == 405 and set(resp.headers["allow"].split(", ")) == {"GET", "POST"}
+
+
+async def test_a_tenant_over_its_quota_gets_429_with_retry_after_and_nothing_is_created(
+    make_api: ApiFactory,
+) -> None:
+    limits = json.dumps({"*": {"runs_per_minute": 3}, "acme": {"running": 2}})
+    async with make_api(GENX_API_KEYS="ka:acme,kb:globex,kc:initech",
+                        GENX_TENANT_LIMITS=limits) as api:  # fmt: skip
+        b, c = {"Authorization": "Bearer kb"}, {"Authorization": "Bearer kc"}
+        body = {"input": {"text": "x"}}
+        made = [await api.post("/v1/workflows/echo/runs", json=body, headers=b) for _ in range(3)]
+        assert [r.status_code for r in made] == [202, 202, 202]  # the minute's burst
+        over = await api.post("/v1/workflows/echo/runs", json=body, headers=b)
+        assert over.status_code == 429 and over.json()["error"]["code"] == "quota_exceeded"
+        assert 1 <= int(over.headers["retry-after"]) <= 20  # a token back in 20 s (3 a minute)
+        listed = (await api.get("/v1/runs", headers=b)).json()["runs"]
+        assert len(listed) == 3  # nothing created by the refused request
+        replay = await api.post("/v1/workflows/echo/runs", json=body,
+                                headers={**b, "Idempotency-Key": "k1"})  # fmt: skip
+        assert replay.status_code == 429  # a new run, over the rate
+        assert (await api.post("/v1/workflows/echo/runs", json=body, headers=c)).status_code == 202
+
+        # acme: at most two runs in progress (the rate limit does not apply to it)
+        a = {"Authorization": "Bearer ka"}
+        slow = {"input": {"n": 1}}  # review runs wait for input: in progress until answered
+        first = [
+            await api.post("/v1/workflows/review/runs", json=slow, headers=a) for _ in range(2)
+        ]
+        assert [r.status_code for r in first] == [202, 202]
+        full = await api.post("/v1/workflows/review/runs", json=slow, headers=a)
+        assert full.status_code == 429 and int(full.headers["retry-after"]) >= 1
+        assert "2 runs in progress" in full.json()["error"]["message"]
+        cancelled = await api.post(f"/v1/runs/{first[0].json()['id']}/cancel", headers=a)
+        assert cancelled.json()["status"] == "cancelled"
+        again = await api.post("/v1/workflows/review/runs", json=slow, headers=a)
+        assert again.status_code == 202  # one finished: room for one more
+        for run in (first[1].json(), again.json()):
+            await api.post(f"/v1/runs/{run['id']}/cancel", headers=a)
+
+
+def test_tenant_limits_that_make_no_sense_are_refused_at_start() -> None:
+    for bad in ('{"*": {"rpm": 3}}', '{"acme:x": {"running": 1}}', '{"*": {"running": 0}}',
+                "[1]", "nope"):  # fmt: skip
+        with pytest.raises(ConfigError, match="GENX_TENANT_LIMITS"):
+            Settings.from_env({"GENX_TENANT_LIMITS": bad})
