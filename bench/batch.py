@@ -154,8 +154,10 @@ def scenario(
         wall = statistics.median(walls[path])
         out[path] = wall
         per_call = {r: v / n * 1e3 for r, v in cpu[path].items() if v > 0.01}
-        print(f"    {label:44s} {wall:6.2f} s  x{wall / base:.2f} plain  x{wall / ideal:.2f}"
-              f" ideal   CPU ms/call: " + ", ".join(f"{r} {v:.2f}" for r, v in per_call.items()))
+        print(
+            f"    {label:44s} {wall:6.2f} s  x{wall / base:.2f} plain  x{wall / ideal:.2f}"
+            f" ideal   CPU ms/call: " + ", ".join(f"{r} {v:.2f}" for r, v in per_call.items())
+        )
     return out
 
 
