@@ -15,6 +15,7 @@ import httpx
 from pydantic import BaseModel, Field
 
 from genx_ray import RetryPolicy, StepError, UserError, component, publish, workflow
+from genx_ray.examples import fetching
 
 MAX_PAGE_BYTES = 256 * 1024
 QUESTIONS = (
@@ -30,12 +31,27 @@ QUESTIONS = (
 )  # fmt: skip
 
 
+MAX_PAGES = 100  # a run makes at most MAX_PAGES * (1 + len(QUESTIONS)) + 1 LLM calls: 2,101
+
+
 class OnboardInput(BaseModel):
-    url: str | None = Field(default=None, description="the site; default: the sample site")
-    max_pages: int = Field(default=20, ge=1, le=500)
-    questions_per_page: int = Field(default=20, ge=0, le=len(QUESTIONS))
-    concurrency: int = Field(default=32, ge=1, le=256)
-    model: str = "gpt-4o-mini"
+    url: str | None = Field(
+        default=None,
+        max_length=2048,
+        pattern=r"^https?://",
+        description="The site (http or https; public addresses only, every redirect checked, "
+        "unless the server sets GENX_ALLOW_PRIVATE_URLS=1). Default: the sample site.",
+    )
+    max_pages: int = Field(default=20, ge=1, le=MAX_PAGES, description="pages crawled, at most")
+    questions_per_page: int = Field(
+        default=20,
+        ge=0,
+        le=len(QUESTIONS),
+        description="enrichment LLM calls per page: a run makes at most "
+        f"{MAX_PAGES * (1 + len(QUESTIONS)) + 1} LLM calls",
+    )
+    concurrency: int = Field(default=32, ge=1, le=256, description="LLM calls at once, at most")
+    model: str = Field(default="gpt-4o-mini", max_length=100)
 
 
 class Page(BaseModel):
@@ -103,16 +119,18 @@ def llm() -> object:
 
 @component(retry=RetryPolicy(max_attempts=3, initial_interval=0.5), timeout=30)
 async def fetch_page(url: str) -> Page:
-    """Fetch and parse one page (HTML only, at most MAX_PAGE_BYTES)."""
-    async with httpx.AsyncClient(timeout=10, follow_redirects=True) as http:
-        response = await http.get(url)
+    """Fetch and parse one page (HTML only, at most MAX_PAGE_BYTES; public addresses only, see
+    :mod:`genx_ray.examples.fetching`)."""
+    async with httpx.AsyncClient(timeout=10) as http:
+        response = await fetching.get(http, url, trusted=sample_origins())
         response.raise_for_status()
         if "html" not in response.headers.get("content-type", "html"):
             return Page(url=url, title="", text="", links=[])
         html = response.content[:MAX_PAGE_BYTES].decode(response.encoding or "utf-8", "replace")
     parser = _Html()
     parser.feed(html)
-    links = [urldefrag(urljoin(url, href))[0] for href in parser.links]
+    base = fetching.final_url(response)  # where a redirect led: links are relative to it
+    links = [urldefrag(urljoin(base, href))[0] for href in parser.links]
     return Page(url=url, title=parser.title, text=" ".join(parser.text)[:4000], links=links)
 
 
@@ -172,12 +190,21 @@ async def write_up(facts: list[PageFacts], model: str):  # type: ignore[no-untyp
             yield chunk.choices[0].delta.content
 
 
-def default_site() -> str:
+def sample_origins() -> frozenset[str]:
+    """The sample site's origin (the simulator's, from the operator's ``OPENAI_BASE_URL``): the
+    one private address a request may have crawled without GENX_ALLOW_PRIVATE_URLS."""
     base = os.environ.get("OPENAI_BASE_URL")
     if not base:
-        raise UserError("no url given, and no simulator to crawl (run under `genx dev`)")
+        return frozenset()
     parsed = urlparse(base)
-    return f"{parsed.scheme}://{parsed.netloc}/site/index.html"
+    return frozenset({f"{parsed.scheme}://{parsed.netloc}"})
+
+
+def default_site() -> str:
+    origins = sample_origins()
+    if not origins:
+        raise UserError("no url given, and no simulator to crawl (run under `genx dev`)")
+    return f"{next(iter(origins))}/site/index.html"
 
 
 @workflow(name="onboard")
