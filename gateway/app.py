@@ -9,7 +9,6 @@ through CORS when ``GENX_CORS_ORIGINS`` names them (no CORS at all otherwise).
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -19,7 +18,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from gateway import errors, metrics, openapi, schedules, ui
 from gateway.hub import EventHub
 from gateway.routes import router
-from gateway.tokens import REDACT_TOKENS, TokenSigner, shared_secret
+from gateway.tokens import TokenSigner, shared_secret
 from gateway.tracing import TraceRequests
 from genx_ray import __version__, tracing
 from genx_ray.connections import async_redis, ping
@@ -94,8 +93,4 @@ def create_app(
         )
     if tracing.enabled():
         app.add_middleware(TraceRequests)  # a span per request: a run's trace starts there
-    # uvicorn's access log (off at the gateway's log level, on in many deployments) writes each
-    # request's path and query: a ?token= must not reach it.
-    for name in ("uvicorn.access", "uvicorn.error"):
-        logging.getLogger(name).addFilter(REDACT_TOKENS)
     return app

@@ -16,7 +16,7 @@ What must stay true:
   created once with SET NX, never expired): replicas and restarted gateways share it. (A Redis
   that loses its data loses that secret too, and with it every token minted so far; set
   ``GENX_TOKEN_SECRET`` where tokens must outlive that.)
-- A token never reaches a log: :class:`RedactTokens` masks them in the server's log records, and
+- A token never reaches a log: :mod:`genx_ray.redaction` masks them in the server's log records, and
   no error message repeats one.
 
 Everything here but :func:`shared_secret` is a pure function of its arguments.
@@ -148,30 +148,3 @@ async def shared_secret(client: Any, configured: str | None) -> bytes:
         value = await client.get(keys.TOKEN_SECRET)
         if value is not None:
             return value.encode() if isinstance(value, str) else bytes(value)
-
-
-# A token as a query value (?token=...) or anywhere else in a line (a bearer credential).
-_TOKEN_QUERY = re.compile(r"(?<=[?&]token=)[^&\s\"']+")
-_TOKEN_ANYWHERE = re.compile(re.escape(PREFIX) + r"[A-Za-z0-9_.-]*")
-REDACTED = "[redacted]"
-
-
-def redact(text: str) -> str:
-    """``text`` with every run token (and every ``token=`` query value) masked."""
-    return _TOKEN_ANYWHERE.sub(REDACTED, _TOKEN_QUERY.sub(REDACTED, text))
-
-
-class RedactTokens(logging.Filter):
-    """Masks run tokens in a logger's records (uvicorn's access log puts the request's path and
-    query in ``args``); keeps every record."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple) and record.args:
-            # The format string stays as it is: masking a "token=%s" in it would break it.
-            record.args = tuple(redact(a) if isinstance(a, str) else a for a in record.args)
-        elif isinstance(record.msg, str):
-            record.msg = redact(record.msg)
-        return True
-
-
-REDACT_TOKENS = RedactTokens()  # one instance: adding it to a logger twice is a no-op

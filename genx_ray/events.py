@@ -12,7 +12,9 @@ import time
 import traceback as tb
 from typing import Annotated, Any, ClassVar, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter, field_validator
+
+from genx_ray.redaction import redact
 
 
 class StepRef(BaseModel):
@@ -37,6 +39,12 @@ class ErrorInfo(BaseModel):
             # The last frames are the useful ones; a whole traceback bloats every replay.
             trace = "".join(tb.format_exception(exc, limit=-6))[-4000:]
         return cls(type=type(exc).__name__, message=str(exc)[:2000], traceback=trace)
+
+    @field_validator("message", "traceback")
+    @classmethod
+    def _no_secrets(cls, text: str | None) -> str | None:
+        """An error's text never carries a secret (an API key or a token it quotes)."""
+        return redact(text) if text else text
 
 
 class MapProgress(BaseModel):

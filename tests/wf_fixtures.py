@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 from typing import Any
 
 from pydantic import BaseModel
 
-from genx_ray import InputTimeout, component, publish, sleep, wait_for_input, workflow
+from genx_ray import InputTimeout, RetryPolicy, component, publish, sleep, wait_for_input, workflow
 
 
 @component
@@ -100,3 +102,19 @@ async def family(children: int = 2, n: int = 10, delay: float = 0.2) -> list[int
     kids = [await phases.start_child(n=n, delay=delay) for _ in range(children)]
     publish("phase", {"i": 0})
     return [await kid.result() for kid in kids]
+
+
+@workflow(name="leaky")
+async def leaky(step_fails: bool = True) -> str:
+    """Code that quotes a secret where it must not go: in a log line, and in the error a step
+    raises (retried, then failing the run). Both are masked."""
+    key = os.environ.get("OPENAI_API_KEY", "")
+    logging.getLogger("genx_ray.wf").warning("calling the provider with key %s", key)
+    if step_fails:
+        await tell(f"401 from the provider: key {key} refused")
+    return "never"
+
+
+@component(retry=RetryPolicy(max_attempts=2, initial_interval=0.01))
+async def tell(message: str) -> None:
+    raise PermissionError(message)

@@ -16,8 +16,9 @@ import httpx
 import pytest
 
 from gateway.errors import TokenExpired, TokenInvalid
-from gateway.tokens import REDACTED, mint, redact, verify
+from gateway.tokens import mint, verify
 from genx_ray import keys
+from genx_ray.redaction import REDACTED, redact
 
 from .conftest import ApiFactory, sse
 
