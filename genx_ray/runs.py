@@ -459,6 +459,8 @@ class RunStore:
     ) -> Sequence[Claimed | Exception]:
         """:meth:`claim` for many runs in one pipeline: each claim's run and journal, or why it
         was not this attempt's to run."""
+        if not claims:  # every entry was a duplicate delivery
+            return []
         lease_ms = "" if lease_seconds is None else int(lease_seconds * 1000)
         calls: builtins.list[lua.Call] = [
             (lua.CLAIM, [*keys.run_keys(c.run_id), keys.lease(c.run_id)],
