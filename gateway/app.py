@@ -17,6 +17,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from gateway import errors, metrics, openapi, schedules, ui
 from gateway.hub import EventHub
+from gateway.outage import RedisOutage
 from gateway.routes import router
 from gateway.tokens import TokenSigner, shared_secret
 from gateway.tracing import TraceRequests
@@ -55,12 +56,15 @@ def create_app(
         secret = await shared_secret(client, settings.token_secret)
         app.state.tokens = TokenSigner(secret, settings.token_ttl)
         raw = async_redis(url, decode=False)  # the hub passes stored events on as bytes
+        app.state.outage = outage = RedisOutage(client)
         app.state.hub = hub = EventHub(raw)
+        hub.outage = outage  # one log line per outage, whoever meets it first
         await hub.start()
         try:
             yield
         finally:
             await hub.stop()
+            await outage.close()
             await raw.aclose()
             await client.aclose()
 

@@ -7,6 +7,9 @@
     └── TokenNotAllowed        a run token where only an API key is accepted
     PayloadTooLarge (413)      a body over GENX_MAX_BODY_BYTES
 
+and Redis unreachable anywhere in a request: 503 ``redis_unavailable`` with ``Retry-After``
+(:mod:`gateway.outage`).
+
 No message here ever repeats a credential: errors are returned to anyone and may be logged.
 """
 
@@ -21,6 +24,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
+from gateway.outage import REDIS_DOWN, RETRY_AFTER_SECONDS
 from genx_ray.errors import GenxError, QuotaExceeded, UserError
 
 log = logging.getLogger("gateway")
@@ -74,6 +78,15 @@ def install(app: FastAPI) -> None:
         if isinstance(exc, QuotaExceeded):
             response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
         return response
+
+    async def redis_down(request: Request, exc: Exception) -> JSONResponse:
+        request.app.state.outage.failed(exc)  # one log line per outage, not per request
+        response = error_response(503, "redis_unavailable", "Redis is unavailable: retry shortly")
+        response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+        return response
+
+    for kind in REDIS_DOWN:
+        app.add_exception_handler(kind, redis_down)
 
     @app.exception_handler(RequestValidationError)
     async def malformed(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -33,6 +33,7 @@ from typing import Any, cast
 from genx_ray import keys
 from genx_ray.connections import is_cluster
 from genx_ray.events import TERMINAL_TYPES
+from genx_ray.outage import OutageLog
 from genx_ray.status import TERMINAL
 from genx_ray.streams import id_key
 
@@ -82,6 +83,7 @@ class EventHub:
     ) -> None:
         """``client``: a Redis client that does not decode replies (bytes in, bytes out)."""
         self.redis = client
+        self.outage: OutageLog = OutageLog("event hub", log)  # the app gives its own
         self.cluster = is_cluster(client)
         # A Redis Cluster: how long a round of reads that found nothing waits before the next.
         self.poll_ms = poll_ms
@@ -177,9 +179,10 @@ class EventHub:
                         await self.redis.xread(streams, count=PAGE, block=self.block_ms),
                     )
             except Exception as exc:
-                log.warning("event hub: XREAD failed (%s); retrying", exc)
+                self.outage.failed(exc)
                 await asyncio.sleep(0.5)
                 continue
+            self.outage.ok()
             for stream, raw in resp or ():
                 entries = raw_entries(raw)
                 keyed = [(id_key(e.id.decode()), e) for e in entries]

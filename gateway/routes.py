@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from gateway.auth import run_answerer, run_reader, tenant
 from gateway.errors import PayloadTooLarge, error_response
 from gateway.hub import EventHub, RawEntry
+from gateway.outage import RETRY_AFTER_SECONDS
 from gateway.sse import NDJSON, event_response
 from gateway.tokens import READ, SCOPES, TokenSigner
 from genx_ray import keys
@@ -77,7 +78,10 @@ async def healthz(request: Request, hub: Hub) -> JSONResponse:
     try:
         await request.app.state.redis.ping()
     except Exception as exc:
-        return error_response(503, "redis_unavailable", str(exc))
+        request.app.state.outage.failed(exc)
+        response = error_response(503, "redis_unavailable", str(exc))
+        response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+        return response
     return JSONResponse({"status": "ok", "followers": hub.followers})
 
 

@@ -3,7 +3,8 @@
 Each batch of events (a page of a replay, or what arrived together) goes out as one write, and no
 event is decoded, parsed or serialized again: a frame is the stored JSON with its id and type
 around it. A quiet stream gets a keep-alive comment every ``PING_SECONDS`` (proxies close idle
-connections), and the stream starts with a ``retry:`` hint for EventSource clients.
+connections), and the stream starts with a ``retry:`` hint for EventSource clients. A stream that
+loses Redis ends cleanly, after a longer ``retry:`` hint (:mod:`gateway.outage`).
 
 Each open stream counts in ``genx_sse_clients``; each event appended while its client was
 connected, once written, gives ``genx_sse_delivery_delay_seconds`` its append-to-write delay.
@@ -17,6 +18,7 @@ from collections.abc import AsyncIterator
 from starlette.responses import StreamingResponse
 
 from gateway.hub import RawEntry
+from gateway.outage import REDIS_DOWN, RETRY_AFTER_SECONDS
 from genx_ray import metrics
 
 PING_SECONDS = 15.0
@@ -47,14 +49,20 @@ async def _body(batches: AsyncIterator[list[RawEntry]], sse: bool) -> AsyncItera
         if sse:
             yield f"retry: {RETRY_MS}\n\n".encode()
         last_write = time.monotonic()
-        async for batch in batches:
-            if batch:
-                yield sse_frames(batch) if sse else ndjson_lines(batch)
-                metrics.sse_delivered((e.id for e in batch), connected_ms, fmt)  # written now
-                last_write = time.monotonic()
-            elif sse and time.monotonic() - last_write >= PING_SECONDS:
-                yield b": ping\n\n"
-                last_write = time.monotonic()
+        try:
+            async for batch in batches:
+                if batch:
+                    yield sse_frames(batch) if sse else ndjson_lines(batch)
+                    metrics.sse_delivered((e.id for e in batch), connected_ms, fmt)  # written now
+                    last_write = time.monotonic()
+                elif sse and time.monotonic() - last_write >= PING_SECONDS:
+                    yield b": ping\n\n"
+                    last_write = time.monotonic()
+        except REDIS_DOWN:
+            # Redis went away: end the stream cleanly (a whole response, not a cut one), and
+            # tell an EventSource to come back a little later, resuming after its last id.
+            if sse:
+                yield f"retry: {RETRY_AFTER_SECONDS * 1000}\n: redis unavailable\n\n".encode()
 
 
 def event_response(

@@ -116,9 +116,15 @@ class EmbeddedRedis:
 
     def restart(self, down_for: float = 0.0) -> None:
         """Stop the server and start it again on the same port and data directory."""
-        self._terminate()
+        self.down()
         time.sleep(down_for)
         self.start()
+
+    def down(self) -> None:
+        """Stop the server, keeping its port and data directory: :meth:`start` brings it back.
+        (Start it from a thread that outlives it: the server dies with the thread that started
+        it.)"""
+        self._terminate()
 
     def stop(self) -> None:
         self._terminate()

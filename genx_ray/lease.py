@@ -24,6 +24,7 @@ from redis.exceptions import RedisClusterException
 
 from genx_ray import keys, lua
 from genx_ray.connections import sync_redis
+from genx_ray.outage import OutageLog
 
 log = logging.getLogger("genx_ray.lease")
 
@@ -46,6 +47,7 @@ class Leases:
         self.ttl = ttl
         self.on_lost, self.on_cancel = on_lost, on_cancel
         self._redis = sync_redis(redis_url)
+        self._outage = OutageLog("lease renewal", log)
         self._held: dict[str, int] = {}  # run id -> attempt
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -141,4 +143,6 @@ class Leases:
             # let every lease of the process lapse. (A cluster with no node answering raises
             # RedisClusterException, which is no RedisError.)
             except Exception as exc:
-                log.warning("lease renewal failed (%s); retrying", exc)
+                self._outage.failed(exc)
+            else:
+                self._outage.ok()

@@ -22,6 +22,7 @@ from typing import Any, cast
 from genx_ray import keys, tracing
 from genx_ray.executor import Attempt, execute, start, start_many
 from genx_ray.lease import Leases
+from genx_ray.outage import OutageLog
 from genx_ray.runs import RunStore
 from genx_ray.settings import Settings
 from genx_ray.workflow import Registry
@@ -146,6 +147,7 @@ class Runtime:
     async def _listen(self) -> None:
         """Follow the signals stream from its tail: cancels for runs of this process."""
         last = "$"
+        outage = OutageLog("signals", log)
         while not self._closing:
             try:
                 resp = cast(
@@ -154,9 +156,10 @@ class Runtime:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("signals: read failed (%s); retrying", exc)
+                outage.failed(exc)
                 await asyncio.sleep(1)
                 continue
+            outage.ok()
             for _, entries in resp or ():
                 for entry_id, fields in entries:
                     last = entry_id

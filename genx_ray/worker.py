@@ -46,6 +46,7 @@ from genx_ray.cluster import cluster_cpus
 from genx_ray.connections import async_redis, sync_redis
 from genx_ray.errors import Fenced, InvalidTransition, RunNotFound
 from genx_ray.hostpool import HostPool
+from genx_ray.outage import OutageLog
 from genx_ray.queue import QueueEntry, RunQueue
 from genx_ray.runs import RunStore
 from genx_ray.runtime import Runtime
@@ -177,6 +178,7 @@ class Worker:
             await asyncio.gather(*background)
 
     async def _take_runs(self) -> None:
+        outage = OutageLog(f"worker {self.name}: queue", log)
         while not self._stopping.is_set():
             free = self.max_runs - self.running
             if free <= 0:
@@ -185,9 +187,10 @@ class Worker:
             try:
                 taken = await self.queue.take(self.name, min(free, TAKE_BATCH), block_ms=500)
             except (OSError, redis.RedisError) as exc:
-                log.warning("worker %s: queue read failed (%s); retrying", self.name, exc)
+                outage.failed(exc)
                 await asyncio.sleep(1)
                 continue
+            outage.ok()
             if not taken:
                 continue
             if self._stopping.is_set():  # stopped while waiting on the queue: not ours

@@ -33,6 +33,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from genx_ray import keys, lua
 from genx_ray.errors import Fenced, InvalidTransition, RunNotFound
 from genx_ray.events import dumps
+from genx_ray.outage import OutageLog
 
 log = logging.getLogger("genx_ray.writer")
 _MAX_BATCH = 500  # items per run per round trip
@@ -192,6 +193,7 @@ class BatchWriter:
         self.redis = client
         self.maxlen = maxlen
         self.retention = retention  # how long a run's keys stay once it ended
+        self.outage = OutageLog("run writes", log)
         self.loop = asyncio.get_running_loop()
         self.thread = threading.get_ident()
         self._dirty: dict[RunWriter, None] = {}  # an ordered set
@@ -298,13 +300,15 @@ class BatchWriter:
         delay = 0.05
         while True:
             try:
-                return await lua.execute_scripts(self.redis, calls)
+                results = await lua.execute_scripts(self.redis, calls)
+                self.outage.ok()
+                return results
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 if self.loop.time() > deadline:
                     for w, _ in batches:
                         w._fail(exc)
                     return None
-                log.warning("Redis unreachable (%s); retrying writes in %.2fs", exc, delay)
+                self.outage.failed(exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
