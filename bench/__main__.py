@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-SUITES = ("runtime", "gateway", "serving", "llm", "batch")
+SUITES = ("runtime", "gateway", "serving", "llm", "batch", "tracing")
 
 
 def main(argv: list[str]) -> None:
