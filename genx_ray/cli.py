@@ -15,6 +15,7 @@ import typer
 
 from genx_ray.errors import GenxError
 
+GRACEFUL_SHUTDOWN_SECONDS = 5  # a gateway's open event streams, on SIGTERM
 DEMO_REVIEW_SECONDS = 60  # how long `genx demo --workflow article` waits for the outline's review
 
 app = typer.Typer(
@@ -78,7 +79,10 @@ def gateway(
     # The Redis its workers use, or a clear error now (never a private one nobody else sees).
     url = resolve_redis_url(settings, allow_embedded=False)
     app = create_app(settings, redis_url=url)
-    uvicorn.run(app, host=host, port=port, log_level="warning", lifespan="on")
+    # On SIGTERM, open event streams (which never end by themselves) get this long, then are
+    # closed: their clients reconnect to another replica and resume after their last event id.
+    uvicorn.run(app, host=host, port=port, log_level="warning", lifespan="on",
+                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)  # fmt: skip
 
 
 @app.command()
