@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import os
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -19,6 +20,8 @@ from genx_ray import metrics, tracing
 
 if TYPE_CHECKING:
     from genx_ray.steps import StepSpec
+
+log = logging.getLogger("genx_ray.remote")
 
 # One Ray remote function per component function: Ray exports its code once, not per call.
 _remote_fns: dict[Callable[..., Any], Any] = {}
@@ -51,6 +54,24 @@ def _call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any])
     return fn(*args, **kwargs)
 
 
+# A cancelled task still running this long after its cancel (stuck in C code, or the cancel was
+# lost) has its worker process killed: the work must stop, not merely its result be ignored.
+CANCEL_GRACE_SECONDS = 5.0
+_stopping: set[asyncio.Task[None]] = set()
+
+
+async def _force_after(ref: Any, grace: float) -> None:
+    import ray
+
+    try:
+        await asyncio.wait_for(asyncio.wrap_future(ref.future()), grace)
+    except TimeoutError:
+        log.warning("a cancelled Ray task still ran after %.0f s: killing its worker", grace)
+        ray.cancel(ref, force=True)
+    except Exception:  # it ended (cancelled, failed): nothing more to do
+        pass
+
+
 async def run_as_task(spec: StepSpec, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
     import ray
 
@@ -81,7 +102,10 @@ async def run_as_task(spec: StepSpec, args: tuple[Any, ...], kwargs: Mapping[str
         metrics.absorb(recorded)
         return value
     except asyncio.CancelledError:  # timeout or run cancelled: stop the task too
-        ray.cancel(ref)
+        ray.cancel(ref)  # an exception raised in the task, between two of its bytecodes
+        stopping = asyncio.get_running_loop().create_task(_force_after(ref, CANCEL_GRACE_SECONDS))
+        _stopping.add(stopping)
+        stopping.add_done_callback(_stopping.discard)
         raise
     except ray.exceptions.RayTaskError as exc:
         cause = exc.cause if isinstance(exc.cause, BaseException) else exc

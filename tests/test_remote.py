@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -71,6 +72,7 @@ def long_task(marker: str) -> None:
     try:
         for _ in range(600):  # Ray stops a running task between two bytecodes: short sleeps
             time.sleep(0.1)
+            os.utime(f"/tmp/genx-test-started-{marker}")  # still running
     except BaseException:  # how Ray stops a task it cancels: an exception raised in it
         open(f"/tmp/genx-test-interrupted-{marker}", "w").close()
         raise
@@ -97,8 +99,17 @@ def test_cancel_stops_in_flight_ray_work(ray_local: None) -> None:
     while not h.status.terminal:
         time.sleep(0.02)
     assert h.status is RunStatus.CANCELLED and time.monotonic() - t0 < 1.0
-    while not os.path.exists(f"/tmp/genx-test-interrupted-{marker}"):  # the task was stopped
+
+    def stopped() -> bool:  # interrupted (an exception in it), or its process killed (forced)
+        started = f"/tmp/genx-test-started-{marker}"
+        return os.path.exists(f"/tmp/genx-test-interrupted-{marker}") or (
+            time.time() - os.path.getmtime(started) > 1.0
+        )
+
+    deadline = time.monotonic() + 15  # a cancel, then a forced one after 5 s
+    while not stopped():
         assert time.monotonic() < deadline
-        time.sleep(0.02)
+        time.sleep(0.05)
     for name in ("started", "interrupted"):
-        os.unlink(f"/tmp/genx-test-{name}-{marker}")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"/tmp/genx-test-{name}-{marker}")

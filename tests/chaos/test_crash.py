@@ -186,7 +186,7 @@ async def test_kill_9_of_a_host_with_200_runs_restarts_every_one_elsewhere(
         got = await asyncio.gather(*(runs.get(r) for r in killed))
         return all(r.attempt == 2 and r.status is not RunStatus.QUEUED for r in got)
 
-    await _until(all_resumed, within=60, every=0.1)
+    await _until(all_resumed, within=90, every=0.1)  # alone here: 5-10 s; CI may be busy
     resumed_after = time.monotonic() - killed_at
     done = await _finished(runs, events, ids)
     assert all(r.status is RunStatus.SUCCEEDED and r.output == sum(range(n)) for r in done)
