@@ -26,7 +26,15 @@ from typing import Any
 import httpx
 import openai
 
-from bench.stack import CLI, bench_env, busy_seconds, cpu_seconds, peak_mb, processes, stack
+from bench.stack import (
+    bench_env,
+    busy_seconds,
+    cpu_seconds,
+    peak_mb,
+    processes,
+    simulator,
+    stack,
+)
 from genx_ray import component, workflow
 from genx_ray.client import Client
 from genx_ray.connections import resolve_redis_url
@@ -170,8 +178,6 @@ def peaks(procs: dict[str, Any]) -> dict[str, float]:
 
 
 def main() -> None:
-    import subprocess
-
     redis_url = resolve_redis_url()
     sim_port = free_port()
     base_url = f"http://127.0.0.1:{sim_port}/v1"
@@ -179,16 +185,9 @@ def main() -> None:
                     GENX_LLM_LIMITS=json.dumps(LIMITS))  # fmt: skip
     # GENX_BENCH_ONLY=100ms,1s,10k,items: a subset of the scenarios.
     only = set(filter(None, os.environ.get("GENX_BENCH_ONLY", "100ms,1s,10k,items").split(",")))
-    sim = subprocess.Popen([*CLI, "sim", "--port", str(sim_port), "--latency-ms", "100"], env=env)
     try:
-        with stack(env) as (base, procs):
+        with simulator(env, sim_port) as sim, stack(env) as (base, procs):
             api = Client(base, timeout=120)
-            for _ in range(100):
-                try:
-                    httpx.get(f"http://127.0.0.1:{sim_port}/sim/stats", timeout=1)
-                    break
-                except httpx.TransportError:
-                    time.sleep(0.1)
             for path in ("auto", "local", "placed"):  # warm: hosts, pool actors, connections
                 through_gateway(api, "bench-batch", {"n": 64, "model": "gpt-4o-mini",
                                                      "path": path}, 64)  # fmt: skip
@@ -212,8 +211,6 @@ def main() -> None:
                           + ", ".join(f"{k} {v:.0f}" for k, v in peaks(procs).items()))  # fmt: skip
             api.close()
     finally:
-        sim.terminate()
-        sim.wait(10)
         os.environ.pop("OPENAI_BASE_URL", None)
 
 

@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -29,11 +30,11 @@ def bench_env(redis_url: str, workflows: str, **extra: str) -> dict[str, str]:
     }  # fmt: skip
 
 
-def wait_healthy(base: str, timeout: float = 60) -> None:
+def wait_healthy(base: str, timeout: float = 60, path: str = "/healthz") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"{base}/healthz", timeout=1).is_success:
+            if httpx.get(f"{base}{path}", timeout=1).is_success:
                 return
         except httpx.TransportError:
             pass
@@ -132,3 +133,16 @@ def processes(marker: str) -> list[int]:
 def pct(values: list[float], p: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(p / 100 * len(values)))]
+
+
+@contextmanager
+def simulator(env: Mapping[str, str], port: int, latency_ms: int = 100) -> Iterator[Any]:
+    """``genx sim`` on ``port`` (its own process), once it answers; stopped at the end."""
+    sim = subprocess.Popen([*CLI, "sim", "--port", str(port), "--latency-ms", str(latency_ms)],
+                           env=dict(env))  # fmt: skip
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", path="/sim/stats")
+        yield sim
+    finally:
+        sim.terminate()
+        sim.wait(10)

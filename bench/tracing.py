@@ -11,17 +11,13 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import httpx
-
 from bench.batch import LIMITS, plain, through_gateway
-from bench.stack import CLI, bench_env, stack
+from bench.stack import bench_env, simulator, stack
 from genx_ray.client import Client
 from genx_ray.connections import resolve_redis_url
 from genx_ray.embedded import free_port
@@ -82,30 +78,20 @@ def main() -> None:
                     GENX_LLM_LIMITS=json.dumps(LIMITS))  # fmt: skip
     for name in [k for k in env if k.startswith("OTEL_")]:
         del env[name]
-    sim = subprocess.Popen([*CLI, "sim", "--port", str(sim_port), "--latency-ms", "100"], env=env)
-    try:
-        for _ in range(100):
-            try:
-                httpx.get(f"http://127.0.0.1:{sim_port}/sim/stats", timeout=1)
-                break
-            except httpx.TransportError:
-                time.sleep(0.1)
+    with simulator(env, sim_port):
         off, plain_off = stretch(env, base_url)
         with collector() as endpoint:
             traced = {**env, "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint}
             on, plain_on = stretch(traced, base_url)
-        cost = (on / plain_on) / (off / plain_off) - 1
-        print(f"  {CALLS} calls x 100 ms, cap 64, the default map, median of {ROUNDS}:")
-        print(f"    tracing off   {off:6.2f} s   (plain asyncio meanwhile {plain_off:5.2f} s)"
-              f"  x{off / plain_off:.3f} plain")  # fmt: skip
-        print(f"    tracing on    {on:6.2f} s   (plain asyncio meanwhile {plain_on:5.2f} s)"
-              f"  x{on / plain_on:.3f} plain   {_Collector.exports} exports,"
-              f" {_Collector.received / 1e6:.1f} MB of spans")  # fmt: skip
-        print(f"    cost of tracing: {cost * 100:+.1f}% (goal <= 3%)")
-    finally:
-        sim.terminate()
-        sim.wait(10)
-        os.environ.pop("OPENAI_BASE_URL", None)
+    os.environ.pop("OPENAI_BASE_URL", None)
+    cost = (on / plain_on) / (off / plain_off) - 1
+    print(f"  {CALLS} calls x 100 ms, cap 64, the default map, median of {ROUNDS}:")
+    print(f"    tracing off   {off:6.2f} s   (plain asyncio meanwhile {plain_off:5.2f} s)"
+          f"  x{off / plain_off:.3f} plain")  # fmt: skip
+    print(f"    tracing on    {on:6.2f} s   (plain asyncio meanwhile {plain_on:5.2f} s)"
+          f"  x{on / plain_on:.3f} plain   {_Collector.exports} exports,"
+          f" {_Collector.received / 1e6:.1f} MB of spans")  # fmt: skip
+    print(f"    cost of tracing: {cost * 100:+.1f}% (goal <= 3%)")
 
 
 if __name__ == "__main__":

@@ -2,9 +2,27 @@
 
 from __future__ import annotations
 
+import subprocess
+import time
 from typing import Any
 
+import httpx
+
 from genx_ray.local import RunHandle
+
+
+def wait_up(url: str, proc: subprocess.Popen[Any], timeout: float = 60) -> None:
+    """Until ``url`` answers 200 (a server ``proc`` started); fails if ``proc`` exits first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, f"{url}: exited with {proc.returncode}"
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"{url} did not come up"
+        time.sleep(0.05)
 
 
 def types(handle: RunHandle) -> list[str]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import httpx
 import pytest
+from helpers import wait_up
 from prometheus_client.parser import text_string_to_metric_families
 
 from genx_ray.embedded import free_port
@@ -57,20 +58,7 @@ class Stack:
             env=self.env, stderr=subprocess.DEVNULL,
         ))  # fmt: skip
         self.worker_url = f"http://127.0.0.1:{port}"
-        _wait_up(f"{self.worker_url}/metrics", self.procs[-1])
-
-
-def _wait_up(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        assert proc.poll() is None, f"{url}: exited with {proc.returncode}"
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, f"{url} did not come up"
-        time.sleep(0.1)
+        wait_up(f"{self.worker_url}/metrics", self.procs[-1])
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +80,8 @@ def stack(single_redis_url: str) -> Iterator[Stack]:
         subprocess.Popen([*CLI, "gateway", "--port", str(api_port)], env=env),
     ]
     try:
-        _wait_up(f"{stack.sim}/sim/stats", stack.procs[0])
-        _wait_up(f"{stack.api}/healthz", stack.procs[1])
+        wait_up(f"{stack.sim}/sim/stats", stack.procs[0])
+        wait_up(f"{stack.api}/healthz", stack.procs[1])
         yield stack
     finally:
         for proc in stack.procs:

@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+from helpers import wait_up
 from otlp_receiver import Receiver, Span
 
 from genx_ray.embedded import free_port
@@ -29,19 +30,6 @@ CLI = [sys.executable, "-m", "genx_ray.cli"]
 class Stack:
     api: str
     receiver: Receiver
-
-
-def _wait_up(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        assert proc.poll() is None, f"{url}: exited with {proc.returncode}"
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, f"{url} did not come up"
-        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +51,8 @@ def stack(redis_url: str) -> Iterator[Stack]:
                          stderr=subprocess.DEVNULL),
     ]  # fmt: skip
     try:
-        _wait_up(f"http://127.0.0.1:{sim_port}/sim/stats", procs[0])
-        _wait_up(f"http://127.0.0.1:{api_port}/healthz", procs[1])
+        wait_up(f"http://127.0.0.1:{sim_port}/sim/stats", procs[0])
+        wait_up(f"http://127.0.0.1:{api_port}/healthz", procs[1])
         yield Stack(f"http://127.0.0.1:{api_port}", receiver)
     finally:
         for proc in procs:

@@ -16,12 +16,12 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
+from helpers import wait_up
 
 from genx_ray.embedded import free_port
 
@@ -49,19 +49,6 @@ def _stop(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-
-
-def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"{url} exited with {proc.returncode}"
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    raise TimeoutError(url)
 
 
 class Stack:
@@ -93,9 +80,9 @@ class Stack:
             [*CLI, "worker", "--hosts", "inline", "--drain-timeout", "2"], env=self.env
         )
         self.gateway = self._start_gateway()
-        _wait_ready(f"{self.sim_url}/sim/stats", self.sim)
+        wait_up(f"{self.sim_url}/sim/stats", self.sim)
         httpx.post(f"{self.sim_url}/sim/config", json={"chunk_delay_ms": SIM_CHUNK_DELAY_MS})
-        _wait_ready(f"{self.url}/healthz", self.gateway)
+        wait_up(f"{self.url}/healthz", self.gateway)
 
     def _start_gateway(self) -> subprocess.Popen[bytes]:
         return subprocess.Popen([*CLI, "gateway", "--port", str(self.port)], env=self.env)
@@ -105,7 +92,7 @@ class Stack:
         short grace) and start a new one on the same port."""
         _stop(self.gateway, grace=1.0)
         self.gateway = self._start_gateway()
-        _wait_ready(f"{self.url}/healthz", self.gateway)
+        wait_up(f"{self.url}/healthz", self.gateway)
 
     def api(
         self, method: str, path: str, headers: dict[str, str] | None = None, **kw: Any

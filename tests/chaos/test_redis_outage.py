@@ -18,6 +18,7 @@ from subprocess import Popen
 
 import httpx
 import pytest
+from helpers import wait_up
 
 from genx_ray.embedded import EmbeddedRedis, free_port
 
@@ -38,15 +39,7 @@ def _gateway(url: str, stderr: int | None = subprocess.DEVNULL) -> Iterator[tupl
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{base}/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline and gateway.poll() is None, "gateway did not start"
-            time.sleep(0.2)
+        wait_up(f"{base}/healthz", gateway)
         yield base, gateway
     finally:
         if gateway.poll() is None:
