@@ -18,7 +18,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from gateway import errors, metrics, openapi, schedules, ui
 from gateway.hub import EventHub
 from gateway.outage import RedisOutage
-from gateway.routes import router
+from gateway.routes import STREAM_TOKEN_HEADER, router
 from gateway.tokens import TokenSigner, shared_secret
 from gateway.tracing import TraceRequests
 from genx_ray import __version__, tracing
@@ -92,7 +92,7 @@ def create_app(
             allow_origins=list(settings.cors_origins),
             allow_methods=["GET", "POST"],  # a browser reads runs and answers input
             allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "Idempotency-Key"],
-            expose_headers=["Location", "Idempotent-Replayed"],
+            expose_headers=["Location", "Idempotent-Replayed", STREAM_TOKEN_HEADER],
             max_age=600,
         )
     if tracing.enabled():

@@ -31,6 +31,7 @@ from genx_ray.workflow import Registry
 
 MAX_WAIT_SECONDS = 300.0
 RUN_BODY_FIELDS = {"input", "start_at", "delay_seconds"}
+STREAM_TOKEN_HEADER = "Genx-Stream-Token"  # a start answered with its event stream carries it
 MAX_JSON_DEPTH = 64  # arrays and objects within each other in a request body
 
 router = APIRouter()
@@ -139,7 +140,8 @@ async def start_run(
     headers = {"Location": f"/v1/runs/{run.id}"}
     if replayed:
         headers["Idempotent-Replayed"] = "true"
-    if accept and "text/event-stream" in accept:
+    if accept and "text/event-stream" in accept:  # the run's events at once: its token in a header
+        headers[STREAM_TOKEN_HEADER] = tokens.mint(run.id, who)[0]
         return event_response(hub.stream(run.id, START), headers=headers)
     if wait and run.status is not RunStatus.SCHEDULED:  # a delayed run: no waiting for it
         run = await _wait_for_end(hub, runs, run, wait)

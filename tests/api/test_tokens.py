@@ -129,6 +129,12 @@ async def test_creating_a_run_returns_a_token_that_reads_it(make_api: ApiFactory
                                headers={**A, **key})  # fmt: skip
         assert again.status_code == 200 and again.json()["stream_token"]
         assert again.json()["id"] == first.json()["id"]
+        streamed = await api.post("/v1/workflows/echo/runs", json={"input": {"text": "s"}},
+                                  headers={**A, "Accept": "text/event-stream"})  # fmt: skip
+        streamed_id = streamed.headers["Location"].rsplit("/", 1)[1]
+        header_token = {"token": streamed.headers["Genx-Stream-Token"]}  # no body to carry it
+        read = await api.get(f"/v1/runs/{streamed_id}", params=header_token)
+        assert read.status_code == 200 and read.json()["status"] == "succeeded"
 
         token = run["stream_token"]
         by_key = (await api.get(f"/v1/runs/{run['id']}", headers=A)).json()
@@ -333,7 +339,8 @@ async def test_cors_only_for_the_configured_origins(make_api: ApiFactory) -> Non
         created = await api.post("/v1/workflows/echo/runs", json={"input": {"text": "c"}},
                                  headers={"Origin": app_origin})  # fmt: skip
         assert created.headers["access-control-allow-origin"] == app_origin
-        assert "location" in created.headers["access-control-expose-headers"].lower()
+        exposed = created.headers["access-control-expose-headers"].lower()
+        assert "location" in exposed and "genx-stream-token" in exposed
         js = await api.get("/ui/genx.js", headers={"Origin": app_origin})  # importable cross-origin
         assert js.headers["access-control-allow-origin"] == app_origin
         evil = await api.options(
