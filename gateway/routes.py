@@ -25,7 +25,7 @@ from genx_ray.errors import InputInvalid, InvalidTransition, UserError
 from genx_ray.events import EventsTruncatedEvent, dumps
 from genx_ray.quotas import Quotas
 from genx_ray.runs import Run, RunStatus, RunStore, start_time
-from genx_ray.streams import START, before, check_event_id, resume_point
+from genx_ray.streams import START, ResumePoint, before, check_event_id, resume_point
 from genx_ray.webhooks import notify
 from genx_ray.workflow import Registry
 
@@ -192,7 +192,7 @@ async def run_events(
         return event_response(_nothing(), ndjson=ndjson)
     batches = hub.stream(run_id, point.after)
     if point.first_available is not None:
-        batches = _truncated(run_id, point.after, point.first_available, batches)
+        batches = _truncated(run_id, point, batches)
     return event_response(batches, ndjson=ndjson)
 
 
@@ -202,11 +202,14 @@ async def _nothing() -> AsyncIterator[list[RawEntry]]:
 
 
 async def _truncated(
-    run_id: str, after: str, first: str, batches: AsyncIterator[list[RawEntry]]
+    run_id: str, point: ResumePoint, batches: AsyncIterator[list[RawEntry]]
 ) -> AsyncIterator[list[RawEntry]]:
     """The stream, after an ``events.truncated`` event saying what a reader resuming after
-    ``after`` missed (its id is just before the first event still stored)."""
-    event = EventsTruncatedEvent(run_id=run_id, after=after, first_available=first)
+    ``point.after`` missed (its id is just before the first event still stored)."""
+    first = point.first_available or ""
+    event = EventsTruncatedEvent(
+        run_id=run_id, after=point.after, first_available=first, trimmed=point.trimmed
+    )
     yield [RawEntry(before(first).encode(), event.type.encode(), dumps(event).encode())]
     async for batch in batches:
         yield batch

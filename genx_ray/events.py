@@ -217,6 +217,7 @@ class EventsTruncatedEvent(BaseEvent):
     type: Literal["events.truncated"] = "events.truncated"
     after: str
     first_available: str
+    trimmed: int = 0  # events trimmed from the stream's start in all: at most this many missed
 
 
 Event = Annotated[

@@ -71,6 +71,7 @@ class ResumePoint:
 
     after: str  # read the events after this id
     first_available: str | None = None  # the stream was trimmed: events before this are gone
+    trimmed: int = 0  # how many events were trimmed from the stream's start, in all
     at_end: bool = False  # the run has ended and the reader saw its last event: nothing to send
 
 
@@ -98,9 +99,9 @@ async def resume_point(redis: Any, run_id: str, after: str, *, ended: bool = Fal
         return ResumePoint(before(last) if ended else last)
     first = info.get("first-entry")
     first_id = _str(first[0]) if first else None
-    trimmed = int(info.get("entries-added", info["length"])) > int(info["length"])
-    if trimmed and first_id is not None and id_key(after) < id_key(first_id):
-        return ResumePoint(after, first_id)
+    trimmed = int(info.get("entries-added", info["length"])) - int(info["length"])
+    if trimmed > 0 and first_id is not None and id_key(after) < id_key(first_id):
+        return ResumePoint(after, first_id, trimmed)
     return ResumePoint(after)
 
 

@@ -305,7 +305,7 @@ function apply(event) {
       addTimeline(event, "child finished", `${event.child_id}: ${event.status}`);
       break;
     case "events.truncated":
-      addTimeline(event, "earlier events trimmed", `events before ${event.first_available} are gone`, "warn");
+      addTimeline(event, "earlier events trimmed", `${event.trimmed} events before ${event.first_available} are gone`, "warn");
       break;
     default:
       if (event.type in TERMINAL_STATUS) {

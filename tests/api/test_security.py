@@ -129,7 +129,7 @@ async def test_a_reader_resuming_into_a_trimmed_stream_is_told_what_it_missed(
     assert frames[0]["event"] == "events.truncated"
     assert frames[0]["data"] == {
         "type": "events.truncated", "run_id": run["id"], "ts": frames[0]["data"]["ts"],
-        "after": seen, "first_available": full[-10]["id"],
+        "after": seen, "first_available": full[-10]["id"], "trimmed": len(full) - 10,
     }  # fmt: skip
     assert [f["id"] for f in frames[1:]] == [f["id"] for f in full[-10:]]
     assert frames[0]["id"] < full[-10]["id"] or len(frames[0]["id"]) < len(full[-10]["id"])
