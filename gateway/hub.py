@@ -25,8 +25,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -84,6 +85,14 @@ class EventHub:
         """``client``: a Redis client that does not decode replies (bytes in, bytes out)."""
         self.redis = client
         self.outage: OutageLog = OutageLog("event hub", log)  # the app gives its own
+        # A stream of this hub's own, read with the others: a subscriber to a stream the
+        # blocking read does not follow yet appends to it, and the read returns at once.
+        # (Redis times a blocked read out on its own clock, in steps of 1000/hz ms: 100 ms
+        # by default, whatever block_ms says.)
+        self._wake = keys.hub_wake(secrets.token_hex(8))
+        self._wake_after = "0-0"
+        self._reading: set[str] = set()  # the run ids the current read follows
+        self._waking = False
         self.cluster = is_cluster(client)
         # A Redis Cluster: how long a round of reads that found nothing waits before the next.
         self.poll_ms = poll_ms
@@ -94,6 +103,7 @@ class EventHub:
         self.recheck_seconds = recheck_seconds
         self._subs: dict[str, set[_Subscriber]] = {}
         self._has_subs = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False  # checked too: a cancelled blocking read can come back empty
 
@@ -116,7 +126,7 @@ class EventHub:
         raw = await self.redis.xrange(keys.events(run_id), f"({after}", "+", count=count)
         return raw_entries(raw)
 
-    async def stream(self, run_id: str, after: str) -> AsyncIterator[list[RawEntry]]:
+    async def stream(self, run_id: str, after: str) -> AsyncGenerator[list[RawEntry], None]:
         """Every event after ``after`` in batches, then live ones, ending with the terminal
         event. An empty batch now and then means "still running, nothing new"."""
         last = after
@@ -134,6 +144,8 @@ class EventHub:
         sub = _Subscriber(run_id, last)
         self._subs.setdefault(run_id, set()).add(sub)
         self._has_subs.set()
+        if run_id not in self._reading:
+            self._wake_reader()
         try:
             while True:
                 try:
@@ -170,6 +182,9 @@ class EventHub:
                 keys.events(run_id): min((s.last for s in subs), key=id_key)
                 for run_id, subs in self._subs.items()
             }
+            self._reading = set(self._subs)
+            if not self.cluster:
+                streams[self._wake] = self._wake_after
             try:
                 if self.cluster:
                     resp = await self._poll(streams)
@@ -183,7 +198,12 @@ class EventHub:
                 await asyncio.sleep(0.5)
                 continue
             self.outage.ok()
+            self._reading = set()
             for stream, raw in resp or ():
+                if stream.decode() == self._wake:
+                    self._wake_after = raw[-1][0].decode()
+                    self._waking = False
+                    continue
                 entries = raw_entries(raw)
                 keyed = [(id_key(e.id.decode()), e) for e in entries]
                 for sub in list(self._subs.get(keys.run_id_of(stream.decode()), ())):
@@ -192,6 +212,25 @@ class EventHub:
                     if fresh:
                         sub.last = fresh[-1].id.decode()
                         sub.queue.put_nowait(fresh)
+
+    def _wake_reader(self) -> None:
+        """Make the blocking read return, to read again with the new stream (one wake-up at a
+        time; a Redis Cluster's hub polls, and needs none)."""
+        if self.cluster or self._waking or not self._reading:
+            return
+        self._waking = True
+        task = asyncio.get_running_loop().create_task(self._send_wake())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send_wake(self) -> None:
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.xadd(self._wake, {"w": "1"}, maxlen=16, approximate=False)
+                pipe.expire(self._wake, 3600)  # a gateway that died leaves nothing for long
+                await pipe.execute()
+        except Exception:  # the read returns by its timeout anyway
+            self._waking = False
 
     async def _poll(self, streams: dict[str, str]) -> list[Any]:
         """A Redis Cluster's round: what every followed stream has after its id, read without

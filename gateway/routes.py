@@ -7,7 +7,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
-from contextlib import suppress
+from contextlib import aclosing, suppress
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -190,7 +190,7 @@ async def run_events(
     point = await resume_point(runs.redis, run_id, start, ended=run.status.terminal)
     if point.at_end:
         return event_response(_nothing(), ndjson=ndjson)
-    batches = hub.stream(run_id, point.after)
+    batches: AsyncIterator[list[RawEntry]] = hub.stream(run_id, point.after)
     if point.first_available is not None:
         batches = _truncated(run_id, point, batches)
     return event_response(batches, ndjson=ndjson)
@@ -325,9 +325,10 @@ def nesting(value: Any) -> int:
 
 async def _wait_for_end(hub: EventHub, runs: RunStore, run: Run, seconds: float) -> Run:
     async def until_terminal() -> None:
-        async for batch in hub.stream(run.id, START):
-            if batch and batch[-1].terminal:
-                return
+        async with aclosing(hub.stream(run.id, START)) as batches:  # unsubscribed at once
+            async for batch in batches:
+                if batch and batch[-1].terminal:
+                    return
 
     deadline = time.monotonic() + seconds
     with suppress(TimeoutError):

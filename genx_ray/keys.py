@@ -106,6 +106,11 @@ def runner(runner: str) -> str:
     return f"{PREFIX}:runner:{runner}"
 
 
+def hub_wake(hub: str) -> str:
+    """Stream: wakes one gateway's event hub out of its blocking read (a new stream to follow)."""
+    return f"{PREFIX}:hub:{hub}:wake"
+
+
 def run_keys(run_id: str) -> tuple[str, str, str]:
     """The keys that share a run's lifetime (expired together after the retention period)."""
     return run(run_id), events(run_id), journal(run_id)
