@@ -8,11 +8,11 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
+from helpers import wait_up
 
 from genx_ray.embedded import free_port
 
@@ -32,19 +32,6 @@ def _env(redis_url: str, **extra: str) -> dict[str, str]:
     return env
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"{url} exited with {proc.returncode}"
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(url)
-
-
 @pytest.fixture(scope="module")
 def stack(redis_url: str) -> Iterator[tuple[list[str], list[subprocess.Popen[bytes]]]]:
     env = _env(redis_url)
@@ -55,7 +42,7 @@ def stack(redis_url: str) -> Iterator[tuple[list[str], list[subprocess.Popen[byt
     urls = [f"http://127.0.0.1:{p}" for p in ports]
     try:
         for url, proc in zip(urls, gateways, strict=True):
-            _wait_healthy(url, proc)
+            wait_up(f"{url}/healthz", proc)
         yield urls, [*gateways, worker]
     finally:
         for proc in (*gateways, worker):
