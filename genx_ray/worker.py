@@ -382,7 +382,10 @@ async def serve_worker(
     if hosts == "ray":
         from genx_ray.cluster import ensure_ray
 
-        await asyncio.to_thread(ensure_ray, settings.ray_address, redis_url=redis_url)
+        # On this (the main) thread, though it holds the loop for the seconds Ray takes to
+        # start: nothing else runs yet, and a Ray joined from another thread takes 12-15 s to
+        # shut down when the worker exits (measured), where it takes ~1 s from the main thread.
+        ensure_ray(settings.ray_address, redis_url=redis_url)
     client = async_redis(redis_url)
     worker = Worker(
         client, registry=registry, settings=settings, max_runs=max_runs,
