@@ -104,6 +104,7 @@ def test_an_onboarding_run_never_reads_an_internal_page(sim: Sim, internal: str)
     assert errors and "not a public address" in errors[0]
 
 
+@pytest.mark.slow  # the whole onboarding workflow, placed items on the local Ray included
 def test_the_sample_site_is_still_crawled(sim: Sim) -> None:
     report = start(onboard, {"max_pages": 3, "questions_per_page": 1}).result(120).model_dump()
     assert report["pages"] == 3
