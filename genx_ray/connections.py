@@ -32,6 +32,7 @@ import logging
 import os
 import threading
 import time
+from typing import Any
 from urllib.parse import urlparse
 
 import redis
@@ -170,6 +171,16 @@ def _cluster_node(url: str) -> bool:
 def is_cluster(client: object) -> bool:
     """Whether a client talks to a Redis Cluster (some commands go per slot there)."""
     return isinstance(client, redis.asyncio.cluster.RedisCluster | redis.cluster.RedisCluster)
+
+
+async def on_node_of(client: redis.asyncio.cluster.RedisCluster, key: str, *command: Any) -> Any:
+    """``command`` (a stream read of ``key``), sent to the node that holds ``key``. Left to
+    itself, a cluster client asks its default node which keys an XREAD or XREADGROUP names
+    (COMMAND GETKEYS), and once a failover took that node away, every such read fails, for good
+    (seen: redis-py then raises AttributeError from a connection it never reopens)."""
+    await client.initialize()  # a no-op unless a failure asked for a new slot map
+    node = client.get_node_from_key(key)
+    return await client.execute_command(*command, target_nodes=node)
 
 
 # -- the factories -------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from typing import Any, cast
 from redis.exceptions import ResponseError
 
 from genx_ray import keys
+from genx_ray.connections import is_cluster, on_node_of
 
 # A pending entry untouched this long belongs to a worker that died: another worker claims it.
 # Generous on purpose: the run's own status and heartbeat decide whether it is really orphaned.
@@ -65,12 +66,16 @@ class RunQueue:
             if entries:
                 return entries  # there may be more: look again next time
             self._claimed_at = now
-        resp = cast(
-            list[Any],
-            await self.redis.xreadgroup(
+        if is_cluster(self.redis):
+            resp = await on_node_of(
+                self.redis, self.stream, "XREADGROUP", "GROUP", keys.QUEUE_GROUP, consumer,
+                "COUNT", count, "BLOCK", block_ms, "STREAMS", self.stream, ">",
+            )  # fmt: skip
+        else:
+            resp = await self.redis.xreadgroup(
                 keys.QUEUE_GROUP, consumer, {self.stream: ">"}, count=count, block=block_ms
-            ),
-        )
+            )
+        resp = cast(list[Any], resp)
         return [QueueEntry.of(i, f) for i, f in resp[0][1]] if resp else []
 
     async def ack(self, *entry_ids: str) -> None:

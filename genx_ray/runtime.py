@@ -20,6 +20,7 @@ import time
 from typing import Any, cast
 
 from genx_ray import keys, tracing
+from genx_ray.connections import is_cluster, on_node_of
 from genx_ray.executor import Attempt, execute, start, start_many
 from genx_ray.lease import Leases
 from genx_ray.outage import OutageLog
@@ -150,9 +151,14 @@ class Runtime:
         outage = OutageLog("signals", log)
         while not self._closing:
             try:
-                resp = cast(
-                    list[Any], await self.redis.xread({keys.SIGNALS: last}, count=500, block=1000)
-                )
+                if is_cluster(self.redis):
+                    raw = await on_node_of(
+                        self.redis, keys.SIGNALS, "XREAD", "COUNT", 500, "BLOCK", 1000,
+                        "STREAMS", keys.SIGNALS, last,
+                    )  # fmt: skip
+                else:
+                    raw = await self.redis.xread({keys.SIGNALS: last}, count=500, block=1000)
+                resp = cast(list[Any], raw)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

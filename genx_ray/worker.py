@@ -186,8 +186,8 @@ class Worker:
                 continue
             try:
                 taken = await self.queue.take(self.name, min(free, TAKE_BATCH), block_ms=500)
-            except (OSError, redis.RedisError) as exc:
-                outage.failed(exc)
+            except Exception as exc:  # whatever a client raises: a worker that stopped taking
+                outage.failed(exc)  # runs would look alive and do nothing
                 await asyncio.sleep(1)
                 continue
             outage.ok()
