@@ -29,8 +29,7 @@ from genx_ray.errors import RunCancelled, RunFailed
 from genx_ray.runs import Run, RunStatus, RunStore, start_time
 from genx_ray.runtime import Runtime
 from genx_ray.settings import Settings
-from genx_ray.status import TERMINAL
-from genx_ray.streams import MAX_BLOCK_MS, START, StreamEntry, check_event_id, parse_entries
+from genx_ray.streams import MAX_BLOCK_MS, START, StreamEntry, check_event_id, follow_sync
 from genx_ray.supervisor import Supervisor
 from genx_ray.workflow import Registry, Workflow, registry
 
@@ -68,21 +67,8 @@ class RunHandle:
     ) -> Iterator[StreamEntry]:
         """Every event after ``after`` (from the start by default), oldest first; with ``follow``
         it then waits for live events until the terminal one. Resume by passing the last id."""
-        stream, last = keys.events(self.id), check_event_id(after) if after else START
-        while True:
-            resp = cast(
-                Any,
-                self._redis.xread({stream: last}, count=500, block=block_ms if follow else None),
-            )
-            if resp:
-                for entry in parse_entries(resp[0][1]):
-                    last = entry.id
-                    yield entry
-                    if entry.terminal:
-                        return
-                continue
-            if not follow or self._redis.hget(keys.run(self.id), "status") in TERMINAL:
-                return
+        start = check_event_id(after) if after else START
+        return follow_sync(self._redis, self.id, start, follow=follow, block_ms=block_ms)
 
     def result(self, timeout: float | None = None) -> Any:
         """Wait for the run to end; its output (decoded to the workflow's return type), or

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -119,6 +119,36 @@ def id_key(entry_id: str) -> tuple[int, int]:
     """A stream id as a sortable pair."""
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
+
+
+def follow_sync(
+    redis: Any,
+    run_id: str,
+    after: str = START,
+    *,
+    follow: bool = True,
+    block_ms: int = MAX_BLOCK_MS,
+) -> Iterator[StreamEntry]:
+    """A run's events after ``after`` from a blocking client, oldest first; with ``follow``,
+    then live ones until its terminal event (a run that ended: its terminal event was written
+    first, so nothing is missed). :class:`RunNotFound` if the run is gone meanwhile."""
+    stream, last = keys.events(run_id), after
+    while True:
+        resp = cast(Any, redis.xread({stream: last}, count=500, block=block_ms if follow else None))
+        if resp:
+            for entry in parse_entries(resp[0][1]):
+                last = entry.id
+                yield entry
+                if entry.terminal:
+                    return
+            continue
+        if not follow:
+            return
+        status = redis.hget(keys.run(run_id), "status")
+        if status is None:
+            raise RunNotFound(run_id)
+        if status in TERMINAL:
+            return
 
 
 def parse_entries(raw: Iterable[Any]) -> list[StreamEntry]:
