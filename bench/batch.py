@@ -9,7 +9,7 @@ simulator), beside the ideal (calls / cap x latency):
    with every process's peak memory at 1,000 and at 10,000 calls.
 
 For each: the map a user writes first (an unplaced ``@component``: a large map of it goes to the
-pool actors when there is a Ray cluster, see genx_ray.mapping), the same forced onto the run's own
+map actors when there is a Ray cluster, see genx_ray.flow._mapping), the same forced onto the run's own
 event loop (``spread=False``), and a placed component (``remote=True``). Then cheap items (no
 LLM) at 10k and 100k, with the peak memory of every process.
 """
@@ -37,8 +37,7 @@ from bench.stack import (
 )
 from genx_ray import component, workflow
 from genx_ray.client import Client
-from genx_ray.connections import resolve_redis_url
-from genx_ray.embedded import free_port
+from genx_ray.store import free_port, resolve_redis_url
 
 # Two budgets, by model: the scenario picks its cap by the model it calls.
 LIMITS = {"gpt-4o-mini": {"concurrency": 64}, "gpt-4o": {"concurrency": 256}}
@@ -124,7 +123,7 @@ def through_gateway(api: Client, name: str, body: dict[str, Any], n: int) -> flo
 def _roles(procs: dict[str, Any], sim: Any) -> dict[str, list[int]]:
     return {
         "gateway": [procs["gateway"].pid], "worker": [procs["worker"].pid], "sim": [sim.pid],
-        "run hosts": processes("ray::RunHost"), "pool actors": processes("ray::PoolActor"),
+        "run hosts": processes("ray::RunHost"), "map actors": processes("ray::MapActor"),
         "redis": processes("redis-server"),
     }  # fmt: skip
 
@@ -173,7 +172,7 @@ def peaks(procs: dict[str, Any]) -> dict[str, float]:
     return {
         "gateway": peak_mb(procs["gateway"].pid), "worker": peak_mb(procs["worker"].pid),
         "run host": max(map(peak_mb, processes("ray::RunHost")), default=0.0),
-        "pool actor": max(map(peak_mb, processes("ray::PoolActor")), default=0.0),
+        "map actor": max(map(peak_mb, processes("ray::MapActor")), default=0.0),
     }  # fmt: skip
 
 
@@ -188,7 +187,7 @@ def main() -> None:
     try:
         with simulator(env, sim_port) as sim, stack(env) as (base, procs):
             api = Client(base, timeout=120)
-            for path in ("auto", "local", "placed"):  # warm: hosts, pool actors, connections
+            for path in ("auto", "local", "placed"):  # warm: hosts, map actors, connections
                 through_gateway(api, "bench-batch", {"n": 64, "model": "gpt-4o-mini",
                                                      "path": path}, 64)  # fmt: skip
             if "100ms" in only:

@@ -17,11 +17,9 @@ from typing import Any
 import httpx
 
 from bench.stack import bench_env, pct, stack
-from genx_ray import events as ev
-from genx_ray import keys
-from genx_ray.connections import async_redis, resolve_redis_url
-from genx_ray.runs import RunStatus, RunStore
-from genx_ray.streams import EventStore
+from genx_ray.model import RunStatus
+from genx_ray.model import events as ev
+from genx_ray.store import EventStore, RunStore, async_redis, keys, resolve_redis_url
 
 CLIENTS = 200
 ROUNDS = 20
@@ -43,7 +41,7 @@ async def _publish_rounds(events: EventStore, run_ids: list[str]) -> None:
         async with events.redis.pipeline(transaction=False) as pipe:
             for rid in run_ids:
                 event = ev.ProgressEvent(run_id=rid, kind="t", data=time.time())
-                pipe.xadd(keys.events(rid), {"t": event.type, "e": ev.dumps(event)})
+                pipe.xadd(keys.events(rid), {"t": event.type, "e": ev.dump_event(event)})
             await pipe.execute()
 
 

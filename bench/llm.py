@@ -23,8 +23,7 @@ import httpx
 import openai
 
 from genx_ray import component, start, workflow
-from genx_ray.connections import resolve_redis_url
-from genx_ray.embedded import free_port
+from genx_ray.store import free_port, resolve_redis_url
 
 N, CAP = 1000, 64
 MODEL = "gpt-4o-mini"

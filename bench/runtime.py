@@ -8,8 +8,8 @@ import os
 
 from bench.report import row, timed
 from genx_ray import component, start, workflow
-from genx_ray.cluster import ensure_ray
-from genx_ray.connections import resolve_redis_url
+from genx_ray.compute import ensure_ray
+from genx_ray.store import resolve_redis_url
 
 N_INLINE = 2000
 N_RAY = 200

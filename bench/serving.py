@@ -21,8 +21,8 @@ from typing import Any
 
 from bench.stack import bench_env, memory_in_use_mb, pct, processes, stack
 from bench.wire import Connection
-from genx_ray import component, keys, workflow
-from genx_ray.connections import async_redis, resolve_redis_url
+from genx_ray import component, workflow
+from genx_ray.store import async_redis, keys, resolve_redis_url
 
 BURST = 2000
 HELD = 2000

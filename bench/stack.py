@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from genx_ray.embedded import free_port
+from genx_ray.store import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "genx_ray.cli"]

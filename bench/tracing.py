@@ -19,8 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from bench.batch import LIMITS, plain, through_gateway
 from bench.stack import bench_env, simulator, stack
 from genx_ray.client import Client
-from genx_ray.connections import resolve_redis_url
-from genx_ray.embedded import free_port
+from genx_ray.store import free_port, resolve_redis_url
 
 CALLS, ROUNDS = 1000, 5
 

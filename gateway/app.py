@@ -20,15 +20,12 @@ from gateway.hub import EventHub
 from gateway.outage import RedisOutage
 from gateway.routes import STREAM_TOKEN_HEADER, router
 from gateway.tokens import TokenSigner, shared_secret
-from gateway.tracing import TraceRequests
-from genx_ray import __version__, tracing
-from genx_ray.connections import async_redis, ping
-from genx_ray.errors import RedisUnavailable
-from genx_ray.quotas import Quotas
-from genx_ray.runs import RunStore
-from genx_ray.settings import Settings
-from genx_ray.workflow import Registry
-from genx_ray.workflow import registry as default_registry
+from genx_ray import __version__
+from genx_ray.flow import Registry
+from genx_ray.flow import registry as default_registry
+from genx_ray.model import RedisUnavailable, Settings
+from genx_ray.observe import TraceRequests, setup, tracing_enabled
+from genx_ray.store import Quotas, RunStore, async_redis, ping
 
 
 def create_app(
@@ -37,7 +34,7 @@ def create_app(
     redis_url: str | None = None,
 ) -> FastAPI:
     settings = settings or Settings.current()
-    tracing.setup("gateway")  # the OTEL_* variables; nothing when they name no exporter
+    setup("gateway")  # the OTEL_* variables: traces only when they name an exporter
     if registry is None:
         registry = default_registry.load(settings.workflows)
     url = redis_url or settings.redis_url
@@ -74,7 +71,7 @@ def create_app(
         summary="Durable LLM and agent workflows, each served as a REST API.",
         lifespan=lifespan,
         generate_unique_id_function=lambda route: route.name,  # operationIds: get_run...
-        # Request spans are gateway.tracing's: FastAPI's own would record the query string,
+        # Request spans are genx_ray.observe.TraceRequests's: FastAPI's own would record the query string,
         # where run tokens travel (?token=).
         telemetry={"tracing": False},
     )
@@ -95,6 +92,6 @@ def create_app(
             expose_headers=["Location", "Idempotent-Replayed", STREAM_TOKEN_HEADER],
             max_age=600,
         )
-    if tracing.enabled():
+    if tracing_enabled():
         app.add_middleware(TraceRequests)  # a span per request: a run's trace starts there
     return app

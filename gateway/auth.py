@@ -20,8 +20,7 @@ from fastapi import Header, Query, Request
 
 from gateway.errors import TokenNotAllowed, TokenWrongRun, Unauthorized
 from gateway.tokens import ANSWER, TokenSigner, is_token
-from genx_ray.runs import DEFAULT_TENANT
-from genx_ray.settings import Settings
+from genx_ray.model import DEFAULT_TENANT, Settings
 
 TOKEN_HELP = (
     "a run token, read-only and for this run only (the run's stream_token, or one minted with "

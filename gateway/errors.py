@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
 from gateway.outage import REDIS_DOWN, RETRY_AFTER_SECONDS
-from genx_ray.errors import GenxError, QuotaExceeded, UserError
+from genx_ray.model import GenxError, QuotaExceeded, UserError
 
 log = logging.getLogger("gateway")
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")

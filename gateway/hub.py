@@ -31,12 +31,9 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from genx_ray import keys
-from genx_ray.connections import is_cluster
-from genx_ray.events import TERMINAL_TYPES
-from genx_ray.outage import OutageLog
-from genx_ray.status import TERMINAL
-from genx_ray.streams import id_key
+from genx_ray.model import TERMINAL, TERMINAL_TYPES
+from genx_ray.observe import OutageLog
+from genx_ray.store import id_key, is_cluster, keys
 
 log = logging.getLogger("gateway.hub")
 PAGE = 1000

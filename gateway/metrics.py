@@ -1,4 +1,4 @@
-"""``GET /metrics``: the gateway's metrics in the Prometheus text format (:mod:`genx_ray.metrics`).
+"""``GET /metrics``: the gateway's metrics in the Prometheus text format (:mod:`genx_ray.observe`).
 
 Unauthenticated, like ``/healthz``: it tells counts by workflow, component and model, nothing of
 any run's content. The queue's gauges are read from Redis at each scrape.
@@ -9,14 +9,15 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from genx_ray import metrics
+from genx_ray.observe import CONTENT_TYPE, exposition, sse_clients
+from genx_ray.store import queue_state
 
 router = APIRouter()
 
 
 @router.get("/metrics", tags=["ops"], response_class=Response)
 async def scrape(request: Request) -> Response:
-    depth, age = await metrics.queue_state(request.app.state.redis)
+    depth, age = await queue_state(request.app.state.redis)
     gauges = {"genx_queue_depth": depth, "genx_queue_oldest_age_seconds": age,
-              "genx_sse_clients": metrics.sse_clients()}  # fmt: skip
-    return Response(metrics.exposition(gauges), media_type=metrics.CONTENT_TYPE)
+              "genx_sse_clients": sse_clients()}  # fmt: skip
+    return Response(exposition(gauges), media_type=CONTENT_TYPE)

@@ -18,11 +18,9 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import TypeAdapter
 
 from gateway.sse import NDJSON, SSE
-from genx_ray.events import EVENT_TYPES, Event
-from genx_ray.runs import MAX_DELAY_SECONDS, Run
-from genx_ray.schedules import Schedule
-from genx_ray.settings import Settings
-from genx_ray.workflow import Registry, Workflow
+from genx_ray.flow import Registry, Workflow
+from genx_ray.model import EVENT_TYPES, Event, Run, Settings
+from genx_ray.store import MAX_DELAY_SECONDS, Schedule
 
 ERROR = {"$ref": "#/components/schemas/Error"}
 RUN = {"$ref": "#/components/schemas/Run"}

@@ -11,7 +11,7 @@ import contextlib
 import logging
 from typing import Any
 
-from genx_ray.outage import REDIS_DOWN, OutageLog
+from genx_ray.observe import REDIS_DOWN, OutageLog
 
 RETRY_AFTER_SECONDS = 2
 PROBE_SECONDS = 0.5

@@ -20,14 +20,28 @@ from gateway.hub import EventHub, RawEntry
 from gateway.outage import RETRY_AFTER_SECONDS
 from gateway.sse import NDJSON, event_response
 from gateway.tokens import READ, SCOPES, TokenSigner
-from genx_ray import keys
-from genx_ray.errors import InputInvalid, InvalidTransition, UserError
-from genx_ray.events import EventsTruncatedEvent, dumps
-from genx_ray.quotas import Quotas
-from genx_ray.runs import Run, RunStatus, RunStore, start_time
-from genx_ray.streams import START, ResumePoint, before, check_event_id, resume_point
-from genx_ray.webhooks import notify
-from genx_ray.workflow import Registry
+from genx_ray.flow import Registry
+from genx_ray.model import (
+    EventsTruncatedEvent,
+    InputInvalid,
+    InvalidTransition,
+    Run,
+    RunStatus,
+    UserError,
+    dump_event,
+)
+from genx_ray.store import (
+    START,
+    Quotas,
+    ResumePoint,
+    RunStore,
+    before,
+    check_event_id,
+    keys,
+    notify,
+    resume_point,
+    start_time,
+)
 
 MAX_WAIT_SECONDS = 300.0
 RUN_BODY_FIELDS = {"input", "start_at", "delay_seconds"}
@@ -146,7 +160,7 @@ async def start_run(
     if wait and run.status is not RunStatus.SCHEDULED:  # a delayed run: no waiting for it
         run = await _wait_for_end(hub, runs, run, wait)
     status = 200 if run.status.terminal or replayed else 202
-    # The creator's read-only pass for the run, to hand to a browser (CONTRACT.md section 5).
+    # The creator's read-only pass for the run, to hand to a browser (docs/api.md, run tokens).
     body = {**run_json(run), "stream_token": tokens.mint(run.id, who)[0]}
     return JSONResponse(body, status_code=status, headers=headers)
 
@@ -210,7 +224,7 @@ async def _truncated(
     event = EventsTruncatedEvent(
         run_id=run_id, after=point.after, first_available=first, trimmed=point.trimmed
     )
-    yield [RawEntry(before(first).encode(), event.type.encode(), dumps(event).encode())]
+    yield [RawEntry(before(first).encode(), event.type.encode(), dump_event(event).encode())]
     async for batch in batches:
         yield batch
 

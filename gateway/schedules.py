@@ -1,7 +1,7 @@
 """Schedules over HTTP: ``POST/GET /v1/schedules`` and ``GET/DELETE /v1/schedules/{id}``.
 
 A schedule starts a run of a workflow at each tick of a cron expression in a time zone; the
-timer service of the workers (:mod:`genx_ray.timers`) starts exactly one run per tick.
+timer service of the workers (:mod:`genx_ray.service._timers`) starts exactly one run per tick.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
 from gateway.routes import Tenant, Workflows, read_json
-from genx_ray.errors import UserError
-from genx_ray.schedules import Schedule, ScheduleStore, check
+from genx_ray.model import UserError
+from genx_ray.store import Schedule, ScheduleStore, check
 
 router = APIRouter(tags=["schedules"])
 FIELDS = {"workflow", "cron", "input", "timezone"}

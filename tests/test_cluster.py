@@ -10,7 +10,7 @@ pytestmark = pytest.mark.ray
 def test_bootstrap_twice_is_harmless(ray_local: None, redis_url: str) -> None:
     import ray
 
-    from genx_ray.cluster import NAMESPACE, ensure_ray
+    from genx_ray.compute import NAMESPACE, ensure_ray
 
     before = ray.get_runtime_context().get_job_id()
     ensure_ray("local", redis_url=redis_url)

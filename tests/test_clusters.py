@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from genx_ray.settings import Settings
+from genx_ray.model import Settings
 
 CLUSTERS = Path(__file__).resolve().parent.parent / "clusters"
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()

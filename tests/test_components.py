@@ -24,7 +24,7 @@ from genx_ray import (
     start,
     workflow,
 )
-from genx_ray.errors import UserError
+from genx_ray.model import UserError
 
 calls: Counter[str] = Counter()
 

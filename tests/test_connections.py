@@ -17,10 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from genx_ray.connections import resolve_redis_url
-from genx_ray.embedded import free_port
-from genx_ray.errors import ConfigError
-from genx_ray.settings import Settings
+from genx_ray.model import ConfigError, Settings
+from genx_ray.store import free_port, resolve_redis_url
 
 GENX = [sys.executable, "-m", "genx_ray.cli"]
 
@@ -51,7 +49,7 @@ def test_worker_and_gateway_fail_at_start_when_their_redis_does_not_answer(
 
 def test_embedded_is_used_whenever_asked_for() -> None:
     code = (
-        "import json, os; from genx_ray.connections import resolve_redis_url, sync_redis\n"
+        "import json, os; from genx_ray.store._connections import resolve_redis_url, sync_redis\n"
         "url = resolve_redis_url(allow_embedded=False)\n"
         "print(json.dumps({'url': url, 'pong': sync_redis(url).ping()}))"
     )

@@ -11,10 +11,9 @@ import pytest
 from helpers import execute, sig
 
 from genx_ray import component, start, workflow
-from genx_ray.events import RunRestartedEvent
-from genx_ray.runs import RunStatus, RunStore
-from genx_ray.streams import EventStore
-from genx_ray.workflow import Registry
+from genx_ray.flow import Registry
+from genx_ray.model import RunRestartedEvent, RunStatus
+from genx_ray.store import EventStore, RunStore
 
 calls: Counter[str] = Counter()
 gate = asyncio.Event()

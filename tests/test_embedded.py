@@ -10,15 +10,13 @@ import time
 
 import pytest
 
-from genx_ray.connections import ping, resolve_redis_url
-from genx_ray.embedded import EmbeddedRedis, free_port
-from genx_ray.errors import RedisUnavailable
-from genx_ray.settings import Settings
+from genx_ray.model import RedisUnavailable, Settings
+from genx_ray.store import EmbeddedRedis, free_port, ping, resolve_redis_url
 
 SCRIPT = """
 import json, os
-from genx_ray import connections
-from genx_ray.settings import Settings
+from genx_ray.store import connections
+from genx_ray.model import Settings
 url = connections.resolve_redis_url(Settings(redis_url={closed!r}, redis_url_explicit=False))
 r = connections.sync_redis(url); r.set("k", "v")
 print(json.dumps({{"url": url, "pid": connections._embedded.pid,

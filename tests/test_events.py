@@ -9,8 +9,8 @@ from typing import get_args
 import pytest
 from pydantic import ValidationError
 
-from genx_ray import events as ev
-from genx_ray.streams import EventStore
+from genx_ray.model import events as ev
+from genx_ray.store import EventStore
 
 RID = "run_TEST"
 STEP = ev.StepRef(id="/0:fetch", name="fetch", attempt=2)
@@ -49,7 +49,7 @@ EXAMPLES: dict[str, ev.BaseEvent] = {
         ev.EventsTruncatedEvent(run_id=RID, after="1-0", first_available="9-0"),
     )
 }
-# What CONTRACT.md section 4 names, at least.
+# What docs/api.md names, at least.
 CONTRACT_TYPES = {
     "run.queued", "run.started", "run.restarted", "step.started", "step.retrying",
     "step.completed", "step.failed", "progress", "output", "run.succeeded", "run.failed",
@@ -68,12 +68,12 @@ def test_the_union_has_every_contract_type_and_an_example_of_each_member() -> No
 
 @pytest.mark.parametrize("event", EXAMPLES.values(), ids=lambda e: e.type)  # type: ignore[attr-defined]
 def test_json_round_trip(event: ev.BaseEvent) -> None:
-    wire = ev.dumps(event)
+    wire = ev.dump_event(event)
     data = json.loads(wire)
     assert {"type", "run_id", "ts"} <= data.keys()
     assert " " not in wire.replace("heartbeat lost", "")  # compact
     assert "null" not in wire  # unset fields are left out
-    assert ev.loads(wire) == event
+    assert ev.load_event(wire) == event
 
 
 async def test_stream_round_trip_every_type(events: EventStore) -> None:
@@ -91,7 +91,7 @@ async def test_stream_round_trip_every_type(events: EventStore) -> None:
 
 def test_unknown_type_is_rejected() -> None:
     with pytest.raises(ValidationError):
-        ev.loads('{"type":"run.exploded","run_id":"r","ts":1}')
+        ev.load_event('{"type":"run.exploded","run_id":"r","ts":1}')
 
 
 def test_terminal_types() -> None:
@@ -102,4 +102,4 @@ def test_terminal_types() -> None:
 def test_map_progress_is_a_typed_payload() -> None:
     data = ev.MapProgress(step="/1:f.map", done=3, failed=1, total=10, rate=2.5, eta=2.8)
     event = ev.ProgressEvent(run_id=RID, kind="map", data=data.model_dump())
-    assert ev.MapProgress.model_validate(ev.loads(ev.dumps(event)).data) == data  # type: ignore[union-attr]
+    assert ev.MapProgress.model_validate(ev.load_event(ev.dump_event(event)).data) == data  # type: ignore[union-attr]

@@ -22,12 +22,11 @@ from llm.conftest import Sim
 from matplotlib.figure import Figure
 
 from genx_ray import RetryPolicy, StepError, component, explore, publish, start, workflow
-from genx_ray import keys as genx_keys
-from genx_ray.errors import RunFailed, UserError
-from genx_ray.events import RunRestartedEvent
+from genx_ray.flow import Registry
 from genx_ray.llm import AsyncOpenAI
-from genx_ray.runs import RunStatus, RunStore
-from genx_ray.workflow import Registry
+from genx_ray.model import RunFailed, RunRestartedEvent, RunStatus, UserError
+from genx_ray.store import RunStore
+from genx_ray.store import keys as genx_keys
 
 calls: Counter[str] = Counter()
 gates: dict[str, threading.Event] = {}
@@ -357,7 +356,7 @@ def test_timeline_of_a_run_without_steps(ex: explore.Explorer) -> None:
 
 
 def test_an_unknown_run_is_not_found(ex: explore.Explorer) -> None:
-    from genx_ray.errors import RunNotFound
+    from genx_ray.model import RunNotFound
 
     with pytest.raises(RunNotFound):
         ex.events_frame("run_00000000000000000000000000")

@@ -1,6 +1,6 @@
 """``GET /metrics`` of a real gateway and a real worker (``--metrics-port``), scraped and parsed
 with ``prometheus_client.parser`` before and after runs: the counters move by what the runs did,
-whichever process did it (the gateway, a run host, a pool actor)."""
+whichever process did it (the gateway, a run host, a map actor)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import pytest
 from helpers import wait_up
 from prometheus_client.parser import text_string_to_metric_families
 
-from genx_ray.embedded import free_port
+from genx_ray.store import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 TESTS = os.path.dirname(__file__)
@@ -182,7 +182,7 @@ def test_counters_move_by_what_a_run_did(stack: Stack) -> None:
                         status="succeeded") == 1,
     )  # fmt: skip
     assert moved(after, worker_before, "genx_runs_started_total", workflow=WF) == 1
-    # Six LLM calls: two on the run host, four on the pool actors (counted where the run is).
+    # Six LLM calls: two on the run host, four on the map actors (counted where the run is).
     assert moved(after, worker_before, "genx_llm_calls_total", model=MODEL, outcome="ok") == 6
     assert moved(after, worker_before, "genx_llm_calls_total", model=MODEL, outcome="error") == 0
     assert moved(after, worker_before, "genx_llm_retries_total", model=MODEL) == 2

@@ -13,15 +13,10 @@ from typing import Any
 
 import wf_fixtures  # noqa: F401 - registers the test workflows
 
-from genx_ray import keys
-from genx_ray.connections import async_redis
-from genx_ray.embedded import free_port
-from genx_ray.runs import RunStatus, RunStore
-from genx_ray.settings import Settings
-from genx_ray.streams import EventStore
-from genx_ray.webhooks import sign
-from genx_ray.worker import Worker
-from genx_ray.workflow import registry
+from genx_ray.flow import registry
+from genx_ray.model import RunStatus, Settings
+from genx_ray.service import Worker, sign
+from genx_ray.store import EventStore, RunStore, async_redis, free_port, keys
 
 
 @asynccontextmanager

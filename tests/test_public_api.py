@@ -1,4 +1,4 @@
-"""The public surface of `genx_ray` (CONTRACT.md section 1): adding is fine, removing is not."""
+"""The public surface of `genx_ray` (docs/api.md): adding is fine, removing is not."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ PINNED = [
     "Component", "GenxError", "NonRetryable", "RetryAfter", "RetryPolicy", "RunCancelled",
     "RunFailed", "RunHandle", "StepError", "StepTimeout", "UserError", "Workflow",
     "component", "publish", "registry", "run", "start", "workflow",
-    # durable waits (CONTRACT.md section 5)
+    # durable waits
     "wait_for_input", "InputTimeout", "sleep", "sleep_until",
+    # what a RunHandle returns, and the errors a user meets first
+    "Run", "RunStatus", "ConfigError", "NondeterminismError",
 ]  # fmt: skip
 
 

@@ -24,12 +24,19 @@ from cluster_redis import LocalRedisCluster
 from redis.exceptions import RedisError
 
 import genx_ray
-from genx_ray import keys, lua
-from genx_ray.connections import async_redis, is_cluster, is_cluster_url, sync_redis
-from genx_ray.runs import Run, RunStatus, RunStore
-from genx_ray.streams import EventStore
-from genx_ray.worker import Worker
-from genx_ray.workflow import registry
+from genx_ray.flow import registry
+from genx_ray.model import Run, RunStatus
+from genx_ray.service import Worker
+from genx_ray.store import (
+    EventStore,
+    RunStore,
+    async_redis,
+    is_cluster,
+    is_cluster_url,
+    keys,
+    sync_redis,
+)
+from genx_ray.store import scripts as lua
 
 pytestmark = pytest.mark.slow
 

@@ -86,7 +86,7 @@ async def remote_cancel(marker: str) -> None:
 def test_cancel_stops_in_flight_ray_work(ray_local: None) -> None:
     import time
 
-    from genx_ray.runs import RunStatus
+    from genx_ray.model import RunStatus
 
     marker = f"{os.getpid()}-{time.monotonic_ns()}"
     h = start(remote_cancel, {"marker": marker})

@@ -4,12 +4,16 @@ import asyncio
 
 import pytest
 
-from genx_ray import events as ev
-from genx_ray import keys
-from genx_ray.errors import InvalidTransition, RunNotFound, UserError
-from genx_ray.ids import is_run_id, new_run_id
-from genx_ray.runs import RunStatus, RunStore
-from genx_ray.streams import EventStore
+from genx_ray.model import (
+    InvalidTransition,
+    RunNotFound,
+    RunStatus,
+    UserError,
+    is_run_id,
+    new_run_id,
+)
+from genx_ray.model import events as ev
+from genx_ray.store import EventStore, RunStore, keys
 
 R, Q = RunStatus.RUNNING, RunStatus.QUEUED
 

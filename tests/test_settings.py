@@ -4,9 +4,14 @@ from collections.abc import Iterator, Mapping
 
 import pytest
 
-from genx_ray import settings as settings_module
-from genx_ray.errors import ConfigError
-from genx_ray.settings import DEFAULT_REDIS_URL, ENV_VARS, LLMLimit, Settings
+from genx_ray.model import (
+    DEFAULT_REDIS_URL,
+    ENV_VARS,
+    ConfigError,
+    LLMLimit,
+    Settings,
+    settings_module,
+)
 
 
 def test_defaults() -> None:

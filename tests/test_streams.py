@@ -5,11 +5,9 @@ import random
 
 import pytest
 
-from genx_ray import events as ev
-from genx_ray import keys
-from genx_ray.errors import Fenced, RunNotFound
-from genx_ray.runs import RunStatus, RunStore
-from genx_ray.streams import EventStore
+from genx_ray.model import Fenced, RunNotFound, RunStatus
+from genx_ray.model import events as ev
+from genx_ray.store import EventStore, RunStore, keys
 
 
 async def _running_run(runs: RunStore) -> str:

@@ -8,13 +8,9 @@ import json
 import time
 from typing import Any
 
-from genx_ray import keys
-from genx_ray.ids import RunId, new_run_id
-from genx_ray.lease import Leases
-from genx_ray.runs import RunStatus, RunStore
-from genx_ray.settings import Settings
-from genx_ray.streams import EventStore
-from genx_ray.supervisor import Supervisor
+from genx_ray.model import RunId, RunStatus, Settings, new_run_id
+from genx_ray.service import Supervisor
+from genx_ray.store import EventStore, Leases, RunStore, keys
 
 SETTINGS = Settings(lease_seconds=1, max_attempts=3)
 

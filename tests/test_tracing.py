@@ -1,4 +1,4 @@
-"""Traces across the real processes: a gateway, a worker with its Ray run hosts, pool actors and
+"""Traces across the real processes: a gateway, a worker with its Ray run hosts, map actors and
 tasks, exporting over OTLP/HTTP to a receiver the test runs. One run is one trace, from the
 client's ``traceparent`` to the LLM calls, its restarted attempt included."""
 
@@ -19,7 +19,7 @@ import pytest
 from helpers import wait_up
 from otlp_receiver import Receiver, Span
 
-from genx_ray.embedded import free_port
+from genx_ray.store import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 TESTS = os.path.dirname(__file__)
@@ -91,8 +91,7 @@ def _all(spans: list[Span], name: str | None = None, **attrs: Any) -> list[Span]
 def test_one_trace_from_the_request_to_the_llm_calls_across_processes_and_a_restart(
     stack: Stack, redis_url: str
 ) -> None:
-    from genx_ray.connections import sync_redis
-    from genx_ray.keys import run as run_key
+    from genx_ray.store import keys, sync_redis
 
     trace_id, client_span = secrets.token_hex(16), secrets.token_hex(8)
     resp = httpx.post(
@@ -105,7 +104,7 @@ def test_one_trace_from_the_request_to_the_llm_calls_across_processes_and_a_rest
 
     _until_paused(stack.api, run["id"])
     time.sleep(1)  # its finished spans are exported (OTEL_BSP_SCHEDULE_DELAY) before the kill
-    host = sync_redis(redis_url).hget(run_key(run["id"]), "host")  # "<hostname>:<pid>"
+    host = sync_redis(redis_url).hget(keys.run(run["id"]), "host")  # "<hostname>:<pid>"
     os.kill(int(str(host).rsplit(":", 1)[1]), signal.SIGKILL)  # attempt 1 dies mid-step
 
     deadline = time.monotonic() + 120
@@ -125,7 +124,9 @@ def test_one_trace_from_the_request_to_the_llm_calls_across_processes_and_a_rest
     by_id = {s.span_id: s for s in spans}
 
     # Every process that worked on the run sent spans of this one trace.
-    assert {"genx-gateway", "genx-run-host", "genx-pool", "genx-task"} <= {s.service for s in spans}
+    assert {"genx-gateway", "genx-run-host", "genx-map-actor", "genx-task"} <= {
+        s.service for s in spans
+    }
     mine = [s for s in stack.receiver.spans if s.attributes.get("genx.run.id") == run["id"]]
     assert {s.trace_id for s in mine} == {trace_id}
 
@@ -150,20 +151,20 @@ def test_one_trace_from_the_request_to_the_llm_calls_across_processes_and_a_rest
     assert call.attributes["gen_ai.response.finish_reasons"] == ("stop",)
     assert call.attributes["genx.step.id"] == bye.attributes["genx.step.id"]
 
-    # ... -> map -> a chunk on a pool actor -> its items' LLM calls there.
+    # ... -> map -> a chunk on a map actor -> its items' LLM calls there.
     mapped = _one(spans, "map ask_placed")
     assert mapped.parent_id == attempt.span_id
     assert mapped.attributes["genx.map.items"] == 4 and mapped.attributes["genx.map.failed"] == 0
     assert mapped.attributes["genx.map.concurrency"] == 4
     chunks = [s for s in spans if s.parent_id == mapped.span_id]
     assert chunks and {c.name for c in chunks} == {"map chunk ask_placed"}
-    assert {c.service for c in chunks} == {"genx-pool"}
+    assert {c.service for c in chunks} == {"genx-map-actor"}
     items = [attrs for c in chunks for name, attrs in c.events if name == "item"]
     assert sorted(a["genx.step.id"] for a in items) == [
         f"{mapped.attributes['genx.step.id']}/{i}:ask_placed" for i in range(4)
     ]
     pool_calls = [s for s in spans if s.parent_id in {c.span_id for c in chunks}]
-    assert len(pool_calls) == 4 and {s.service for s in pool_calls} == {"genx-pool"}
+    assert len(pool_calls) == 4 and {s.service for s in pool_calls} == {"genx-map-actor"}
     assert all(s.name == "chat gpt-4o-mini" for s in pool_calls)
 
     # ... -> step -> the Ray task that ran a placed component's attempt.

@@ -17,18 +17,15 @@ from genx_ray import (
     ChildFailed,
     InputTimeout,
     component,
-    keys,
     publish,
     sleep,
     start,
     wait_for_input,
     workflow,
 )
-from genx_ray.errors import InputInvalid, NotWaitingForInput, RunCancelled
-from genx_ray.local import RunHandle
-from genx_ray.runs import RunStatus, RunStore
-from genx_ray.schedules import ScheduleNotFound, ScheduleStore
-from genx_ray.timers import Timers
+from genx_ray.model import InputInvalid, NotWaitingForInput, RunCancelled, RunStatus
+from genx_ray.service import RunHandle, Timers
+from genx_ray.store import RunStore, ScheduleNotFound, ScheduleStore, keys
 
 pytestmark = pytest.mark.timeout(60)
 calls: Counter[str] = Counter()

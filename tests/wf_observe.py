@@ -1,5 +1,5 @@
 """The workflow the observability tests run (GENX_WORKFLOWS=wf_observe): an LLM call in a step, a
-pause (a window to kill its host in), a map of LLM calls on the pool actors, a Ray task, and a
+pause (a window to kill its host in), a map of LLM calls on the map actors, a Ray task, and a
 last LLM call."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ async def ask(prompt: str) -> str:
 
 @component(remote=True)
 async def ask_placed(i: int) -> str:
-    """Placed: its map goes to the pool actors."""
+    """Placed: its map goes to the map actors."""
     return await _ask(f"item {i}")
 
 

@@ -20,7 +20,7 @@ from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import httpx
 
-from genx_ray.errors import UserError
+from genx_ray.model import UserError
 
 MAX_REDIRECTS = 5
 ALLOW_PRIVATE = "GENX_ALLOW_PRIVATE_URLS"

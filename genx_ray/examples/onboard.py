@@ -173,7 +173,7 @@ async def extract(page: Page) -> PageFacts:
 @component(retry=RetryPolicy(max_attempts=3, initial_interval=0.5), timeout=60, remote=True)
 async def enrich(q: Question) -> str:
     """One of the many enrichment calls: a question about a page. Placed (``remote=True``), so
-    its map is spread over the Ray cluster's pool actors instead of the run's own process."""
+    its map is spread over the Ray cluster's map actors instead of the run's own process."""
     return await _ask(q.model, f"Answer about this page: {q.question}", q.text)
 
 

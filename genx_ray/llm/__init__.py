@@ -17,11 +17,10 @@ from typing import Any
 
 import openai
 
-from genx_ray.errors import ConfigError
-from genx_ray.llm.bridge import SyncBridge
-from genx_ray.llm.policy import Policy
-from genx_ray.llm.transport import GenxTransport
-from genx_ray.settings import Settings
+from genx_ray.llm._bridge import SyncBridge
+from genx_ray.llm._policy import Policy
+from genx_ray.llm._transport import GenxTransport
+from genx_ray.model import ConfigError, Settings
 
 __all__ = ["AsyncOpenAI", "OpenAI", "Policy"]
 
@@ -45,7 +44,7 @@ class _SharedHttpClient(openai.DefaultAsyncHttpxClient):
     """The HTTP client every ``AsyncOpenAI`` with the same options shares: building one per SDK
     client cost a tenth of a call's CPU when code makes a client per call (common). Closing an
     SDK client must not close it for the others: its connections live in per-loop pools
-    (genx_ray.llm.shared) that go with their event loop."""
+    (genx_ray.llm._shared) that go with their event loop."""
 
     async def aclose(self) -> None:
         pass

@@ -9,10 +9,10 @@ import pytest
 import wf_fixtures  # noqa: F401 - registers the test workflows
 
 from gateway.app import create_app
-from genx_ray.connections import async_redis
-from genx_ray.settings import Settings
-from genx_ray.worker import Worker
-from genx_ray.workflow import registry
+from genx_ray.flow import registry
+from genx_ray.model import Settings
+from genx_ray.service import Worker
+from genx_ray.store import async_redis
 
 ApiFactory = Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]]
 

@@ -10,7 +10,7 @@ import sys
 import httpx
 import pytest
 
-from genx_ray.ids import new_run_id
+from genx_ray.model import new_run_id
 
 from .conftest import ApiFactory, sse
 
@@ -204,7 +204,7 @@ async def test_malformed_last_event_id_is_400(api: httpx.AsyncClient) -> None:
 
 def test_the_gateway_never_imports_ray() -> None:
     code = (
-        "import sys; from gateway.app import create_app; from genx_ray.settings import Settings; "
+        "import sys; from gateway.app import create_app; from genx_ray.model._settings import Settings; "
         "create_app(Settings.from_env()); "
         "assert 'ray' not in sys.modules, sorted(m for m in sys.modules if m.startswith('ray'))"
     )

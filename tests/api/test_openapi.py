@@ -17,9 +17,9 @@ import httpx
 import pytest
 
 from gateway.app import create_app
-from genx_ray.embedded import free_port
-from genx_ray.settings import Settings
-from genx_ray.workflow import registry
+from genx_ray.flow import registry
+from genx_ray.model import Settings
+from genx_ray.store import free_port
 
 HERE = os.path.dirname(__file__)
 TESTS = os.path.dirname(HERE)

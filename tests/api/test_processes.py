@@ -14,7 +14,7 @@ import httpx
 import pytest
 from helpers import wait_up
 
-from genx_ray.embedded import free_port
+from genx_ray.store import free_port
 
 from .conftest import sse
 

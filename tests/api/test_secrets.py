@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from genx_ray import keys
+from genx_ray.store import keys
 
 from .conftest import ApiFactory, sse
 

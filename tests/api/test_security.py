@@ -12,9 +12,8 @@ from typing import Any
 import httpx
 import pytest
 
-from genx_ray import keys
-from genx_ray.errors import ConfigError
-from genx_ray.settings import Settings
+from genx_ray.model import ConfigError, Settings
+from genx_ray.store import keys
 
 from .conftest import ApiFactory, sse
 
@@ -175,6 +174,8 @@ async def test_a_tenant_over_its_quota_gets_429_with_retry_after_and_nothing_is_
             await api.post("/v1/workflows/review/runs", json=slow, headers=a) for _ in range(2)
         ]
         assert [r.status_code for r in first] == [202, 202]
+        for run in first:  # both parked on their input: a cancel then ends them at once
+            await _until_status(api, run.json()["id"], "waiting", a)
         full = await api.post("/v1/workflows/review/runs", json=slow, headers=a)
         assert full.status_code == 429 and int(full.headers["retry-after"]) >= 1
         assert "2 runs in progress" in full.json()["error"]["message"]
@@ -191,3 +192,14 @@ def test_tenant_limits_that_make_no_sense_are_refused_at_start() -> None:
                 "[1]", "nope"):  # fmt: skip
         with pytest.raises(ConfigError, match="GENX_TENANT_LIMITS"):
             Settings.from_env({"GENX_TENANT_LIMITS": bad})
+
+
+async def _until_status(
+    api: httpx.AsyncClient, run_id: str, status: str, headers: dict[str, str]
+) -> None:
+    """Wait (10 s at most) until the run's status is ``status``: a precondition, not a retry."""
+    for _ in range(200):
+        if (await api.get(f"/v1/runs/{run_id}", headers=headers)).json()["status"] == status:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"run {run_id} never reached {status}")

@@ -17,8 +17,8 @@ import pytest
 
 from gateway.errors import TokenExpired, TokenInvalid
 from gateway.tokens import mint, verify
-from genx_ray import keys
-from genx_ray.redaction import REDACTED, redact
+from genx_ray.model import REDACTED, redact
+from genx_ray.store import keys
 
 from .conftest import ApiFactory, sse
 
@@ -381,7 +381,7 @@ def test_genx_js_listens_for_every_event_type() -> None:
     """EventSource delivers only the named event types it listens for: genx.js must name every
     member of the event union (and the terminal ones as terminal)."""
     from gateway.ui import STATIC
-    from genx_ray.events import EVENT_TYPES, TERMINAL_TYPES
+    from genx_ray.model import EVENT_TYPES, TERMINAL_TYPES
 
     source = (STATIC / "genx.js").read_text()
 

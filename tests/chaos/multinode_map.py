@@ -14,7 +14,7 @@ import ray
 from ray.cluster_utils import Cluster
 
 from genx_ray import component, start, workflow
-from genx_ray.connections import async_redis
+from genx_ray.store import async_redis
 
 TAG = os.urandom(4).hex()
 # KEYS: running on the node, the most ever seen running there. Returns the new count.

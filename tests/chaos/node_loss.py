@@ -20,12 +20,9 @@ os.environ["GENX_HOST_RESOURCES"] = '{"hostnode": 0.01}'  # run hosts only on "h
 
 import wf_fixtures  # noqa: F401 - the ticker workflow
 
-from genx_ray import keys
-from genx_ray.connections import async_redis
-from genx_ray.runs import RunStore
-from genx_ray.streams import EventStore
-from genx_ray.worker import Worker
-from genx_ray.workflow import registry
+from genx_ray.flow import registry
+from genx_ray.service import Worker
+from genx_ray.store import EventStore, RunStore, async_redis, keys
 
 
 def _log(msg: str) -> None:

@@ -15,9 +15,8 @@ from typing import Any
 
 import pytest
 
-from genx_ray import keys
-from genx_ray.runs import Run, RunStatus, RunStore
-from genx_ray.streams import EventStore
+from genx_ray.model import Run, RunStatus
+from genx_ray.store import EventStore, RunStore, keys
 
 from .conftest import WorkerFactory
 

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from genx_ray.runs import RunStatus, RunStore
-from genx_ray.streams import EventStore
+from genx_ray.model import RunStatus
+from genx_ray.store import EventStore, RunStore
 
 from .conftest import WorkerFactory
 

@@ -20,7 +20,7 @@ import httpx
 import pytest
 from helpers import wait_up
 
-from genx_ray.embedded import EmbeddedRedis, free_port
+from genx_ray.store import EmbeddedRedis, free_port
 
 pytestmark = pytest.mark.chaos
 TESTS = Path(__file__).resolve().parents[1]

@@ -8,11 +8,9 @@ import pytest
 import wf_fixtures  # noqa: F401 - registers the ticker workflow
 from helpers import execute
 
-from genx_ray.connections import async_redis
-from genx_ray.embedded import EmbeddedRedis
-from genx_ray.runs import RunStatus, RunStore
-from genx_ray.streams import EventStore
-from genx_ray.workflow import registry
+from genx_ray.flow import registry
+from genx_ray.model import RunStatus
+from genx_ray.store import EmbeddedRedis, EventStore, RunStore, async_redis
 
 pytestmark = pytest.mark.chaos
 

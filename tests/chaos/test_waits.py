@@ -14,11 +14,8 @@ from typing import Any
 
 import pytest
 
-from genx_ray import keys
-from genx_ray.errors import InputInvalid
-from genx_ray.runs import Run, RunStatus, RunStore
-from genx_ray.schedules import ScheduleStore
-from genx_ray.streams import EventStore
+from genx_ray.model import InputInvalid, Run, RunStatus
+from genx_ray.store import EventStore, RunStore, ScheduleStore, keys
 
 from .conftest import WorkerFactory
 from .test_crash import _finished, _phases, _ready, _until

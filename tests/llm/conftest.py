@@ -9,8 +9,8 @@ import httpx
 import pytest
 import uvicorn
 
-from genx_ray.embedded import free_port
 from genx_ray.llm.sim import SimConfig, create_sim
+from genx_ray.store import free_port
 
 
 class Sim:

@@ -18,11 +18,11 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from genx_ray import component, keys, start, workflow
-from genx_ray.connections import sync_redis
-from genx_ray.errors import ConfigError
+from genx_ray import component, start, workflow
 from genx_ray.llm import AsyncOpenAI, OpenAI, Policy
-from genx_ray.llm.shared import Pools
+from genx_ray.llm._shared import Pools
+from genx_ray.model import ConfigError
+from genx_ray.store import keys, sync_redis
 
 from .conftest import Sim
 
@@ -309,9 +309,9 @@ async def test_a_span_per_call_with_genai_attributes(sim: Sim) -> None:
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    from genx_ray import tracing
+    from genx_ray.observe import traced_into
 
-    with tracing.override(provider):
+    with traced_into(provider):
         await AsyncOpenAI().chat.completions.create(model="gpt-4o-mini", messages=_msg("span me"))
     (span,) = exporter.get_finished_spans()
     attrs: dict[str, Any] = dict(span.attributes or {})

@@ -6,10 +6,8 @@ import time
 
 import pytest
 
-from genx_ray import keys
-from genx_ray.errors import UserError
-from genx_ray.ids import is_run_id, new_run_id
-from genx_ray.streams import check_event_id, id_key
+from genx_ray.model import UserError, is_run_id, new_run_id
+from genx_ray.store import check_event_id, id_key, keys
 
 
 def test_every_key_of_a_run_shares_its_slot() -> None:

@@ -8,11 +8,11 @@ import time
 import httpx2 as httpx
 import pytest
 
-from genx_ray.llm import policy
-from genx_ray.llm.limits import match
-from genx_ray.llm.transport import _retry_after
-from genx_ray.llm.usage import cost_nanos
-from genx_ray.settings import LLMLimit
+from genx_ray.llm import _policy as policy
+from genx_ray.llm._limits import match
+from genx_ray.llm._transport import _retry_after
+from genx_ray.llm._usage import cost_nanos
+from genx_ray.model import LLMLimit
 
 LIMITS = {"gpt-4o": LLMLimit(1), "gpt-4o*": LLMLimit(2), "gpt-*": LLMLimit(3), "*": LLMLimit(4)}
 

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from genx_ray.errors import UserError
-from genx_ray.pool import actors_per_node, plan
-from genx_ray.steps import StepSpec
+from genx_ray.compute import actors_per_node, plan
+from genx_ray.flow import StepSpec
+from genx_ray.model import UserError
 
 
 def _node(node_id: str, alive: bool = True, labels: dict[str, str] | None = None,

@@ -1,0 +1,146 @@
+"""A run as its record in Redis says it is: :class:`Run` (what the API returns, what a host
+resumes from) and the durable wait it may be in (:class:`Wait`), read from the record's hash.
+The record is written only by :class:`genx_ray.store._runs.RunStore`.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel, Field, JsonValue
+
+from genx_ray.model._events import ErrorInfo
+from genx_ray.model._status import RunStatus
+
+__all__ = ["DEFAULT_TENANT", "Run", "Wait"]
+
+DEFAULT_TENANT = "default"  # the one tenant of a gateway without API keys
+
+
+class Wait(BaseModel):
+    """What a ``waiting`` run waits for."""
+
+    kind: str  # input | sleep | child
+    step: str
+    input_id: str | None = None
+    input_schema: dict[str, Any] | None = None
+    prompt: str | None = None
+    deadline: datetime | None = None  # input: when the workflow gets InputTimeout
+    until: datetime | None = None  # sleep: when it wakes up
+    child_id: str | None = None
+
+    @classmethod
+    def from_hash(cls, h: dict[str, str]) -> Wait | None:
+        if "wait_kind" not in h:
+            return None
+
+        def ts(name: str) -> datetime | None:
+            return datetime.fromtimestamp(float(h[name]), UTC) if h.get(name) else None
+
+        return cls(
+            kind=h["wait_kind"], step=h.get("wait_step", ""), input_id=h.get("input_id"),
+            input_schema=json.loads(h["input_schema"]) if h.get("input_schema") else None,
+            prompt=h.get("wait_prompt") or None, deadline=ts("wait_deadline"),
+            until=ts("wait_until"), child_id=h.get("wait_child"),
+        )  # fmt: skip
+
+
+class Run(BaseModel):
+    """A run as the API shows it."""
+
+    id: str
+    workflow: str
+    status: RunStatus
+    input: JsonValue = None
+    output: JsonValue = None
+    error: ErrorInfo | None = None
+    attempt: int = 1
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    tenant: str = DEFAULT_TENANT
+    cancel_requested: bool = False
+    # LLM usage of the run (genx_ray.llm): calls, prompt_tokens, completion_tokens, retries,
+    # cost_usd (an estimate from public prices); None before any call. And the same by model
+    # (calls, prompt_tokens, completion_tokens, cost_usd).
+    usage: dict[str, float] | None = None
+    usage_by_model: dict[str, dict[str, float]] | None = None
+    # A child run: the run that started it. A delayed run: when it starts. A run a schedule
+    # started: the schedule.
+    parent_id: str | None = None
+    start_at: datetime | None = None
+    schedule_id: str | None = None
+    # A waiting run: what it waits for (the input it asks for, until when...).
+    waiting: Wait | None = None
+    # The OpenTelemetry trace every attempt of the run joins (None with tracing off).
+    trace_id: str | None = None
+    # Not shown by the API: where the run was started, and where its outcome goes in its parent.
+    origin: str | None = Field(default=None, exclude=True)
+    parent_step: str | None = Field(default=None, exclude=True)
+    # The W3C context its attempts' spans are children of (genx_ray.observe._tracing).
+    traceparent: str | None = Field(default=None, exclude=True)
+
+    @classmethod
+    def from_hash(cls, h: dict[str, str]) -> Run:
+        def ts(name: str) -> datetime | None:
+            return datetime.fromtimestamp(float(h[name]), UTC) if h.get(name) else None
+
+        return cls(
+            id=h["id"],
+            workflow=h["workflow"],
+            status=RunStatus(h["status"]),
+            input=json.loads(h.get("input") or "null"),
+            output=json.loads(h["output"]) if "output" in h else None,
+            error=ErrorInfo.model_validate_json(h["error"]) if h.get("error") else None,
+            attempt=int(h.get("attempt", "1")),
+            created_at=ts("created_at") or datetime.now(UTC),
+            started_at=ts("started_at"),
+            finished_at=ts("finished_at"),
+            tenant=h.get("tenant", DEFAULT_TENANT),
+            cancel_requested=h.get("cancel_requested") == "1",
+            usage=_usage(h),
+            usage_by_model=_usage_by_model(h),
+            parent_id=h.get("parent_id") or None,
+            start_at=ts("start_at"),
+            schedule_id=h.get("schedule_id") or None,
+            waiting=Wait.from_hash(h),
+            origin=h.get("origin") or None,
+            parent_step=h.get("parent_step") or None,
+            trace_id=trace_id_of(h.get("traceparent")),
+            traceparent=h.get("traceparent") or None,
+        )
+
+
+def _usage(h: dict[str, str]) -> dict[str, float] | None:
+    if "usage_calls" not in h:
+        return None
+    usage: dict[str, float] = {
+        name: int(h.get(f"usage_{name}", "0"))
+        for name in ("calls", "prompt_tokens", "completion_tokens", "retries")
+    }
+    usage["cost_usd"] = int(h.get("usage_cost_nanos", "0")) / 1e9
+    return usage
+
+
+def _usage_by_model(h: dict[str, str]) -> dict[str, dict[str, float]] | None:
+    out: dict[str, dict[str, float]] = {}
+    for field, value in h.items():
+        if field.startswith("usage_m:"):
+            model, _, counter = field[len("usage_m:") :].rpartition(":")
+            if counter == "cost_nanos":
+                out.setdefault(model, {})["cost_usd"] = int(value) / 1e9
+            else:
+                out.setdefault(model, {})[counter] = int(value)
+    return out or None
+
+
+def trace_id_of(value: str | None) -> str | None:
+    """The trace id (32 hex digits) of a ``traceparent``, or None."""
+    if not value:
+        return None
+    parts = value.split("-")
+    if len(parts) < 4 or len(parts[1]) != 32 or parts[1] == "0" * 32:
+        return None
+    return parts[1]

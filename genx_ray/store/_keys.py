@@ -1,0 +1,186 @@
+"""Every Redis key genx-ray uses, in one place: the data model at a glance.
+
+Keys of one run share the hash tag ``{run_id}``, so they live in one Redis Cluster slot and the
+Lua scripts that touch several of them (status + event, journal + event, lease + status) stay
+valid there. An LLM budget's keys share a tag of their own for the same reason. Every other key
+is touched alone, or in pipelines that a cluster client splits by slot.
+
+Names that come from users (tenants, workflows, idempotency keys) are escaped with :func:`part`,
+so no two different tuples of names can build the same key, and none can smuggle in a hash tag.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from urllib.parse import quote
+
+PREFIX = "genx"
+
+# Stream: the run queue. The gateway appends run ids; workers read it through one consumer
+# group, so a queued run is delivered to exactly one worker at a time.
+QUEUE = f"{PREFIX}:queue"
+QUEUE_GROUP = "workers"
+
+# Sorted set: run id -> last lease renewal (unix seconds) of every run a host holds a lease on.
+# The supervisor reads its stale end; the run's lease key decides whether the run is orphaned.
+LEASES = f"{PREFIX}:leases"
+
+# Hash: worker name -> JSON {version, draining, seen, hosts}: the live workers, their deployment.
+WORKERS = f"{PREFIX}:workers"
+
+# Stream: control signals for running runs (cancel requested), read by every run host from its
+# tail, so a cancel reaches a run among thousands without polling each one. Capped: a host that
+# misses a signal still finds the flag at its next lease renewal.
+SIGNALS = f"{PREFIX}:signals"
+SIGNALS_MAXLEN = 10_000
+
+# Stream: runs that ended and whose webhook is still to be delivered (an outbox: a host that dies
+# right after finishing cannot lose the notification).
+WEBHOOKS = f"{PREFIX}:webhooks"
+WEBHOOK_GROUP = "senders"
+
+# Sorted set: tenant index keys (members) -> 0. The supervisor walks it to trim expired runs.
+INDEXES = f"{PREFIX}:indexes"
+
+# Sorted set: run id -> when something is due for it (unix seconds): a scheduled run's start, a
+# sleeping run's wake-up, an input's deadline, a child's next check. Read by the timer service of
+# every supervisor; what is due is done by a script that checks the run first (exactly once).
+TIMERS = f"{PREFIX}:timers"
+
+# Hash: schedule id -> JSON {tenant, workflow, cron, timezone, input, created_at}.
+SCHEDULES = f"{PREFIX}:schedules"
+# Sorted set: schedule id -> its next due time (unix seconds); advanced by compare-and-set.
+SCHEDULES_DUE = f"{PREFIX}:schedules:due"
+
+# String: the secret run tokens (browser-safe, read-only, one run each) are signed with, when
+# GENX_TOKEN_SECRET is not set. Created once (SET NX) by the first gateway and never expired, so
+# every gateway on this Redis, and a restarted one, accepts the tokens any of them minted.
+TOKEN_SECRET = f"{PREFIX}:token-secret"
+
+# What a stream entry of a run's events holds: the event type apart (readers that pass the event
+# through, such as the gateway's SSE, need no JSON parsing) and the event as JSON.
+TYPE_FIELD = "t"
+EVENT_FIELD = "e"
+
+
+def part(name: str) -> str:
+    """A user-supplied name made safe for a key: characters outside ``[A-Za-z0-9_.-]``
+    percent-encoded (``:``, ``{``, ``}``, ``%`` included). Injective, and readable for the
+    names people actually use."""
+    return quote(name, safe="-_.~")
+
+
+def run(run_id: str) -> str:
+    """Hash: the run record (status, input, output, attempt, timestamps...)."""
+    return f"{PREFIX}:run:{{{run_id}}}"
+
+
+def events(run_id: str) -> str:
+    """Stream: the run's events; entry ids are the SSE event ids."""
+    return f"{PREFIX}:run:{{{run_id}}}:events"
+
+
+def journal(run_id: str) -> str:
+    """Hash: step id -> recorded outcome, so a restarted run does not redo completed steps."""
+    return f"{PREFIX}:run:{{{run_id}}}:journal"
+
+
+def lease(run_id: str) -> str:
+    """String with a TTL: the attempt whose host is alive. Gone = the host stopped heartbeating."""
+    return f"{PREFIX}:run:{{{run_id}}}:lease"
+
+
+def children(run_id: str) -> str:
+    """Set: the ids of the child runs a run started (a cancelled parent cancels them)."""
+    return f"{PREFIX}:run:{{{run_id}}}:children"
+
+
+def local_queue(runner: str) -> str:
+    """Stream: the runs a script's process (``genx_ray.start``) runs again when they resume."""
+    return f"{PREFIX}:queue:local:{runner}"
+
+
+def runner(runner: str) -> str:
+    """String with a TTL: a script's process that runs runs is alive (see genx_ray.service._script)."""
+    return f"{PREFIX}:runner:{runner}"
+
+
+def hub_wake(hub: str) -> str:
+    """Stream: wakes one gateway's event hub out of its blocking read (a new stream to follow)."""
+    return f"{PREFIX}:hub:{hub}:wake"
+
+
+def run_keys(run_id: str) -> tuple[str, str, str]:
+    """The keys that share a run's lifetime (expired together after the retention period)."""
+    return run(run_id), events(run_id), journal(run_id)
+
+
+def run_id_of(key: str) -> str:
+    """The run id inside one of the run's keys (the reverse of :func:`run`, :func:`events`...)."""
+    return key.split("{", 1)[1].split("}", 1)[0]
+
+
+def run_index(tenant: str, workflow: str | None = None) -> str:
+    """Sorted set (all scores 0, ordered by id = creation time): a tenant's runs, newest last."""
+    base = f"{PREFIX}:runs:{part(tenant)}"
+    return base if workflow is None else f"{base}:wf:{part(workflow)}"
+
+
+def schedule_index(tenant: str) -> str:
+    """Sorted set (by creation time): a tenant's schedule ids."""
+    return f"{PREFIX}:schedules:t:{part(tenant)}"
+
+
+def idempotency(tenant: str, workflow: str, key: str) -> str:
+    """String: the run an ``Idempotency-Key`` created (kept 24 h, see :mod:`genx_ray.store._runs`).
+    The client's key is hashed: any length or character set makes a short, safe key."""
+    digest = hashlib.sha256(key.encode()).hexdigest()[:32]
+    return f"{PREFIX}:idem:{part(tenant)}:{part(workflow)}:{digest}"
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaKeys:
+    """A tenant's quota on starting runs (``GENX_TENANT_LIMITS``), under one hash tag so one
+    script checks both: a token bucket (hash: tokens, at) and its open runs (sorted set: run id
+    -> created at, pruned of finished runs when it looks full)."""
+
+    bucket: str
+    open: str
+
+
+def quota(tenant: str) -> QuotaKeys:
+    tag = f"{PREFIX}:quota:{{{part(tenant)}}}"
+    return QuotaKeys(bucket=f"{tag}:bucket", open=f"{tag}:open")
+
+
+def cache(component: str, version: str, digest: str) -> str:
+    """String: a component's cached result, with the TTL the component asked for."""
+    return f"{PREFIX}:cache:{part(component)}:{part(version)}:{digest}"
+
+
+def llm_cache(digest: str) -> str:
+    """String: a cached LLM response (``genx_ray.llm`` clients with ``cache_ttl``)."""
+    return f"{PREFIX}:llmcache:{digest}"
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetKeys:
+    """The keys of one LLM budget (a model glob of ``GENX_LLM_LIMITS``), all in one slot."""
+
+    concurrency: str  # sorted set: slot id -> lease expiry (ms)
+    requests: str  # sorted set: slot id -> when granted (ms), the last minute's
+    tokens: str  # sorted set: "<slot id>:<tokens>" -> when granted (ms), the last minute's
+    pause: str  # string with a TTL: a provider's Retry-After, in force for every process
+    waiting: str  # sorted set: process id -> until when it has callers waiting (ms)
+
+    @property
+    def all(self) -> list[str]:
+        """In the order the limiter's scripts take them."""
+        return [self.concurrency, self.requests, self.tokens, self.pause, self.waiting]
+
+
+def llm_budget(glob: str) -> BudgetKeys:
+    # A glob may hold any character ('*', '{'...): its hash is the tag, one slot per budget.
+    tag = f"{PREFIX}:llm:{{{hashlib.sha256(glob.encode()).hexdigest()[:16]}}}"
+    return BudgetKeys(f"{tag}:conc", f"{tag}:req", f"{tag}:tok", f"{tag}:pause", f"{tag}:waiting")
