@@ -7,7 +7,8 @@ limit answered by ``429`` + ``Retry-After``, injected ``500``s, and outages of g
 (:mod:`genx_ray.llm.sim_answers`). ``GET /sim/stats`` reports peak
 concurrency, served, rejected and failed requests; ``POST /sim/config`` changes the behaviour at
 run time and ``POST /sim/reset`` zeroes the counters. ``/site/...`` serves a small sample web
-site (the one the onboarding example crawls by default).
+site (the one the onboarding example crawls by default). ``/v1/files`` and ``/v1/batches`` are
+OpenAI's Batch API (:mod:`genx_ray.llm.sim_batches`), unless ``batches`` is off.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from genx_ray.llm import sim_answers
+from genx_ray.llm.sim_batches import Batches
 
 MODELS = ("gpt-4o-mini", "gpt-4o", "sim-small", "sim-large", "text-embedding-3-small")
 SAMPLE_SITE = Path(__file__).resolve().parent.parent / "sample_site"
@@ -45,6 +47,16 @@ class SimConfig(BaseModel):
     chunk_delay_ms: float = Field(default=2.0, ge=0)
     models: list[str] = Field(default_factory=lambda: list(MODELS), description="/v1/models")
     seed: int = 0
+    # The Batch API (genx_ray.llm.sim_batches): its own limits, apart from the online ones.
+    batches: bool = Field(default=True, description="false: /v1/files, /v1/batches answer 404")
+    batch_delay_ms: float = Field(default=500.0, ge=0, description="a batch's time in progress")
+    batch_error_rate: float = Field(default=0.0, ge=0, le=1, description="of batch requests")
+    batch_fail_next: int = Field(default=0, ge=0, description="the next N batch requests fail")
+    batch_expire_ms: float | None = Field(
+        default=None, ge=0, description="a batch not done this long after its creation expires"
+    )
+    batch_max_requests: int = Field(default=50_000, ge=1, description="per input file")
+    batch_max_bytes: int = Field(default=200 * 1024 * 1024, ge=1, description="per input file")
 
 
 class SimStats(BaseModel):
@@ -55,6 +67,10 @@ class SimStats(BaseModel):
     failed: int = 0
     by_model: dict[str, int] = Field(default_factory=dict)
     connections: int = Field(default=0, description="distinct client connections seen")
+    files_uploaded: int = 0
+    batches_created: int = 0
+    batch_requests_served: int = 0
+    batch_requests_failed: int = Field(default=0, description="error-file lines")
 
 
 def create_sim(config: SimConfig | None = None) -> FastAPI:
@@ -192,6 +208,8 @@ def create_sim(config: SimConfig | None = None) -> FastAPI:
         ]
         return {"object": "list", "data": data}
 
+    batches = Batches(conf, stats)
+    batches.mount(app)
     app.mount("/site", StaticFiles(directory=SAMPLE_SITE, html=True), name="site")
 
     @app.get("/sim/stats")
@@ -203,6 +221,7 @@ def create_sim(config: SimConfig | None = None) -> FastAPI:
         state["stats"] = SimStats()
         peers.clear()
         window.clear()
+        batches.reset()
         return stats()
 
     @app.post("/sim/config")
