@@ -176,15 +176,20 @@ def sim(
     ] = None,
     rpm: Annotated[int | None, typer.Option(help="Requests per minute past this get 429.")] = None,
     error_rate: Annotated[float, typer.Option(help="Fraction of calls answered 500.")] = 0.0,
+    batches: Annotated[
+        bool, typer.Option(help="Serve the Batch API (/v1/files, /v1/batches); off: 404.")
+    ] = True,
+    batch_delay_ms: Annotated[float, typer.Option(help="A batch's time in progress.")] = 500.0,
 ) -> None:
-    """An OpenAI-compatible LLM simulator (chat with streaming, embeddings, models, /sim/stats)."""
+    """An OpenAI-compatible LLM simulator (chat with streaming, embeddings, models, the Batch API,
+    /sim/stats)."""
     import uvicorn
 
     from genx_ray.llm.sim import SimConfig, create_sim
 
     config = SimConfig(
         latency_ms=latency_ms, jitter_ms=jitter_ms, max_concurrency=max_concurrency, rpm=rpm,
-        error_rate=error_rate,
+        error_rate=error_rate, batches=batches, batch_delay_ms=batch_delay_ms,
     )  # fmt: skip
     uvicorn.run(create_sim(config), host=host, port=port, log_level="warning")
 

@@ -131,7 +131,8 @@ async def fetch_page(url: str) -> Page:
     parser.feed(html)
     base = fetching.final_url(response)  # where a redirect led: links are relative to it
     links = [urldefrag(urljoin(base, href))[0] for href in parser.links]
-    return Page(url=url, title=parser.title, text=" ".join(parser.text)[:4000], links=links)
+    text = "\n".join(parser.text)[:4000]  # a line per text node: a heading stays off its paragraph
+    return Page(url=url, title=parser.title, text=text, links=links)
 
 
 @component

@@ -3,16 +3,17 @@
 ``/v1/chat/completions`` (streaming too), ``/v1/embeddings`` and ``/v1/models``, with what makes
 real providers hard: latency (a mean and a jitter), a concurrency cap and a requests-per-minute
 limit answered by ``429`` + ``Retry-After``, injected ``500``s, and outages of given models
-(``503``). Answers are deterministic (a hash of the request). ``GET /sim/stats`` reports peak
+(``503``). Answers are plausible text, a pure function of the request
+(:mod:`genx_ray.llm.sim_answers`). ``GET /sim/stats`` reports peak
 concurrency, served, rejected and failed requests; ``POST /sim/config`` changes the behaviour at
 run time and ``POST /sim/reset`` zeroes the counters. ``/site/...`` serves a small sample web
-site (the one the onboarding example crawls by default).
+site (the one the onboarding example crawls by default). ``/v1/files`` and ``/v1/batches`` are
+OpenAI's Batch API (:mod:`genx_ray.llm.sim_batches`), unless ``batches`` is off.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import random
 import time
@@ -25,6 +26,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
+
+from genx_ray.llm import sim_answers
+from genx_ray.llm.sim_batches import Batches
 
 MODELS = ("gpt-4o-mini", "gpt-4o", "sim-small", "sim-large", "text-embedding-3-small")
 SAMPLE_SITE = Path(__file__).resolve().parent.parent / "sample_site"
@@ -43,6 +47,16 @@ class SimConfig(BaseModel):
     chunk_delay_ms: float = Field(default=2.0, ge=0)
     models: list[str] = Field(default_factory=lambda: list(MODELS), description="/v1/models")
     seed: int = 0
+    # The Batch API (genx_ray.llm.sim_batches): its own limits, apart from the online ones.
+    batches: bool = Field(default=True, description="false: /v1/files, /v1/batches answer 404")
+    batch_delay_ms: float = Field(default=500.0, ge=0, description="a batch's time in progress")
+    batch_error_rate: float = Field(default=0.0, ge=0, le=1, description="of batch requests")
+    batch_fail_next: int = Field(default=0, ge=0, description="the next N batch requests fail")
+    batch_expire_ms: float | None = Field(
+        default=None, ge=0, description="a batch not done this long after its creation expires"
+    )
+    batch_max_requests: int = Field(default=50_000, ge=1, description="per input file")
+    batch_max_bytes: int = Field(default=200 * 1024 * 1024, ge=1, description="per input file")
 
 
 class SimStats(BaseModel):
@@ -53,18 +67,10 @@ class SimStats(BaseModel):
     failed: int = 0
     by_model: dict[str, int] = Field(default_factory=dict)
     connections: int = Field(default=0, description="distinct client connections seen")
-
-
-def _tokens(text: str) -> int:
-    return max(1, len(text.split()))
-
-
-def _answer(body: dict[str, Any]) -> str:
-    messages = body.get("messages") or []
-    last = str(messages[-1].get("content", "")) if messages else ""
-    digest = hashlib.sha256(json.dumps(body.get("messages"), sort_keys=True).encode()).hexdigest()
-    words = last.split()[:12]
-    return f"[{body.get('model')}:{digest[:8]}] " + " ".join(words[::-1] or ["ok"])
+    files_uploaded: int = 0
+    batches_created: int = 0
+    batch_requests_served: int = 0
+    batch_requests_failed: int = Field(default=0, description="error-file lines")
 
 
 def create_sim(config: SimConfig | None = None) -> FastAPI:
@@ -150,31 +156,20 @@ def create_sim(config: SimConfig | None = None) -> FastAPI:
         body, model, refused = await arrive(request)
         if refused is not None:
             return refused
-        text = _answer(body)
-        prompt = sum(_tokens(str(m.get("content", ""))) for m in body.get("messages") or [])
-        usage = {"prompt_tokens": prompt, "completion_tokens": _tokens(text),
-                 "total_tokens": prompt + _tokens(text)}  # fmt: skip
-        created, cid = (
-            int(time.time()),
-            "chatcmpl-" + hashlib.sha256(text.encode()).hexdigest()[:12],
-        )
+        completion = sim_answers.chat_completion(body)
         if not body.get("stream"):
             await respond()
-            return JSONResponse({
-                "id": cid, "object": "chat.completion", "created": created, "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "finish_reason": "stop"}],
-                "usage": usage,
-            })  # fmt: skip
+            return JSONResponse(completion)
 
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
 
         async def chunks() -> AsyncIterator[bytes]:
             try:
                 await latency()
-                base = {"id": cid, "object": "chat.completion.chunk", "created": created,
-                        "model": model}  # fmt: skip
-                words = text.split(" ")
+                base = {"id": completion["id"], "object": "chat.completion.chunk",
+                        "created": completion["created"], "model": model}  # fmt: skip
+                choice = completion["choices"][0]
+                words = choice["message"]["content"].split(" ")
                 for i, word in enumerate(words):
                     delta = {"content": word + ("" if i == len(words) - 1 else " ")}
                     if i == 0:
@@ -185,10 +180,11 @@ def create_sim(config: SimConfig | None = None) -> FastAPI:
                     }
                     yield f"data: {json.dumps(chunk)}\n\n".encode()
                     await asyncio.sleep(conf().chunk_delay_ms / 1000)
-                last = {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+                end = {"index": 0, "delta": {}, "finish_reason": choice["finish_reason"]}
+                last = {**base, "choices": [end]}
                 yield f"data: {json.dumps(last)}\n\n".encode()
                 if include_usage:
-                    tail = {**base, "choices": [], "usage": usage}
+                    tail = {**base, "choices": [], "usage": completion["usage"]}
                     yield f"data: {json.dumps(tail)}\n\n".encode()
                 yield b"data: [DONE]\n\n"
             finally:
@@ -198,21 +194,11 @@ def create_sim(config: SimConfig | None = None) -> FastAPI:
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> Response:
-        body, model, refused = await arrive(request)
+        body, _, refused = await arrive(request)
         if refused is not None:
             return refused
         await respond()
-        inputs = body.get("input")
-        items = inputs if isinstance(inputs, list) else [inputs]
-        dims = int(body.get("dimensions") or 8)
-        data = []
-        for i, item in enumerate(items):
-            digest = hashlib.sha256(json.dumps(item).encode()).digest()
-            vector = [(digest[j % len(digest)] - 128) / 128 for j in range(dims)]
-            data.append({"object": "embedding", "index": i, "embedding": vector})
-        tokens = sum(_tokens(json.dumps(x)) for x in items)
-        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
-        return JSONResponse({"object": "list", "data": data, "model": model, "usage": usage})
+        return JSONResponse(sim_answers.embeddings(body))
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -222,6 +208,8 @@ def create_sim(config: SimConfig | None = None) -> FastAPI:
         ]
         return {"object": "list", "data": data}
 
+    batches = Batches(conf, stats)
+    batches.mount(app)
     app.mount("/site", StaticFiles(directory=SAMPLE_SITE, html=True), name="site")
 
     @app.get("/sim/stats")
@@ -233,6 +221,7 @@ def create_sim(config: SimConfig | None = None) -> FastAPI:
         state["stats"] = SimStats()
         peers.clear()
         window.clear()
+        batches.reset()
         return stats()
 
     @app.post("/sim/config")

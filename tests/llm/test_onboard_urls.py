@@ -108,6 +108,11 @@ def test_an_onboarding_run_never_reads_an_internal_page(sim: Sim, internal: str)
 def test_the_sample_site_is_still_crawled(sim: Sim) -> None:
     report = start(onboard, {"max_pages": 3, "questions_per_page": 1}).result(120).model_dump()
     assert report["pages"] == 3
+    # The first impression: each page summed up in its own sentences (the heading kept out), and
+    # the brief opening with what the site says first.
+    index = "Acme Robotics builds warehouse robots that pick, pack and sort parcels."
+    assert report["facts"][0]["summary"].startswith(index)
+    assert report["summary"].startswith(index)
 
 
 def test_the_input_schema_bounds_what_one_request_may_cost() -> None:
