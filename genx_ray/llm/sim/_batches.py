@@ -16,7 +16,7 @@ per answered request: ``{"id", "custom_id", "response": {"status_code": 200, "re
 What stays true:
 
 - A request's ``body`` is answered exactly as the online endpoint answers it
-  (:mod:`genx_ray.llm.sim_answers`), usage included; the batch's ``usage`` adds them up.
+  (:mod:`genx_ray.llm.sim._answers`), usage included; the batch's ``usage`` adds them up.
 - A request that fails over HTTP (``batch_error_rate``, ``batch_fail_next``, a model in
   ``down_models``) is an error-file line with ``response.status_code`` 500 (503) and the error as
   the body, ``"error": null``; a request the batch never ran because it expired
@@ -48,10 +48,10 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from genx_ray.llm import sim_answers
+from genx_ray.llm.sim import _answers as sim_answers
 
 if TYPE_CHECKING:
-    from genx_ray.llm.sim import SimConfig, SimStats
+    from genx_ray.llm.sim._app import SimConfig, SimStats
 
 ENDPOINTS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "/v1/chat/completions": sim_answers.chat_completion,

@@ -8,7 +8,7 @@ to a question (a ``?`` in the system messages or that first line) is one sentenc
 sharing the most words with the instructions come first, then the request's hash decides.
 Headings (a line of a few words with no full stop) are skipped while there is anything else.
 
-What stays true, online, streamed or in a batch (:mod:`genx_ray.llm.sim_batches`):
+What stays true, online, streamed or in a batch (:mod:`genx_ray.llm.sim._batches`):
 
 - The same request body gives the same answer; requests whose messages say different things get
   different answers (the same text under two instructions may get the same sentences).

@@ -4,11 +4,11 @@
 real providers hard: latency (a mean and a jitter), a concurrency cap and a requests-per-minute
 limit answered by ``429`` + ``Retry-After``, injected ``500``s, and outages of given models
 (``503``). Answers are plausible text, a pure function of the request
-(:mod:`genx_ray.llm.sim_answers`). ``GET /sim/stats`` reports peak
+(:mod:`genx_ray.llm.sim._answers`). ``GET /sim/stats`` reports peak
 concurrency, served, rejected and failed requests; ``POST /sim/config`` changes the behaviour at
 run time and ``POST /sim/reset`` zeroes the counters. ``/site/...`` serves a small sample web
 site (the one the onboarding example crawls by default). ``/v1/files`` and ``/v1/batches`` are
-OpenAI's Batch API (:mod:`genx_ray.llm.sim_batches`), unless ``batches`` is off.
+OpenAI's Batch API (:mod:`genx_ray.llm.sim._batches`), unless ``batches`` is off.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
-from genx_ray.llm import sim_answers
-from genx_ray.llm.sim_batches import Batches
+from genx_ray.llm.sim import _answers as sim_answers
+from genx_ray.llm.sim._batches import Batches
 
 MODELS = ("gpt-4o-mini", "gpt-4o", "sim-small", "sim-large", "text-embedding-3-small")
-SAMPLE_SITE = Path(__file__).resolve().parent.parent / "sample_site"
+SAMPLE_SITE = Path(__file__).resolve().parents[2] / "sample_site"
 
 
 class SimConfig(BaseModel):
@@ -47,7 +47,7 @@ class SimConfig(BaseModel):
     chunk_delay_ms: float = Field(default=2.0, ge=0)
     models: list[str] = Field(default_factory=lambda: list(MODELS), description="/v1/models")
     seed: int = 0
-    # The Batch API (genx_ray.llm.sim_batches): its own limits, apart from the online ones.
+    # The Batch API (genx_ray.llm.sim._batches): its own limits, apart from the online ones.
     batches: bool = Field(default=True, description="false: /v1/files, /v1/batches answer 404")
     batch_delay_ms: float = Field(default=500.0, ge=0, description="a batch's time in progress")
     batch_error_rate: float = Field(default=0.0, ge=0, le=1, description="of batch requests")
