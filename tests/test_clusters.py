@@ -12,7 +12,7 @@ import yaml
 from genx_ray.model import Settings
 
 CLUSTERS = Path(__file__).resolve().parent.parent / "clusters"
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+API_DOC = (Path(__file__).resolve().parent.parent / "docs" / "api.md").read_text()
 
 
 def _env(doc: Any) -> dict[str, str]:
@@ -39,7 +39,7 @@ def test_kuberay_manifest() -> None:
     command = gateway["spec"]["template"]["spec"]["containers"][0]["command"]
     assert command[:2] == ["genx", "gateway"]
     env = _env(docs)
-    assert env and all(f"`{name}`" in README for name in env)  # documented settings only
+    assert env and all(f"`{name}`" in API_DOC for name in env)  # documented settings only
     Settings.from_env({**env, "GENX_REDIS_URL": "redis://r:6379/0"})  # and valid values
 
 

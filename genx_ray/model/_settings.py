@@ -9,11 +9,28 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Annotated, Any, TypeVar
 from urllib.parse import urlparse
 
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
 from genx_ray.model._errors import ConfigError
+
+T = TypeVar("T")
+# A value pydantic-settings hands over as the variable's text: its parser here decodes it (JSON
+# or a list), so a malformed value gets this module's message naming the variable.
+NoDecoded = Annotated[T, NoDecode]
+# Set while Settings.from_env parses a given mapping: the process environment is not read then.
+_given_only: ContextVar[bool] = ContextVar("genx_settings_given_only", default=False)
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 EMBEDDED = "embedded"  # GENX_REDIS_URL=embedded: always start a private Redis
@@ -38,52 +55,104 @@ class TenantLimit:
     running: int | None = None  # runs started and not finished (queued, running or waiting)
 
 
-@dataclass(frozen=True, slots=True)
-class Settings:
-    redis_url: str = DEFAULT_REDIS_URL
+def _var(name: str, default: Any, **kw: Any) -> Any:
+    """A setting read from the environment variable ``name``."""
+    return Field(default, validation_alias=name, **kw)
+
+
+class Settings(BaseSettings):
+    """Every setting, from ``GENX_*`` variables (pydantic-settings reads them), validated once
+    when a process starts: a malformed value is a :class:`ConfigError` naming its variable.
+    Build one with :meth:`current` (this process's environment, cached), :meth:`from_env` (a
+    mapping), or by field name in tests (``Settings(lease_seconds=1)``)."""
+
+    model_config = SettingsConfigDict(
+        frozen=True, case_sensitive=True, populate_by_name=True, extra="ignore",
+        arbitrary_types_allowed=True,
+    )  # fmt: skip
+
+    redis_url: str = _var("GENX_REDIS_URL", DEFAULT_REDIS_URL)
     # True when the user named a Redis: then we never silently start our own instead.
     redis_url_explicit: bool = False
-    ray_address: str = "local"
-    workflows: tuple[str, ...] = DEFAULT_WORKFLOWS
-    api_keys: Mapping[str, str] = field(default_factory=dict)  # bearer key -> tenant
-    llm_limits: Mapping[str, LLMLimit] = field(default_factory=dict)
+    ray_address: str = _var("GENX_RAY_ADDRESS", "local")
+    workflows: NoDecoded[tuple[str, ...]] = _var("GENX_WORKFLOWS", DEFAULT_WORKFLOWS)
+    api_keys: NoDecoded[Mapping[str, str]] = _var("GENX_API_KEYS", {})  # bearer key -> tenant
+    llm_limits: NoDecoded[Mapping[str, LLMLimit]] = _var("GENX_LLM_LIMITS", {})
     # Per-tenant quotas on starting runs (tenant name, or "*" for every other tenant).
-    tenant_limits: Mapping[str, TenantLimit] = field(default_factory=dict)
+    tenant_limits: NoDecoded[Mapping[str, TenantLimit]] = _var("GENX_TENANT_LIMITS", {})
     # An LLM concurrency slot's lease (refreshed while its call runs): how soon a crashed
     # holder's slot comes back.
-    llm_lease_seconds: int = 60
+    llm_lease_seconds: int = _var("GENX_LLM_LEASE_SECONDS", 60)
     # How long a finished run's record, events and journal stay in Redis.
-    retention_seconds: int = 7 * 24 * 3600
+    retention_seconds: int = _var("GENX_RETENTION_SECONDS", 7 * 24 * 3600)
     # Cap on one run's event stream (approximate MAXLEN); a run that emits more drops its oldest.
-    stream_maxlen: int = 100_000
-    max_body_bytes: int = 1024 * 1024
+    stream_maxlen: int = _var("GENX_STREAM_MAXLEN", 100_000)
+    max_body_bytes: int = _var("GENX_MAX_BODY_BYTES", 1024 * 1024)
     # A run host renews its lease every third of this; a lease this old means the host is gone.
     # Generous: a false crash detection re-runs a step and re-spends LLM money.
-    lease_seconds: int = 30
+    lease_seconds: int = _var("GENX_LEASE_SECONDS", 30)
     # Attempts a run gets before a lost host fails it for good.
-    max_attempts: int = 3
+    max_attempts: int = _var("GENX_MAX_ATTEMPTS", 3)
     # Runs running at once across every worker sharing this Redis (None: no cluster-wide cap).
-    max_running: int | None = None
-    # The deployment (code version) this process belongs to; see genx_ray.service._worker for the policy.
-    deployment: str = "default"
+    max_running: int | None = _var("GENX_MAX_RUNNING", None)
+    # The deployment (code version) this process belongs to; see the worker for the policy.
+    deployment: str = _var("GENX_DEPLOYMENT", "default")
     # Where to POST a signed notice when a run ends (None: no webhooks).
-    webhook_url: str | None = None
-    webhook_secret: str = ""
+    webhook_url: str | None = _var("GENX_WEBHOOK_URL", None)
+    webhook_secret: str = _var("GENX_WEBHOOK_SECRET", "")
     # Ray custom resources each run host asks for (e.g. {"hosts": 0.01} keeps them on the nodes
     # that offer "hosts"): where the long-lived, lightweight run hosts may live.
-    host_resources: Mapping[str, float] = field(default_factory=dict)
+    host_resources: NoDecoded[Mapping[str, float]] = _var("GENX_HOST_RESOURCES", {})
     # Run tokens (browser-safe, read-only, one run each): the HMAC secret (None: a random one
     # kept in Redis, shared by every gateway on it) and how long a token lives.
-    token_secret: str | None = None
-    token_ttl: int = 24 * 3600
+    token_secret: str | None = _var("GENX_TOKEN_SECRET", None)
+    token_ttl: int = _var("GENX_TOKEN_TTL", 24 * 3600)
     # Browser origins allowed to call the API (CORS); none by default.
-    cors_origins: tuple[str, ...] = ()
+    cors_origins: NoDecoded[tuple[str, ...]] = _var("GENX_CORS_ORIGINS", ())
     # Runs one run host executes at once (each an asyncio task; 1: a process per run, for code
     # that must be isolated).
-    host_runs: int = 1000
+    host_runs: int = _var("GENX_HOST_RUNS", 1000)
     # Runs one run host process takes over its life before a fresh one replaces it (1 with
     # host_runs 1: a fresh process for every run, for code that leaves state behind).
-    host_max_runs: int = 10_000
+    host_max_runs: int = _var("GENX_HOST_MAX_RUNS", 10_000)
+
+    # -- parsing: each variable's own rules and messages ------------------------------------------
+
+    @model_validator(mode="before")
+    @classmethod
+    def _named_redis(cls, data: Any) -> Any:
+        if (
+            isinstance(data, dict) and "redis_url_explicit" not in data
+            and str(data.get("GENX_REDIS_URL") or "").strip()
+        ):  # fmt: skip
+            data = {**data, "redis_url_explicit": True}
+        return data
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _parse(cls, value: Any, info: ValidationInfo) -> Any:
+        """A variable's text, parsed by the rules of its field (values given by field name, as
+        tests do, pass as they are)."""
+        field = info.field_name
+        if not isinstance(value, str) or field is None or field in _VERBATIM:
+            return value
+        text = value.strip()
+        if not text:
+            return cls.model_fields[field].default
+        if field not in _PARSERS:
+            return text
+        name, parse = _PARSERS[field]
+        return parse(name, text)
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:  # fmt: skip
+        """The process environment, under what the caller gives; only what :meth:`from_env` is
+        given when it is given a mapping."""
+        return (init_settings,) if _given_only.get() else (init_settings, env_settings)
 
     @classmethod
     def current(cls) -> Settings:
@@ -99,45 +168,14 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Parse ``env`` (the process environment by default); :class:`ConfigError` names the
         first malformed variable."""
-        env = os.environ if env is None else env
-        redis_url = env.get("GENX_REDIS_URL", "").strip()
-        return cls(
-            redis_url=_redis_url(redis_url) if redis_url else DEFAULT_REDIS_URL,
-            redis_url_explicit=bool(redis_url),
-            ray_address=_ray_address(env.get("GENX_RAY_ADDRESS", "local").strip() or "local"),
-            workflows=_modules(env.get("GENX_WORKFLOWS", "")) or DEFAULT_WORKFLOWS,
-            api_keys=_api_keys(env.get("GENX_API_KEYS", "")),
-            llm_limits=_llm_limits(env.get("GENX_LLM_LIMITS", "")),
-            tenant_limits=_tenant_limits(env.get("GENX_TENANT_LIMITS", "")),
-            llm_lease_seconds=_positive_int(env, "GENX_LLM_LEASE_SECONDS", 60),
-            retention_seconds=_positive_int(env, "GENX_RETENTION_SECONDS", 7 * 24 * 3600),
-            stream_maxlen=_positive_int(env, "GENX_STREAM_MAXLEN", 100_000),
-            max_body_bytes=_positive_int(env, "GENX_MAX_BODY_BYTES", 1024 * 1024),
-            lease_seconds=_positive_int(env, "GENX_LEASE_SECONDS", 30),
-            max_attempts=_positive_int(env, "GENX_MAX_ATTEMPTS", 3),
-            max_running=_positive_int(env, "GENX_MAX_RUNNING", 0) or None,
-            deployment=env.get("GENX_DEPLOYMENT", "").strip() or "default",
-            webhook_url=_webhook_url(env.get("GENX_WEBHOOK_URL", "").strip()),
-            webhook_secret=env.get("GENX_WEBHOOK_SECRET", ""),
-            host_resources=_resources("GENX_HOST_RESOURCES", env.get("GENX_HOST_RESOURCES", "")),
-            token_secret=env.get("GENX_TOKEN_SECRET", "").strip() or None,
-            token_ttl=_positive_int(env, "GENX_TOKEN_TTL", 24 * 3600),
-            cors_origins=_origins(env.get("GENX_CORS_ORIGINS", "")),
-            host_runs=_positive_int(env, "GENX_HOST_RUNS", 1000),
-            host_max_runs=_positive_int(env, "GENX_HOST_MAX_RUNS", 10_000),
-        )
-
-
-# Every variable Settings reads: a change to any of them is a new parse for Settings.current().
-ENV_VARS = (
-    "GENX_REDIS_URL", "GENX_RAY_ADDRESS", "GENX_WORKFLOWS", "GENX_API_KEYS", "GENX_LLM_LIMITS",
-    "GENX_LLM_LEASE_SECONDS", "GENX_RETENTION_SECONDS", "GENX_STREAM_MAXLEN",
-    "GENX_MAX_BODY_BYTES", "GENX_LEASE_SECONDS", "GENX_MAX_ATTEMPTS", "GENX_MAX_RUNNING",
-    "GENX_DEPLOYMENT", "GENX_WEBHOOK_URL", "GENX_WEBHOOK_SECRET", "GENX_HOST_RESOURCES",
-    "GENX_HOST_RUNS", "GENX_HOST_MAX_RUNS", "GENX_TOKEN_SECRET", "GENX_TOKEN_TTL",
-    "GENX_CORS_ORIGINS", "GENX_TENANT_LIMITS",
-)  # fmt: skip
-_parsed: dict[tuple[str | None, ...], Settings] = {}
+        if env is None:
+            return cls()
+        token = _given_only.set(True)
+        try:
+            given: dict[str, Any] = {name: env[name] for name in ENV_VARS if name in env}
+            return cls(**given)
+        finally:
+            _given_only.reset(token)
 
 
 def _redis_url(value: str) -> str:
@@ -280,12 +318,46 @@ def _tenant_limits(value: str) -> dict[str, TenantLimit]:
     return limits
 
 
-def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    if raw == "0" and default == 0:  # 0 where it means "none"
-        return 0
-    if not raw.isdigit() or int(raw) <= 0:
-        raise ConfigError(name, f"{raw!r}: expected a positive integer")
-    return int(raw)
+def _positive(name: str, text: str) -> int:
+    if not text.isdigit() or int(text) <= 0:
+        raise ConfigError(name, f"{text!r}: expected a positive integer")
+    return int(text)
+
+
+def _positive_or_none(name: str, text: str) -> int | None:
+    """A positive integer, or 0 where it means "none"."""
+    return None if text == "0" else _positive(name, text)
+
+
+Parse = Callable[[str, str], Any]
+# field -> (its variable, how its text is parsed); blank text means the field's default.
+_PARSERS: dict[str, tuple[str, Parse]] = {
+    "redis_url": ("GENX_REDIS_URL", lambda _, v: _redis_url(v)),
+    "ray_address": ("GENX_RAY_ADDRESS", lambda _, v: _ray_address(v)),
+    "workflows": ("GENX_WORKFLOWS", lambda _, v: _modules(v) or DEFAULT_WORKFLOWS),
+    "api_keys": ("GENX_API_KEYS", lambda _, v: _api_keys(v)),
+    "llm_limits": ("GENX_LLM_LIMITS", lambda _, v: _llm_limits(v)),
+    "tenant_limits": ("GENX_TENANT_LIMITS", lambda _, v: _tenant_limits(v)),
+    "llm_lease_seconds": ("GENX_LLM_LEASE_SECONDS", _positive),
+    "retention_seconds": ("GENX_RETENTION_SECONDS", _positive),
+    "stream_maxlen": ("GENX_STREAM_MAXLEN", _positive),
+    "max_body_bytes": ("GENX_MAX_BODY_BYTES", _positive),
+    "lease_seconds": ("GENX_LEASE_SECONDS", _positive),
+    "max_attempts": ("GENX_MAX_ATTEMPTS", _positive),
+    "max_running": ("GENX_MAX_RUNNING", _positive_or_none),
+    "deployment": ("GENX_DEPLOYMENT", lambda _, v: v),
+    "webhook_url": ("GENX_WEBHOOK_URL", lambda _, v: _webhook_url(v)),
+    "host_resources": ("GENX_HOST_RESOURCES", _resources),
+    "token_secret": ("GENX_TOKEN_SECRET", lambda _, v: v),
+    "token_ttl": ("GENX_TOKEN_TTL", _positive),
+    "cors_origins": ("GENX_CORS_ORIGINS", lambda _, v: _origins(v)),
+    "host_runs": ("GENX_HOST_RUNS", _positive),
+    "host_max_runs": ("GENX_HOST_MAX_RUNS", _positive),
+}
+_VERBATIM = frozenset({"webhook_secret"})  # a secret is taken as given, spaces included
+
+# Every variable Settings reads: a change to any of them is a new parse for Settings.current().
+ENV_VARS: tuple[str, ...] = tuple(
+    str(f.validation_alias) for f in Settings.model_fields.values() if f.validation_alias
+)
+_parsed: dict[tuple[str | None, ...], Settings] = {}

@@ -133,7 +133,7 @@ def test_a_bad_token_shows_an_error_state(stack: Stack, page: Any) -> None:
     assert page.text_content("#problem-code") == "unauthorized"
 
 
-# The README's genx.js example, as a web app on another origin would serve it (the run id and
+# The genx.js example of docs/viewer.md, as a web app on another origin would serve it (the run id and
 # token come from the app's backend, which started the run with its API key: here, the URL).
 WEB_APP = """<!doctype html>
 <pre id="out"></pre>
