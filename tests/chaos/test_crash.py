@@ -20,7 +20,7 @@ from genx_ray.store import EventStore, RunStore, keys
 
 from .conftest import WorkerFactory
 
-pytestmark = [pytest.mark.chaos, pytest.mark.timeout(300)]
+pytestmark = pytest.mark.timeout(300)
 
 
 async def _until(predicate: Any, within: float = 90, every: float = 0.1) -> None:

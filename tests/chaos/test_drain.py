@@ -14,7 +14,7 @@ from genx_ray.store import EventStore, RunStore
 
 from .conftest import WorkerFactory
 
-pytestmark = [pytest.mark.chaos, pytest.mark.timeout(300)]
+pytestmark = pytest.mark.timeout(300)
 
 
 async def test_sigterm_drain_hands_every_run_over_without_redoing_steps(

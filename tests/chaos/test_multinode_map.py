@@ -9,7 +9,7 @@ import pytest
 
 from .conftest import run_script
 
-pytestmark = [pytest.mark.chaos, pytest.mark.timeout(400)]
+pytestmark = pytest.mark.timeout(400)
 
 
 def test_map_spreads_over_nodes_within_their_caps(redis_url: str) -> None:

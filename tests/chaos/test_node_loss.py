@@ -6,7 +6,7 @@ import pytest
 
 from .conftest import run_script
 
-pytestmark = [pytest.mark.chaos, pytest.mark.timeout(300)]
+pytestmark = pytest.mark.timeout(300)
 
 
 def test_losing_the_node_of_a_run_host(redis_url: str) -> None:

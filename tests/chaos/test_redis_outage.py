@@ -22,7 +22,6 @@ from helpers import wait_up
 
 from genx_ray.store import EmbeddedRedis, free_port
 
-pytestmark = pytest.mark.chaos
 TESTS = Path(__file__).resolve().parents[1]
 OUTAGE_SECONDS = 8.0  # longer than the hub's 5 s recheck: the open stream meets the outage
 

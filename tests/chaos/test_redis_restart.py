@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
 import wf_fixtures  # noqa: F401 - registers the ticker workflow
 from helpers import execute
 
 from genx_ray.flow import registry
 from genx_ray.model import RunStatus
 from genx_ray.store import EmbeddedRedis, EventStore, RunStore, async_redis
-
-pytestmark = pytest.mark.chaos
 
 
 async def test_a_redis_restart_mid_run_loses_nothing_acknowledged() -> None:

@@ -20,7 +20,7 @@ from genx_ray.store import EventStore, RunStore, ScheduleStore, keys
 from .conftest import WorkerFactory
 from .test_crash import _finished, _phases, _ready, _until
 
-pytestmark = [pytest.mark.chaos, pytest.mark.timeout(300)]
+pytestmark = pytest.mark.timeout(300)
 
 
 async def _status(runs: RunStore, run_id: str, status: RunStatus) -> None:

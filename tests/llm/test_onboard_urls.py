@@ -104,17 +104,6 @@ def test_an_onboarding_run_never_reads_an_internal_page(sim: Sim, internal: str)
     assert errors and "not a public address" in errors[0]
 
 
-@pytest.mark.slow  # the whole onboarding workflow, placed items on the local Ray included
-def test_the_sample_site_is_still_crawled(sim: Sim) -> None:
-    report = start(onboard, {"max_pages": 3, "questions_per_page": 1}).result(120).model_dump()
-    assert report["pages"] == 3
-    # The first impression: each page summed up in its own sentences (the heading kept out), and
-    # the brief opening with what the site says first.
-    index = "Acme Robotics builds warehouse robots that pick, pack and sort parcels."
-    assert report["facts"][0]["summary"].startswith(index)
-    assert report["summary"].startswith(index)
-
-
 def test_the_input_schema_bounds_what_one_request_may_cost() -> None:
     schema = OnboardInput.model_json_schema()["properties"]
     assert schema["max_pages"]["maximum"] == 100 and schema["questions_per_page"]["maximum"] == 20

@@ -104,7 +104,6 @@ def fuzz_stack(redis_url: str) -> Iterator[str]:
             proc.wait(30)
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_schemathesis_with_every_check_finds_nothing(fuzz_stack: str) -> None:
     proc = subprocess.run(
@@ -122,7 +121,6 @@ def test_schemathesis_with_every_check_finds_nothing(fuzz_stack: str) -> None:
     assert counts and counts.group(1) == counts.group(2) and int(counts.group(1)) > 500, tail
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_client_generated_from_the_document_starts_a_run(fuzz_stack: str, tmp_path: Any) -> None:
     spec = tmp_path / "openapi.json"

@@ -4,6 +4,7 @@ import asyncio
 import random
 
 import pytest
+from unit.test_events import EXAMPLES
 
 from genx_ray.model import Fenced, RunNotFound, RunStatus
 from genx_ray.model import events as ev
@@ -134,3 +135,16 @@ async def test_fenced_append_rejects_a_superseded_attempt(
 
 async def _collect(it: object) -> list:  # type: ignore[type-arg]
     return [e async for e in it]  # type: ignore[attr-defined]
+
+
+async def test_stream_round_trip_every_type(events: EventStore) -> None:
+    run_id = "run_roundtrip"
+    examples = list(EXAMPLES.values())
+    ids = await events.append(run_id, *examples)
+    assert len(ids) == len(examples) and ids == sorted(
+        ids, key=lambda i: tuple(map(int, i.split("-")))
+    )
+    stored = await events.read(run_id)
+    assert [s.id for s in stored] == ids
+    assert [s.type for s in stored] == [e.type for e in examples]  # type: ignore[attr-defined]
+    assert [s.event for s in stored] == examples

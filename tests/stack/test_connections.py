@@ -65,10 +65,8 @@ def test_embedded_is_used_whenever_asked_for() -> None:
     ("address", "ray_address", "named"),
     [
         pytest.param("auto", "127.0.0.1:{port}", "RAY_ADDRESS=127.0.0.1:{port}", id="auto"),
-        pytest.param("127.0.0.1:{port}", "", "127.0.0.1:{port}", id="host:port",
-                     marks=pytest.mark.slow),
-        pytest.param("ray://127.0.0.1:{port}", "", "127.0.0.1:{port}", id="ray-client",
-                     marks=pytest.mark.slow),
+        pytest.param("127.0.0.1:{port}", "", "127.0.0.1:{port}", id="host:port"),
+        pytest.param("ray://127.0.0.1:{port}", "", "127.0.0.1:{port}", id="ray-client"),
     ],
 )  # fmt: skip
 def test_joining_a_ray_cluster_that_is_not_there_fails_naming_what_was_tried(
@@ -98,7 +96,6 @@ def _path_without_redis_server(tmp: Path) -> str:
     return str(bin_dir)
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_genx_demo_needs_no_redis_server_on_path(tmp_path: Path) -> None:
     """`make install` brings the Redis `make demo` needs: the embedded extra's bundled binary."""

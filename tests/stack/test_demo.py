@@ -10,7 +10,6 @@ import sys
 import pytest
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_genx_demo_runs_the_onboarding_example_on_the_whole_stack(redis_url: str) -> None:
     proc = subprocess.run(
@@ -32,7 +31,6 @@ def test_genx_demo_runs_the_onboarding_example_on_the_whole_stack(redis_url: str
     assert report["summary"].split(" ")[0] in err  # the brief streamed as it was written
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_genx_demo_article_asks_for_the_outline_review_and_says_how_to_answer(
     redis_url: str,

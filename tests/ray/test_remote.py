@@ -10,8 +10,6 @@ from helpers import step_events
 
 from genx_ray import RetryPolicy, RunFailed, component, start, workflow
 
-pytestmark = pytest.mark.ray
-
 
 @component(num_cpus=0, retry=RetryPolicy(max_attempts=2, initial_interval=0))
 def where(marker: str) -> int:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-CLUSTERS = Path(__file__).resolve().parent.parent / "clusters"
+CLUSTERS = Path(__file__).resolve().parents[2] / "clusters"
 
 
 def _drain_timeout(command: str) -> int:

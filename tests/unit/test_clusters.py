@@ -11,8 +11,8 @@ import yaml
 
 from genx_ray.model import Settings
 
-CLUSTERS = Path(__file__).resolve().parent.parent / "clusters"
-API_DOC = (Path(__file__).resolve().parent.parent / "docs" / "api.md").read_text()
+CLUSTERS = Path(__file__).resolve().parents[2] / "clusters"
+API_DOC = (Path(__file__).resolve().parents[2] / "docs" / "api.md").read_text()
 
 
 def _env(doc: Any) -> dict[str, str]:

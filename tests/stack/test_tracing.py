@@ -21,8 +21,8 @@ from otlp_receiver import Receiver, Span
 
 from genx_ray.store import free_port
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
-TESTS = os.path.dirname(__file__)
+pytestmark = pytest.mark.timeout(240)
+TESTS = os.path.dirname(os.path.dirname(__file__))
 CLI = [sys.executable, "-m", "genx_ray.cli"]
 
 

@@ -20,8 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from genx_ray.store import free_port
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
-TESTS = os.path.dirname(__file__)
+pytestmark = pytest.mark.timeout(240)
+TESTS = os.path.dirname(os.path.dirname(__file__))
 CLI = [sys.executable, "-m", "genx_ray.cli"]
 WF = "observed"  # tests/wf_observe.py
 MODEL = "gpt-4o-mini"

@@ -38,8 +38,6 @@ from genx_ray.store import (
 )
 from genx_ray.store import scripts as lua
 
-pytestmark = pytest.mark.slow
-
 
 def test_a_node_of_a_cluster_gives_cluster_clients(
     redis_cluster: LocalRedisCluster, single_redis_url: str
@@ -118,7 +116,6 @@ async def _ended(runs: RunStore, run_id: str, within: float = 120) -> Run:
     raise AssertionError(f"run {run_id} did not end within {within}s")
 
 
-@pytest.mark.chaos
 @pytest.mark.timeout(180)
 async def test_a_run_goes_on_when_the_master_holding_it_is_killed(
     own_cluster: LocalRedisCluster, cluster_worker: tuple[Any, Worker]

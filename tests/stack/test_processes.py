@@ -12,11 +12,10 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from api.conftest import sse
 from helpers import wait_up
 
 from genx_ray.store import free_port
-
-from .conftest import sse
 
 TESTS = os.path.dirname(os.path.dirname(__file__))
 

@@ -11,8 +11,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+NOTEBOOKS = sorted((Path(__file__).resolve().parents[2] / "notebooks").glob("*.ipynb"))
+pytestmark = pytest.mark.timeout(600)
 # What draws a figure in a notebook: explore.timeline, a pandas or pyplot plot.
 PLOTS = re.compile(r"\btimeline\(|\.plot\b|\bplt\.")
 
