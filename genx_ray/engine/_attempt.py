@@ -1,4 +1,4 @@
-"""One attempt of a run, executing in an :class:`~genx_ray.engine._executor.Executor`: replay
+"""One attempt of a run, executing in an :class:`~genx_ray.engine.Executor`: replay
 its journal, run the workflow body, record how it ended.
 
 An attempt is claimed by its executor (its run moves to ``running`` under this attempt's number,

@@ -3,7 +3,7 @@ data frames; a run's timeline as a matplotlib figure; a live progress bar for a 
 
 How it works: everything is read straight from Redis with a synchronous client, the way the
 gateway reads it. Runs and their usage come from the tenant's run index
-(:func:`genx_ray.store._keys.run_index`, newest first, like ``GET /v1/runs``) and each run's record;
+(:func:`genx_ray.store.keys.run_index`, newest first, like ``GET /v1/runs``) and each run's record;
 events, step attempts and map progress come from the run's event stream (``XRANGE`` in pages).
 Step attempts are rebuilt from the step events alone: ``step.started`` opens an attempt,
 ``step.retrying`` ends one (the next starts after its ``delay``), ``step.completed`` /

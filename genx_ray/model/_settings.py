@@ -1,6 +1,6 @@
 """Configuration from the environment (docs/api.md lists it), validated once at start-up.
 
-A malformed value raises :class:`~genx_ray.model._errors.ConfigError` naming the variable, so a typo
+A malformed value raises :class:`~genx_ray.model.ConfigError` naming the variable, so a typo
 is a clear message when a process starts rather than a stack trace an hour into a run.
 """
 

@@ -15,8 +15,8 @@ Either way :meth:`genx_ray.store._runs.RunStore.reap` re-checks the run's attemp
 requeues it as ``attempt + 1`` with a ``run.restarted`` event, or, past the attempt cap (or for
 a run started from a script, whose code workers may lack), fails it with the reason. Two
 supervisors racing for one run: the second finds the attempt moved. The supervisor also trims the
-run indexes of runs past their retention, and runs the timer service (:mod:`genx_ray.service._timers`:
-scheduled runs, sleeps, input deadlines, schedules).
+run indexes of runs past their retention, and runs the timer service (:mod:`._timers`: scheduled
+runs, sleeps, input deadlines, schedules).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """``genx worker``: takes runs from the Redis queue and executes them.
 
 Runs execute on the worker's run hosts (``hosts="ray"``: detached Ray actors, each executing
-many runs at once, see :mod:`genx_ray.compute._host` and :mod:`genx_ray.compute._hosts`), or in this process
+many runs at once, see :mod:`genx_ray.compute`), or in this process
 (``hosts="inline"``: no Ray at all, for small setups, CI of workflow code, and tests). Either way
 every run holds a heartbeat lease, and every worker also runs a supervisor that restarts runs
 whose host died, and delivers webhooks.
@@ -350,7 +350,9 @@ class _Heartbeat:
         entry = {
             "version": w.settings.deployment, "draining": w._stopping.is_set(),
             "seen": time.time(), "hosts": w.host_mode, "fate": w.fate, "runs": w.running,
-            "hosts_ready": w.run_hosts.ready if w.run_hosts is not None else int(w.executor is not None),
+            "hosts_ready": (
+                w.run_hosts.ready if w.run_hosts is not None else int(w.executor is not None)
+            ),
         }  # fmt: skip
         with contextlib.suppress(OSError, redis.RedisError):
             self.redis.hset(keys.WORKERS, w.name, json.dumps(entry))

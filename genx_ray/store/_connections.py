@@ -5,12 +5,12 @@ Which Redis (:func:`resolve_redis_url`):
 - ``GENX_REDIS_URL=embedded``: a private Redis started for this process (see
   :mod:`genx_ray.store._embedded`), whoever asks.
 - ``GENX_REDIS_URL`` set to a URL: used as given; it must answer, else
-  :class:`~genx_ray.model._errors.RedisUnavailable` naming it.
+  :class:`~genx_ray.model.RedisUnavailable` naming it.
 - unset: the default URL (``redis://127.0.0.1:6379/0``) if a Redis answers there. If none does,
   the callers that may make do with a private Redis (``genx dev`` and ``genx demo``,
   ``genx_ray.run``/``start`` from a script or notebook: ``allow_embedded=True``) start one, and
   say so; the others (``genx worker``, ``genx gateway``: ``allow_embedded=False``) fail at start
-  with a :class:`~genx_ray.model._errors.ConfigError` naming ``GENX_REDIS_URL`` and the URL tried. A
+  with a :class:`~genx_ray.model.ConfigError` naming ``GENX_REDIS_URL`` and the URL tried. A
   worker or gateway on a Redis of its own would keep runs nobody else can see.
 
 The URL chosen is exported as ``GENX_REDIS_URL``, so every process started afterwards (Ray
@@ -21,7 +21,7 @@ says ``cluster_enabled:1``), never configured: a URL of any node of a cluster gi
 clients (:class:`redis.asyncio.cluster.RedisCluster`, :class:`redis.cluster.RedisCluster`), which
 route each command by its key's slot and follow the cluster through failovers. What must stay
 true for that to work: every multi-key command and Lua script touches one slot (the keys of a run
-share the hash tag ``{run_id}``, see :mod:`genx_ray.store._keys`); code that reads many keys of
+share the hash tag ``{run_id}``, see :mod:`genx_ray.store.keys`); code that reads many keys of
 different slots at once splits by slot where :func:`is_cluster` says so.
 """
 

@@ -5,7 +5,7 @@ Cluster. The fencing check, "is this attempt still the run's live attempt", is w
 (:data:`_HOLDS`) and included by every script that writes on behalf of an attempt: a host that
 was frozen, partitioned or superseded can write nothing once the run moved on.
 
-A run's event goes into its stream as ``t <type> e <json>`` (see :mod:`genx_ray.store._keys`).
+A run's event goes into its stream as ``t <type> e <json>`` (see :mod:`genx_ray.store.keys`).
 """
 
 from __future__ import annotations
@@ -354,7 +354,7 @@ redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
 return 1
 """)
 
-# KEYS: an LLM budget's keys (conc, req, tok, pause, waiting; genx_ray.store._keys.BudgetKeys).
+# KEYS: an LLM budget's keys (conc, req, tok, pause, waiting; genx_ray.store.keys.BudgetKeys).
 # ARGV: now ms, id prefix, lease ms, conc cap, rpm, tpm (0 = no cap), this process's id, then the
 # token estimate of each caller waiting, in order.
 # Grants slots to the first callers while the budget allows; the process stays listed in

@@ -1,7 +1,7 @@
 """A run's event stream in Redis: append, read after an id, follow until the run ends.
 
 Stream entry ids are the SSE event ids: ordered and unique, and ``XREAD`` from an id is exactly
-"resume after". Each entry keeps the event's type beside its JSON (:mod:`genx_ray.store._keys`), so a
+"resume after". Each entry keeps the event's type beside its JSON (:mod:`genx_ray.store.keys`), so a
 reader that only passes events on (the gateway) never parses them. A run host's appends go
 through :mod:`genx_ray.store._writer`, fenced by its attempt.
 """

@@ -3,7 +3,7 @@
 Everything a run writes goes through its :class:`RunWriter`; every run writer of a process (a
 run host executing hundreds of runs, a map actor serving many maps) shares one
 :class:`BatchWriter`, whose single flusher sends whatever is queued, for every run, in one
-pipeline: one fenced script call per run (:data:`genx_ray.store._scripts.APPEND`). A thousand concurrent map
+pipeline: one fenced script call per run (:data:`.scripts.APPEND`). A thousand concurrent map
 items, or a thousand runs each finishing a step, cost a handful of round trips. Within a run,
 order is the order of emission.
 
@@ -11,7 +11,7 @@ order is the order of emission.
 and waits until the batch holding it is stored; ``queue`` queues without waiting; ``finish``
 ends the attempt (terminal status, event, lease released) after everything queued before it,
 in the same pipeline. A superseded attempt's write fails with
-:class:`~genx_ray.model._errors.Fenced` for that run only.
+:class:`~genx_ray.model.Fenced` for that run only.
 """
 
 from __future__ import annotations
