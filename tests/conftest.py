@@ -1,7 +1,7 @@
 """Shared fixtures: a real Redis (and a real Redis Cluster) and a local Ray, once each per session.
 
 The lanes are folders: ``unit`` (pure: no Redis, no Ray, no network), ``api``, ``flow``, ``llm``
-(Redis, no Ray: ``make test-fast``), ``ray`` (a local Ray), ``stack`` (whole-stack processes),
+(Redis, no Ray: ``make test-fast``), ``compute`` (a local Ray), ``stack`` (whole-stack processes),
 ``chaos`` (failure injection), ``browser`` (Chromium). Every test outside ``unit`` gets the
 session's private Redis; a unit test that asks for one fails.
 
