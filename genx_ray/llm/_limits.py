@@ -323,6 +323,10 @@ class Limiter:
     async def pause(self, model: str, seconds: float) -> None:
         """Honour a provider's ``Retry-After`` for every process sharing the budget."""
         if seconds > 0:
-            self._contended[self.budget(model)[0]] = (True, time.monotonic())
-            pause = keys.llm_budget(self.budget(model)[0]).pause
+            glob = self.budget(model)[0]
+            now = time.monotonic()
+            self._contended[glob] = (True, now)
+            # This process honours it at once, not when its cached read of the pause expires.
+            self._pauses[glob] = (now, now + seconds)
+            pause = keys.llm_budget(glob).pause
             await lua.LLM_PAUSE(self.redis, [pause], [int(seconds * 1000)])

@@ -5,6 +5,7 @@ import os
 
 def test_bootstrap_twice_is_harmless(ray_local: None, redis_url: str) -> None:
     import ray
+
     from genx_ray.compute import NAMESPACE, ensure_ray
 
     before = ray.get_runtime_context().get_job_id()

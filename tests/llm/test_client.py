@@ -136,15 +136,22 @@ async def test_tpm_budget_is_estimated_then_corrected(
     assert time.monotonic() - t0 < 0.5
 
 
-async def test_retry_after_pauses_every_client(sim: Sim, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_retry_after_pauses_every_client(
+    sim: Sim, redis: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     model = _uniq("ra")
     sim.configure(throttle_next=1, retry_after=1.0)
     first, second = AsyncOpenAI(), AsyncOpenAI()  # two clients: separate transports
-    t0 = time.monotonic()
     a = asyncio.create_task(first.chat.completions.create(model=model, messages=_msg("a")))
-    await asyncio.sleep(0.2)  # a got its 429 and paused the model for everyone
+    pause = keys.llm_budget(model).pause
+    for _ in range(1000):  # until a got its 429 and paused the model for everyone
+        if (left_ms := await redis.pttl(pause)) > 0:
+            break
+        await asyncio.sleep(0.005)
+    seen = time.monotonic()
     b = await second.chat.completions.create(model=model, messages=_msg("b"))
-    assert time.monotonic() - t0 >= 0.95  # b waited out the pause instead of hitting the API
+    # b waited out what was left of the pause instead of hitting the API
+    assert time.monotonic() - seen >= left_ms / 1000 - 0.05
     await a
     assert b.choices[0].message.content and sim.stats()["rejected"] == 1
 
