@@ -212,7 +212,10 @@ _BODIES: dict[tuple[str, str], dict[str, Any]] = {
                                 "description": "5 fields (minute first), or 6 (seconds last)"},
                        "input": {"description": "each run's input"},
                        "timezone": {"type": "string", "default": "UTC", "example": "Europe/Paris",
-                                    "pattern": "^[A-Za-z_]+(/[A-Za-z0-9_+-]+)*$"}},
+                                    "pattern": "^[A-Za-z_]+(/[A-Za-z0-9_+-]+)*$"},
+                       "overlap": {"type": "string", "enum": ["skip", "allow"], "default": "skip",
+                                   "description": "skip: no new run while the previous one is "
+                                                  "open; allow: a run at every tick"}},
     },
 }  # fmt: skip
 

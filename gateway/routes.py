@@ -37,7 +37,6 @@ from genx_ray.store import (
     RunStore,
     before,
     check_event_id,
-    keys,
     notify,
     resume_point,
     start_time,
@@ -136,20 +135,13 @@ async def start_run(
     start_at = start_time(_rfc3339(body.get("start_at")), _seconds(body.get("delay_seconds")))
     quotas: Quotas = request.app.state.quotas
     replayed = False
-    if idempotency_key:
-        ikey = keys.idempotency(who, name, idempotency_key)
-        admitted = not await runs.redis.exists(ikey)  # a replay is no new run: not counted
-        if admitted:
-            await quotas.admit(who)  # 429 over quota: nothing created
+    if idempotency_key:  # a replay is no new run: not counted; a new run is (429: nothing made)
         run, replayed = await runs.create_idempotent(
-            name, payload, tenant=who, key=idempotency_key, start_at=start_at
+            name, payload, tenant=who, key=idempotency_key, start_at=start_at, quotas=quotas
         )
-        if replayed and admitted:  # the same request, made twice at once
-            await quotas.refund(who)
     else:
-        await quotas.admit(who)
+        await quotas.admit(who)  # 429 over quota: nothing created
         run = await runs.create(name, payload, tenant=who, enqueue=True, start_at=start_at)
-    if not replayed:
         await quotas.opened(who, run.id)
     headers = {"Location": f"/v1/runs/{run.id}"}
     if replayed:

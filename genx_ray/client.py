@@ -88,8 +88,16 @@ class Client:
         return result
 
     def schedules(self) -> list[dict[str, Any]]:
-        result: list[dict[str, Any]] = self._check(self.http.get("/v1/schedules"))
-        return result
+        """Every schedule of the caller's tenant (the pages followed)."""
+        out: list[dict[str, Any]] = []
+        params: dict[str, Any] = {"limit": 500}
+        while True:
+            resp = self.http.get("/v1/schedules", params=params)
+            out += self._check(resp)
+            cursor = resp.headers.get("Genx-Next-Cursor")
+            if not cursor:
+                return out
+            params = {"limit": 500, "cursor": cursor}
 
     def delete_schedule(self, schedule_id: str) -> None:
         resp = self.http.delete(f"/v1/schedules/{schedule_id}")

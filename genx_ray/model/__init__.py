@@ -99,6 +99,7 @@ from genx_ray.model._run import (
 )
 from genx_ray.model._settings import (
     DEFAULT_REDIS_URL,
+    DEFAULT_SCHEDULES,
     DEFAULT_WORKFLOWS,
     EMBEDDED,
     ENV_VARS,
@@ -121,6 +122,7 @@ from genx_ray.model._values import (
 
 __all__ = [
     "DEFAULT_REDIS_URL",
+    "DEFAULT_SCHEDULES",
     "DEFAULT_TENANT",
     "DEFAULT_WORKFLOWS",
     "EMBEDDED",

@@ -147,11 +147,12 @@ class QuotaKeys:
 
     bucket: str
     open: str
+    pruning: str  # string with a short TTL: the open set was pruned a moment ago
 
 
 def quota(tenant: str) -> QuotaKeys:
     tag = f"{PREFIX}:quota:{{{part(tenant)}}}"
-    return QuotaKeys(bucket=f"{tag}:bucket", open=f"{tag}:open")
+    return QuotaKeys(bucket=f"{tag}:bucket", open=f"{tag}:open", pruning=f"{tag}:pruning")
 
 
 def cache(component: str, version: str, digest: str) -> str:

@@ -536,6 +536,32 @@ redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
 return 1
 """)
 
+# KEYS: an idempotency key. ARGV: the value seen ('' = none), the new value, ttl seconds.
+# Takes the key for a new run if it still holds what was seen (absent, or a run that expired):
+# 1 taken, 0 another request took it first.
+TAKE_IDEMPOTENCY = Script("""
+local held = redis.call('GET', KEYS[1])
+if (held or '') ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+return 1
+""")
+
+# KEYS: a tenant's schedule index. ARGV: schedule id, created at, most schedules.
+# Adds the schedule unless the tenant has ``most`` already: 1 added, 0 full.
+ADD_CAPPED = Script("""
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+return 1
+""")
+
+# KEYS: a hash. ARGV: field, value. Sets the field only if it exists (a record deleted meanwhile
+# stays deleted): 1 set, 0 not.
+HSET_IF_EXISTS = Script("""
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1
+""")
+
 # KEYS: the timers set. ARGV: run id, the due time seen.
 # Removes a run's timer once it has been dealt with, unless it was set again meanwhile (a run
 # resumed and parked again on a new wait has a new due time).

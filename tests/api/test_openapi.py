@@ -24,7 +24,7 @@ from genx_ray.store import free_port
 HERE = os.path.dirname(__file__)
 TESTS = os.path.dirname(HERE)
 BIN = os.path.dirname(sys.executable)
-KEY = "fuzz-key"
+KEY = "fuzz-key-0123456789"
 
 
 async def test_the_document_types_each_workflow_and_every_answer(redis_url: str) -> None:

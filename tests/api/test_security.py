@@ -23,20 +23,21 @@ from .conftest import ApiFactory, sse
 )
 def test_a_tenant_name_outside_the_safe_set_is_refused_at_start(tenant: str) -> None:
     with pytest.raises(ConfigError, match="GENX_API_KEYS") as caught:
-        Settings.from_env({"GENX_API_KEYS": f"kA:acme,secret-key-B:{tenant}"})
+        Settings.from_env({"GENX_API_KEYS": f"kA-0123456789abcdef:acme,secret-key-B:{tenant}"})
     assert "secret-key-B" not in str(caught.value)  # a key is never repeated in an error
 
 
 def test_one_key_for_two_tenants_is_refused() -> None:
     with pytest.raises(ConfigError, match="two tenants"):
-        Settings.from_env({"GENX_API_KEYS": "k:acme,k:globex"})
+        Settings.from_env({"GENX_API_KEYS": "k-0123456789abcdef:acme,k-0123456789abcdef:globex"})
 
 
 async def test_tenants_whose_names_look_alike_never_see_each_others_runs(
     make_api: ApiFactory,
 ) -> None:
     base = f"acme{secrets.token_hex(3)}"  # no other test's runs under these names
-    names = {"ka": base, "kb": f"{base}.wf", "kc": f"{base}-wf"}
+    names = {"ka-0123456789abcdef": base, "kb-0123456789abcdef": f"{base}.wf",
+             "kc-0123456789abcdef": f"{base}-wf"}  # fmt: skip
     async with make_api(GENX_API_KEYS=",".join(f"{k}:{t}" for k, t in names.items())) as api:
         heads = {t: {"Authorization": f"Bearer {k}"} for k, t in names.items()}
         made = {}
@@ -151,9 +152,12 @@ async def test_a_tenant_over_its_quota_gets_429_with_retry_after_and_nothing_is_
     make_api: ApiFactory,
 ) -> None:
     limits = json.dumps({"*": {"runs_per_minute": 3}, "acme": {"running": 2}})
-    async with make_api(GENX_API_KEYS="ka:acme,kb:globex,kc:initech",
+    async with make_api(GENX_API_KEYS="ka-0123456789abcdef:acme,kb-0123456789abcdef:globex,kc-0123456789abcdef:initech",
                         GENX_TENANT_LIMITS=limits) as api:  # fmt: skip
-        b, c = {"Authorization": "Bearer kb"}, {"Authorization": "Bearer kc"}
+        b, c = (
+            {"Authorization": "Bearer kb-0123456789abcdef"},
+            {"Authorization": "Bearer kc-0123456789abcdef"},
+        )
         body = {"input": {"text": "x"}}
         made = [await api.post("/v1/workflows/echo/runs", json=body, headers=b) for _ in range(3)]
         assert [r.status_code for r in made] == [202, 202, 202]  # the minute's burst
@@ -168,7 +172,7 @@ async def test_a_tenant_over_its_quota_gets_429_with_retry_after_and_nothing_is_
         assert (await api.post("/v1/workflows/echo/runs", json=body, headers=c)).status_code == 202
 
         # acme: at most two runs in progress (the rate limit does not apply to it)
-        a = {"Authorization": "Bearer ka"}
+        a = {"Authorization": "Bearer ka-0123456789abcdef"}
         slow = {"input": {"n": 1}}  # review runs wait for input: in progress until answered
         first = [
             await api.post("/v1/workflows/review/runs", json=slow, headers=a) for _ in range(2)

@@ -22,8 +22,11 @@ from genx_ray.store import keys
 
 from .conftest import ApiFactory, sse
 
-KEYS = {"GENX_API_KEYS": "ka:acme,kb:globex"}
-A, B = {"Authorization": "Bearer ka"}, {"Authorization": "Bearer kb"}
+KEYS = {"GENX_API_KEYS": "ka-0123456789abcdef:acme,kb-0123456789abcdef:globex"}
+A, B = (
+    {"Authorization": "Bearer ka-0123456789abcdef"},
+    {"Authorization": "Bearer kb-0123456789abcdef"},
+)
 SECRET = "a-test-secret-of-at-least-32-characters"
 
 

@@ -67,8 +67,11 @@ async def test_input_posted_to_a_waiting_run_is_checked_then_carries_it_on(
 
 
 async def test_input_to_another_tenants_run_is_404(make_api: ApiFactory) -> None:
-    async with make_api(GENX_API_KEYS="ka:acme,kb:globex") as api:
-        a, b = {"Authorization": "Bearer ka"}, {"Authorization": "Bearer kb"}
+    async with make_api(GENX_API_KEYS="ka-0123456789abcdef:acme,kb-0123456789abcdef:globex") as api:
+        a, b = (
+            {"Authorization": "Bearer ka-0123456789abcdef"},
+            {"Authorization": "Bearer kb-0123456789abcdef"},
+        )
         resp = await api.post("/v1/workflows/review/runs", json={"input": {"n": 1}}, headers=a)
         run_id = resp.json()["id"]
         token = resp.json()["stream_token"]
@@ -138,9 +141,14 @@ async def test_a_bad_start_time_is_422_naming_the_field(
     assert len((await api.get("/v1/runs", params={"limit": 500})).json()["runs"]) == before
 
 
-async def test_a_schedule_starts_a_run_each_tick_until_deleted(api: httpx.AsyncClient) -> None:
+async def test_a_schedule_starts_a_run_each_tick_until_deleted(make_api: ApiFactory) -> None:
+    async with make_api(GENX_SCHEDULE_MIN_INTERVAL="1") as api:
+        await _each_tick_until_deleted(api)
+
+
+async def _each_tick_until_deleted(api: httpx.AsyncClient) -> None:
     body = {"workflow": "echo", "cron": "* * * * * */1", "input": {"text": "tick"},
-            "timezone": "America/New_York"}  # fmt: skip
+            "timezone": "America/New_York", "overlap": "allow"}  # fmt: skip
     resp = await api.post("/v1/schedules", json=body)
     assert resp.status_code == 201, resp.text
     schedule = resp.json()
@@ -188,8 +196,11 @@ async def test_a_bad_schedule_gets_its_code_and_creates_nothing(
 
 
 async def test_schedules_are_per_tenant(make_api: ApiFactory) -> None:
-    async with make_api(GENX_API_KEYS="ka:acme,kb:globex") as api:
-        a, b = {"Authorization": "Bearer ka"}, {"Authorization": "Bearer kb"}
+    async with make_api(GENX_API_KEYS="ka-0123456789abcdef:acme,kb-0123456789abcdef:globex") as api:
+        a, b = (
+            {"Authorization": "Bearer ka-0123456789abcdef"},
+            {"Authorization": "Bearer kb-0123456789abcdef"},
+        )
         body = {"workflow": "echo", "cron": "0 9 * * *", "input": {"text": "a"}}
         made = (await api.post("/v1/schedules", json=body, headers=a)).json()
         assert (await api.get(f"/v1/schedules/{made['id']}", headers=b)).status_code == 404
