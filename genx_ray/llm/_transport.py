@@ -27,7 +27,7 @@ from genx_ray.llm._limits import Limiter, Slot
 from genx_ray.llm._policy import Policy
 from genx_ray.llm._shared import Shared, shared_state
 from genx_ray.llm._usage import account, publish
-from genx_ray.model import ConfigError, OutputEvent, Settings
+from genx_ray.model import DEFAULT_TENANT, ConfigError, OutputEvent, Settings
 from genx_ray.observe import Observation
 from genx_ray.observe import observer as process_observer
 from genx_ray.store import keys
@@ -86,7 +86,8 @@ class GenxTransport(httpx.AsyncBaseTransport):
         ttl = self.policy.cache_ttl
         if ttl and not body.get("stream"):
             digest = hashlib.sha256(request.url.path.encode() + request.content).hexdigest()
-            cache_key = keys.llm_cache(digest)
+            run = current_run()  # a tenant never reads another's cached answers
+            cache_key = keys.llm_cache(digest, run.tenant if run is not None else DEFAULT_TENANT)
             hit = await shared.redis.get(cache_key)
             if hit is not None:
                 return httpx.Response(200, json=json.loads(hit), request=request)

@@ -155,14 +155,19 @@ def quota(tenant: str) -> QuotaKeys:
     return QuotaKeys(bucket=f"{tag}:bucket", open=f"{tag}:open", pruning=f"{tag}:pruning")
 
 
-def cache(component: str, version: str, digest: str) -> str:
-    """String: a component's cached result, with the TTL the component asked for."""
-    return f"{PREFIX}:cache:{part(component)}:{part(version)}:{digest}"
+def cache(component: str, version: str, digest: str, tenant: str | None) -> str:
+    """String: a component's cached result, with the TTL the component asked for: one tenant's
+    (a tenant never reads another's results, nor learns from ``cached`` what it asked), or,
+    with ``tenant`` None, every tenant's (``cache_scope="global"``, an explicit opt-in)."""
+    if tenant is None:
+        return f"{PREFIX}:cache:{part(component)}:{part(version)}:{digest}"
+    return f"{PREFIX}:cache:t:{part(tenant)}:{part(component)}:{part(version)}:{digest}"
 
 
-def llm_cache(digest: str) -> str:
-    """String: a cached LLM response (``genx_ray.llm`` clients with ``cache_ttl``)."""
-    return f"{PREFIX}:llmcache:{digest}"
+def llm_cache(digest: str, tenant: str) -> str:
+    """String: a cached LLM response (``genx_ray.llm`` clients with ``cache_ttl``), one
+    tenant's."""
+    return f"{PREFIX}:llmcache:{part(tenant)}:{digest}"
 
 
 @dataclass(frozen=True, slots=True)
