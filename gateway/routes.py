@@ -18,7 +18,7 @@ from gateway.auth import run_answerer, run_reader, tenant
 from gateway.errors import PayloadTooLarge, error_response
 from gateway.hub import EventHub, RawEntry
 from gateway.outage import RETRY_AFTER_SECONDS
-from gateway.sse import NDJSON, event_response
+from gateway.sse import NDJSON, StreamSlots, event_response
 from gateway.tokens import READ, SCOPES, TokenSigner
 from genx_ray.flow import Registry
 from genx_ray.model import (
@@ -147,8 +147,9 @@ async def start_run(
     if replayed:
         headers["Idempotent-Replayed"] = "true"
     if accept and "text/event-stream" in accept:  # the run's events at once: its token in a header
+        release = _slots(request).take(who)  # the run is made: past the limit, a 429 says so
         headers[STREAM_TOKEN_HEADER] = tokens.mint(run.id, who)[0]
-        return event_response(hub.stream(run.id, START), headers=headers)
+        return event_response(hub.stream(run.id, START), headers=headers, release=release)
     if wait and run.status is not RunStatus.SCHEDULED:  # a delayed run: no waiting for it
         run = await _wait_for_end(hub, runs, run, wait)
     status = 200 if run.status.terminal or replayed else 202
@@ -177,9 +178,15 @@ async def list_runs(
     return {"runs": [run_json(r) for r in page], "next_cursor": next_cursor}
 
 
+def _slots(request: Request) -> StreamSlots:
+    slots: StreamSlots = request.app.state.stream_slots
+    return slots
+
+
 @router.get("/v1/runs/{run_id}/events", tags=["runs"])
 async def run_events(
     run_id: str,
+    request: Request,
     who: Reader,
     runs: Runs,
     hub: Hub,
@@ -196,10 +203,11 @@ async def run_events(
     point = await resume_point(runs.redis, run_id, start, ended=run.status.terminal)
     if point.at_end:
         return event_response(_nothing(), ndjson=ndjson)
+    release = _slots(request).take(who)  # a run token's stream counts for its run's tenant
     batches: AsyncIterator[list[RawEntry]] = hub.stream(run_id, point.after)
     if point.first_available is not None:
         batches = _truncated(run_id, point, batches)
-    return event_response(batches, ndjson=ndjson)
+    return event_response(batches, ndjson=ndjson, release=release)
 
 
 async def _nothing() -> AsyncIterator[list[RawEntry]]:
@@ -228,6 +236,8 @@ async def cancel_run(run_id: str, request: Request, who: Tenant, runs: Runs) -> 
         raise InvalidTransition(run_id, run.status.value, RunStatus.CANCELLED.value)
     if await runs.request_cancel(run_id) is RunStatus.CANCELLED and not run.status.terminal:
         await notify(runs.redis, request.app.state.settings, run_id)  # it ends here, not in a host
+        quotas: Quotas = request.app.state.quotas
+        await quotas.closed(who, run_id)  # its place in the tenant's quota is free at once
     run = await runs.get(run_id, tenant=who)
     return JSONResponse(run_json(run), status_code=200 if run.status.terminal else 202)
 

@@ -212,3 +212,27 @@ def test_every_schedule_record_of_before_still_reads() -> None:
            "input": None, "tenant": "a", "created_at": "2025-01-01T00:00:00Z"}  # fmt: skip
     schedule = Schedule.model_validate_json(json.dumps(old))
     assert schedule.overlap == "skip" and schedule.disabled is None
+
+
+async def test_quota_admission_costs_the_same_few_commands_whatever_the_open_runs(
+    redis: Any, runs: RunStore
+) -> None:
+    """A tenant at its cap of open runs (here held by runs scheduled a year ahead): each refused
+    request costs a handful of commands, not one per open run (today N+1)."""
+    costs = {}
+    for n in (10, 600):
+        tenant = _tenant()
+        quotas = Quotas(redis, {tenant: TenantLimit(running=n)})
+        for _ in range(n):
+            run = await runs.create("echo", None, tenant=tenant, start_at=time.time() + 3e7)
+            await quotas.opened(tenant, run.id)
+        spent = []
+        for _ in range(5):
+            before = await _commands(redis)
+            with pytest.raises(QuotaExceeded):
+                await quotas.admit(tenant)
+            spent.append(await _commands(redis) - before - 1)  # the INFO itself
+        costs[n] = spent
+    # The first refusal prunes a batch (at most PRUNE_BATCH reads, one round trip); then the
+    # script (and the ZCARD in it) and one EXISTS.
+    assert costs[600][0] <= 64 + 10 and costs[600][1:] == costs[10][1:] == [3, 3, 3, 3], costs

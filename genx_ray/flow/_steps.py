@@ -45,7 +45,6 @@ from genx_ray.model import (
 from genx_ray.observe import NOTHING, Observation
 from genx_ray.store import keys
 
-
 CacheScope = Literal["tenant", "global"]
 
 

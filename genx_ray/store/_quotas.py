@@ -16,10 +16,11 @@ run is added to its tenant's open set once it exists, so concurrent requests at 
 open a run or two beyond ``running`` (never beyond the rate).
 
 What must stay true: admission costs O(1) Redis commands whatever the number of open runs. A
-full open set is pruned of finished runs at most once per ``PRUNE_EVERY_MS`` per tenant, and
-only ``PRUNE_BATCH`` of its oldest runs at a time; those still open are moved to the back, so
-successive prunes walk the whole set (a tenant holding its cap with runs scheduled a year ahead
-costs each refused request one script and one ``SET NX``, not a read of every run).
+full open set is pruned of finished runs ``PRUNE_BATCH`` of its oldest at a time; those still
+open are moved to the back, so successive prunes walk the whole set, and a prune that found
+nothing holds the next one off for ``PRUNE_EVERY_MS`` (a tenant holding its cap with runs
+scheduled a year ahead costs each refused request one script and one ``EXISTS``, not a read of
+every run). A run cancelled through the API leaves the set at once (:meth:`Quotas.closed`).
 """
 
 from __future__ import annotations
@@ -88,10 +89,18 @@ class Quotas:
         if limit is not None and limit.runs_per_minute:
             await self.redis.hincrbyfloat(keys.quota(tenant).bucket, "tokens", 1)
 
+    async def closed(self, tenant: str, run_id: str) -> None:
+        """A run of the tenant ended where its tenant is known (a cancel through the API): its
+        place is free at once, not at the next prune."""
+        limit = self.limit(tenant)
+        if limit is not None and limit.running:
+            await self.redis.zrem(keys.quota(tenant).open, run_id)
+
     async def _prune(self, k: keys.QuotaKeys) -> int:
-        """Drop the finished (or expired) runs among the oldest of a full open set, at most once
-        per PRUNE_EVERY_MS; move those still open to the back. How many went."""
-        if not await self.redis.set(k.pruning, "1", nx=True, px=PRUNE_EVERY_MS):
+        """Drop the finished (or expired) runs among the oldest of a full open set; move those
+        still open to the back. How many went. A prune that found nothing holds the next one
+        off for PRUNE_EVERY_MS: a tenant at its cap costs one script and a GET per request."""
+        if await self.redis.exists(k.pruning):
             return 0
         run_ids = cast(list[str], await self.redis.zrange(k.open, 0, PRUNE_BATCH - 1))
         if not run_ids:
@@ -108,5 +117,7 @@ class Quotas:
                 pipe.zrem(k.open, *done)
             if still:
                 pipe.zadd(k.open, dict.fromkeys(still, now), xx=True)
+            if not done:
+                pipe.set(k.pruning, "1", px=PRUNE_EVERY_MS)
             await pipe.execute()
         return len(done)
