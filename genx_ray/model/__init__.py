@@ -90,6 +90,7 @@ from genx_ray.model._journal import (
 from genx_ray.model._redaction import (
     REDACTED,
     redact,
+    redact_json,
 )
 from genx_ray.model._run import (
     DEFAULT_TENANT,
@@ -208,6 +209,7 @@ __all__ = [
     "position",
     "publish_id",
     "redact",
+    "redact_json",
     "redaction",
     "settings_module",
     "step_id",

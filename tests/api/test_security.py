@@ -207,3 +207,32 @@ async def _until_status(
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"run {run_id} never reached {status}")
+
+
+@pytest.mark.parametrize(
+    ("command", "env", "named"),
+    [
+        ("gateway", {"GENX_TOKEN_SECRET": "only-twenty-bytes-xx"}, "GENX_TOKEN_SECRET"),
+        ("gateway", {"GENX_API_KEYS": "k-short:acme"}, "GENX_API_KEYS"),
+        ("gateway", {"GENX_WEBHOOK_URL": "https://hooks.example.com/x"}, "GENX_WEBHOOK_SECRET"),
+        ("worker", {"GENX_WEBHOOK_URL": "https://hooks.example.com/x"}, "GENX_WEBHOOK_SECRET"),
+    ],
+)  # fmt: skip
+def test_a_process_with_a_weak_credential_refuses_to_start(
+    command: str, env: dict[str, str], named: str, redis_url: str
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    full = {**os.environ, "GENX_REDIS_URL": redis_url, **env}
+    full.pop("GENX_WEBHOOK_SECRET", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "genx_ray.cli", command, *(["--port", "0"] if command == "gateway"
+                                                          else [])],
+        env=full, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode != 0
+    said = done.stdout + done.stderr
+    assert named in said and "Traceback" not in said
+    assert "only-twenty" not in said and "k-short" not in said  # never the secret itself
