@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing, suppress
@@ -46,6 +48,7 @@ MAX_WAIT_SECONDS = 300.0
 RUN_BODY_FIELDS = {"input", "start_at", "delay_seconds"}
 STREAM_TOKEN_HEADER = "Genx-Stream-Token"  # a start answered with its event stream carries it
 MAX_JSON_DEPTH = 64  # arrays and objects within each other in a request body
+MAX_DIGITS = sys.get_int_max_str_digits() or 4300  # the longest integer a body may hold
 
 router = APIRouter()
 
@@ -315,14 +318,29 @@ async def read_json(request: Request, limit: int) -> Any:
         return {}
     too_deep = UserError(f"the body nests deeper than {MAX_JSON_DEPTH} levels")
     try:
-        value = json.loads(raw)
+        value = json.loads(raw, parse_float=_finite, parse_constant=_no_constant)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"the body is not valid JSON: {exc}") from None
     except RecursionError:  # far deeper than the limit
         raise too_deep from None
+    except ValueError:  # an integer of more digits than Python converts (sys.int_info)
+        raise UserError(
+            f"the body has a number of more than {MAX_DIGITS} digits: not a number any field takes"
+        ) from None
     if nesting(value) > MAX_JSON_DEPTH:
         raise too_deep
     return value
+
+
+def _finite(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):  # 1e999: JSON has no infinity
+        raise UserError(f"the body has a number out of range ({text[:32]})")
+    return number
+
+
+def _no_constant(text: str) -> Any:
+    raise UserError(f"the body is not valid JSON: {text} is not a JSON value")
 
 
 def nesting(value: Any) -> int:

@@ -225,14 +225,19 @@ def _resources(name: str, value: str) -> dict[str, float]:
     return {str(k): float(v) for k, v in raw.items()}
 
 
+# An origin and nothing else: it goes into headers (CORS, a CSP's frame-ancestors), where a ';' or
+# a space would add a directive or a source of its own.
+_ORIGIN = re.compile(r"https?://([A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?")
+
+
 def _origins(value: str) -> tuple[str, ...]:
     origins = tuple(o.strip().rstrip("/") for o in value.split(",") if o.strip())
     for origin in origins:
-        parsed = urlparse(origin)
-        if origin != "*" and (parsed.scheme not in ("http", "https") or not parsed.netloc
-                              or parsed.path or parsed.query):  # fmt: skip
+        if origin != "*" and not _ORIGIN.fullmatch(origin):
             raise ConfigError(
-                "GENX_CORS_ORIGINS", f"{origin!r}: expected origins like https://app.example.com"
+                "GENX_CORS_ORIGINS",
+                f"{origin!r}: expected origins like https://app.example.com (a scheme, a host, "
+                "a port maybe; no path, no ';', no spaces), comma-separated, or *",
             )
     return origins
 

@@ -116,6 +116,11 @@ def run_keys(run_id: str) -> tuple[str, str, str]:
     return run(run_id), events(run_id), journal(run_id)
 
 
+def expiring(run_id: str) -> tuple[str, str, str, str]:
+    """The keys set to expire when the run ends: :func:`run_keys` and its children set."""
+    return run(run_id), events(run_id), journal(run_id), children(run_id)
+
+
 def run_id_of(key: str) -> str:
     """The run id inside one of the run's keys (the reverse of :func:`run`, :func:`events`...)."""
     return key.split("{", 1)[1].split("}", 1)[0]

@@ -329,7 +329,7 @@ class RunStore:
             *_pairs(fields),  # strings as they are: JSON fields come encoded
         ]
         try:
-            entry_id = await lua.TRANSITION(self.redis, keys.run_keys(run_id), args)
+            entry_id = await lua.TRANSITION(self.redis, keys.expiring(run_id), args)
         except ResponseError as exc:
             raise self._error(exc, run_id, target, fence_attempt) from None
         return str(entry_id) or None
@@ -429,9 +429,8 @@ class RunStore:
             dump_event(RunFailedEvent(run_id=run_id, error=error)), error.model_dump_json(),
             repr(time.time()), self.maxlen, self.retention_seconds, "1" if host_dead else "",
         ]  # fmt: skip
-        outcome = str(
-            await lua.REAP(self.redis, [*keys.run_keys(run_id), keys.lease(run_id)], args)
-        )
+        reaped = [*keys.run_keys(run_id), keys.lease(run_id), keys.children(run_id)]
+        outcome = str(await lua.REAP(self.redis, reaped, args))
         if outcome == "requeued":
             await self.enqueue(run_id, attempt + 1)
         elif outcome == "failed":
@@ -448,7 +447,7 @@ class RunStore:
         args = [event, self.maxlen, repr(time.time()), self.retention_seconds]
         before, workflow = await self.redis.hmget(keys.run(run_id), "status", "workflow")
         try:
-            status = RunStatus(await lua.CANCEL(self.redis, keys.run_keys(run_id), args))
+            status = RunStatus(await lua.CANCEL(self.redis, keys.expiring(run_id), args))
         except ResponseError as exc:
             raise self._error(exc, run_id, RunStatus.CANCELLED, None) from None
         if status is RunStatus.CANCELLED and before in _CANCELLABLE:  # it ends here, no host

@@ -177,7 +177,7 @@ local function holds(run_key, attempt)
 end
 """
 
-# KEYS: run hash, events stream, journal hash.
+# KEYS: run hash, events stream, journal hash, children set.
 # ARGV: allowed current statuses (space separated), target status, attempt to fence on ('' = any),
 #       event type ('' = no event), event JSON, stream maxlen, seconds to expire the run's keys in
 #       ('' = keep), then field/value pairs to set.
@@ -197,7 +197,7 @@ if ARGV[4] ~= '' then
   id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', 't', ARGV[4], 'e', ARGV[5])
 end
 if ARGV[7] ~= '' then
-  for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[7]) end
+  for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[7]) end
 end
 return id
 """
@@ -213,7 +213,8 @@ redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 't', ARGV[1], 'e', ARGV
 return 1
 """)
 
-# KEYS: run hash, events stream, journal. ARGV: run.cancelled event JSON, maxlen, now, retention.
+# KEYS: run hash, events stream, journal, children set. ARGV: run.cancelled event JSON, maxlen,
+# now, retention.
 # Queued, scheduled or waiting (no host holds it): cancelled at once. Running: flagged; its host
 # stops it (told through the signals stream, or at its next lease renewal). Returns the status
 # after the call.
@@ -224,7 +225,7 @@ if cur == 'queued' or cur == 'scheduled' or cur == 'waiting' then
   redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[3],
              'cancel_requested', '1')
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 't', 'run.cancelled', 'e', ARGV[1])
-  for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[4]) end
+  for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[4]) end
   return 'cancelled'
 end
 if cur == 'running' then redis.call('HSET', KEYS[1], 'cancel_requested', '1') end
@@ -263,7 +264,7 @@ return 1
 """
 )
 
-# KEYS: run hash, events stream, journal hash, lease.
+# KEYS: run hash, events stream, journal hash, lease, children set (expires with the run).
 # ARGV: attempt, terminal status, event type, event JSON, maxlen, retention seconds, then
 # field/value pairs to set.
 # Ends a running attempt: its terminal status and event, the run's keys set to expire, and its
@@ -279,6 +280,7 @@ redis.call('HSET', KEYS[1], 'status', ARGV[2])
 for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 't', ARGV[3], 'e', ARGV[4])
 for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[6]) end
+if KEYS[5] then redis.call('EXPIRE', KEYS[5], ARGV[6]) end
 if redis.call('GET', KEYS[4]) == ARGV[1] then redis.call('DEL', KEYS[4]) end
 return id
 """
@@ -290,7 +292,7 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """)
 
-# KEYS: run hash, events stream, journal, lease.
+# KEYS: run hash, events stream, journal, lease, children set (expires with the run).
 # ARGV: attempt seen, max attempts, run.restarted JSON, run.failed JSON, error JSON, now, maxlen,
 #       retention seconds, '1' when the host is known dead (then a live lease does not protect).
 # An attempt whose host is gone: requeued as the next attempt, or failed once ``max attempts``
@@ -316,6 +318,7 @@ if lost >= tonumber(ARGV[2]) or redis.call('HGET', KEYS[1], 'origin') == 'local'
   redis.call('HSET', KEYS[1], 'status', 'failed', 'error', ARGV[5], 'finished_at', ARGV[6])
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*', 't', 'run.failed', 'e', ARGV[4])
   for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[8]) end
+  if KEYS[5] then redis.call('EXPIRE', KEYS[5], ARGV[8]) end
   return 'failed'
 end
 redis.call('HSET', KEYS[1], 'status', 'queued', 'attempt', tonumber(ARGV[1]) + 1,

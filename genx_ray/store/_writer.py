@@ -245,7 +245,8 @@ class BatchWriter:
                 n += 1
             if end is not None:
                 lease = keys.lease(w.run_id)
-                calls.append((end.script, [*run_keys, lease], [w.attempt, *end.args]))
+                children = keys.children(w.run_id)  # FINISH: it expires with the run
+                calls.append((end.script, [*run_keys, lease, children], [w.attempt, *end.args]))
                 n += 1
             plan.append((w, n, len(items), end))
         results = await self._execute(calls, batches)

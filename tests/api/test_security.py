@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import time
 from typing import Any
 
 import httpx
@@ -236,3 +237,34 @@ def test_a_process_with_a_weak_credential_refuses_to_start(
     said = done.stdout + done.stderr
     assert named in said and "Traceback" not in said
     assert "only-twenty" not in said and "k-short" not in said  # never the secret itself
+
+
+async def test_an_idempotency_key_never_outlives_its_run(make_api: ApiFactory, redis: Any) -> None:
+    """Replaying a key after its run expired starts a new run, with a new id, charged to the
+    quota: never a run re-created under the old id."""
+    from genx_ray.model import new_run_id
+
+    tenant = f"idem{secrets.token_hex(3)}"
+    key = "idem-key-0123456789"
+    limits = json.dumps({tenant: {"runs_per_minute": 2}})
+    async with make_api(GENX_API_KEYS=f"{key}:{tenant}", GENX_TENANT_LIMITS=limits) as api:
+        auth = {"Authorization": f"Bearer {key}", "Idempotency-Key": "order-17"}
+        body = {"input": {"text": "x"}}
+        first = await api.post("/v1/workflows/echo/runs", json=body, headers=auth)
+        assert first.status_code == 202
+        # Days later the run has expired (its retention is shorter than the key's 24 h): its
+        # keys are gone, the key still names it.
+        ikey = keys.idempotency(tenant, "echo", "order-17")
+        held = json.loads(await redis.get(ikey))
+        expired = new_run_id(time.time() - 3 * 24 * 3600)
+        await redis.set(ikey, json.dumps({**held, "run": expired}), keepttl=True)
+        again = await api.post("/v1/workflows/echo/runs", json=body, headers=auth)
+        assert again.status_code == 202 and "idempotent-replayed" not in again.headers
+        assert again.json()["id"] not in (expired, first.json()["id"])
+        assert await redis.exists(keys.run(expired)) == 0  # never brought back under its id
+        replay = await api.post("/v1/workflows/echo/runs", json=body, headers=auth)
+        assert replay.headers.get("idempotent-replayed") == "true"
+        assert replay.json()["id"] == again.json()["id"]  # the key now names the new run
+        over = await api.post("/v1/workflows/echo/runs", json=body,
+                              headers={"Authorization": auth["Authorization"]})  # fmt: skip
+        assert over.status_code == 429  # the new run was charged: 2 of 2 this minute

@@ -31,3 +31,21 @@ def test_webhooks_without_a_secret_are_refused() -> None:
     signed = Settings.from_env({"GENX_WEBHOOK_URL": "https://hooks.example.com/genx",
                                 "GENX_WEBHOOK_SECRET": "whsec-0123456789"})  # fmt: skip
     assert signed.webhook_secret == "whsec-0123456789"
+
+
+@pytest.mark.parametrize(
+    "origin",
+    ["https://app.example.com; script-src *", "https://app.example.com 'unsafe-inline'",
+     "https://a.example.com/path", "javascript://x", "https://", "https://a b.com",
+     "https://app.example.com;"],
+)  # fmt: skip
+def test_a_cors_origin_is_an_origin_and_nothing_else(origin: str) -> None:
+    with pytest.raises(ConfigError, match="GENX_CORS_ORIGINS"):
+        Settings.from_env({"GENX_CORS_ORIGINS": f"https://ok.example.com,{origin}"})
+
+
+def test_good_origins_pass() -> None:
+    given = "https://app.example.com, http://localhost:3000,https://[::1]:8443,*"
+    assert Settings.from_env({"GENX_CORS_ORIGINS": given}).cors_origins == (
+        "https://app.example.com", "http://localhost:3000", "https://[::1]:8443", "*",
+    )  # fmt: skip
