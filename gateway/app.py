@@ -73,8 +73,8 @@ def create_app(
         summary="Durable LLM and agent workflows, each served as a REST API.",
         lifespan=lifespan,
         generate_unique_id_function=lambda route: route.name,  # operationIds: get_run...
-        # Request spans are genx_ray.observe.TraceRequests's: FastAPI's own would record the query string,
-        # where run tokens travel (?token=).
+        # Request spans are genx_ray.observe.TraceRequests's: FastAPI's own would record the
+        # query string, where run tokens travel (?token=).
         telemetry={"tracing": False},
     )
     app.state.settings = settings

@@ -102,7 +102,7 @@ def local_queue(runner: str) -> str:
 
 
 def runner(runner: str) -> str:
-    """String with a TTL: a script's process that runs runs is alive (see genx_ray.service._script)."""
+    """String with a TTL: a script's process that runs runs is alive (genx_ray.service._script)."""
     return f"{PREFIX}:runner:{runner}"
 
 
