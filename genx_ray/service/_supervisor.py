@@ -188,6 +188,7 @@ class Supervisor:
         bug, bad data) is logged once per outage and never delays or skips another."""
         lease_every = max(0.2, self.settings.lease_seconds / 3)
         next_lease_sweep = 0.0
+        await self._duty("schedule keys migration", self.timers.schedules.migrate)
         while not stop.is_set():
             now = time.monotonic()
             await self._duty("timers", self.timers.tick)

@@ -48,10 +48,17 @@ INDEXES = f"{PREFIX}:indexes"
 # every supervisor; what is due is done by a script that checks the run first (exactly once).
 TIMERS = f"{PREFIX}:timers"
 
-# Hash: schedule id -> JSON {tenant, workflow, cron, timezone, input, created_at}.
+# Hash: schedule id -> JSON {tenant, workflow, cron, timezone, input, created_at, overlap,
+# last_run_id, last_skipped, disabled}. Every schedule key shares one slot: this key's name is
+# the hash tag of the others ({genx:schedules}), so one script creates a schedule under its
+# tenant's cap, and one lists a page of them (records and due times): one round trip.
 SCHEDULES = f"{PREFIX}:schedules"
+_SCHEDULES_TAG = "{" + SCHEDULES + "}"
 # Sorted set: schedule id -> its next due time (unix seconds); advanced by compare-and-set.
-SCHEDULES_DUE = f"{PREFIX}:schedules:due"
+SCHEDULES_DUE = f"{_SCHEDULES_TAG}:due"
+# Where the due set and the tenants' indexes were before they shared the records' slot (read
+# once by the migration, genx_ray.store._schedules.migrate).
+OLD_SCHEDULES_DUE = f"{PREFIX}:schedules:due"
 
 # String: the secret run tokens (browser-safe, read-only, one run each) are signed with, when
 # GENX_TOKEN_SECRET is not set. Created once (SET NX) by the first gateway and never expired, so
@@ -133,7 +140,12 @@ def run_index(tenant: str, workflow: str | None = None) -> str:
 
 
 def schedule_index(tenant: str) -> str:
-    """Sorted set (by creation time): a tenant's schedule ids."""
+    """Sorted set (by creation time): a tenant's schedule ids (in the records' slot)."""
+    return f"{_SCHEDULES_TAG}:t:{part(tenant)}"
+
+
+def old_schedule_index(tenant: str) -> str:
+    """Where a tenant's schedule index was before it shared the records' slot."""
     return f"{PREFIX}:schedules:t:{part(tenant)}"
 
 

@@ -1,7 +1,9 @@
 """Schedules: a workflow started on a cron, in a time zone.
 
 A schedule is a record (``keys.SCHEDULES``), its next due time (``keys.SCHEDULES_DUE``) and an
-entry in its tenant's index (``keys.schedule_index``). The timer service of every supervisor
+entry in its tenant's index (``keys.schedule_index``), all three in one slot (a Redis Cluster's):
+one script creates a schedule under its tenant's cap, one lists a page with its records and due
+times (one round trip a page). The timer service of every supervisor
 (:mod:`genx_ray.service._timers`) starts what is due: the run of a tick is created under an
 idempotency key naming the schedule and the tick, then the due time is moved to the next tick by
 compare-and-set, so however many workers look, and whichever of them dies between the two, each
@@ -21,6 +23,7 @@ What must stay true (docs/security.md):
 from __future__ import annotations
 
 import itertools
+import math
 import secrets
 import time
 from datetime import UTC, datetime
@@ -151,17 +154,16 @@ class ScheduleStore:
             input=input, tenant=tenant, created_at=datetime.fromtimestamp(now, UTC),
             next_run_at=datetime.fromtimestamp(first, UTC), overlap=overlap,
         )  # fmt: skip
-        index = keys.schedule_index(tenant)
-        if not await lua.ADD_CAPPED(self.redis, [index], [schedule.id, repr(now), most]):
+        made = await lua.CREATE_SCHEDULE(
+            self.redis, [keys.schedule_index(tenant), keys.SCHEDULES, keys.SCHEDULES_DUE],
+            [schedule.id, repr(now), most, _record(schedule), repr(first)],
+        )  # fmt: skip
+        if not made:
             raise QuotaExceeded(
                 f"tenant {tenant!r} has {most} schedules, its most (GENX_TENANT_LIMITS "
                 "'schedules'); delete one first",
                 60.0,
             )
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hset(keys.SCHEDULES, schedule.id, _record(schedule))
-            pipe.zadd(keys.SCHEDULES_DUE, {schedule.id: first})
-            await pipe.execute()
         return schedule
 
     async def get(self, schedule_id: str, *, tenant: str | None = None) -> Schedule:
@@ -180,39 +182,25 @@ class ScheduleStore:
         self, *, tenant: str, limit: int = 100, cursor: str | None = None
     ) -> tuple[list[Schedule], str | None]:
         """A page of the tenant's schedules, oldest first, and the cursor of the next page (None
-        at the end). Two round trips whatever the page size: the page of ids, then their records
-        and due times in one pipeline."""
+        at the end). One round trip whatever the page size: one script reads the page of the
+        index, the records and their due times (every schedule key shares one slot)."""
         limit = max(1, min(limit, MAX_PAGE))
-        index = keys.schedule_index(tenant)
         after_score, after_id = _cursor(cursor)
-        # Ids of one creation time sort by id: read a few more than a page to step over them.
-        raw = cast(
-            list[tuple[str, float]],
-            await self.redis.zrangebyscore(
-                index, after_score, "+inf", start=0, num=limit + 9, withscores=True
+        reply = cast(
+            list[Any],
+            await lua.LIST_SCHEDULES(
+                self.redis, [keys.schedule_index(tenant), keys.SCHEDULES, keys.SCHEDULES_DUE],
+                [after_score, after_id, limit],
             ),
-        )
-        entries = [(m, s) for m, s in raw if s > after_score or m > after_id]
-        page, more = entries[:limit], len(entries) > limit
-        if not page:
-            return [], None
-        ids = [m for m, _ in page]
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hmget(keys.SCHEDULES, ids)
-            pipe.zmscore(keys.SCHEDULES_DUE, ids)
-            records, dues = await pipe.execute()
-        out, gone = [], []
-        for schedule_id, raw_record, due in zip(ids, records, dues, strict=True):
-            if raw_record is None:
-                gone.append(schedule_id)
-                continue
-            schedule = _parse(raw_record, due)
+        )  # fmt: skip
+        out, last = [], None
+        for i in range(0, len(reply) - 1, 4):
+            schedule_id, record, due, score = reply[i : i + 4]
+            last = f"{score}:{schedule_id}"
+            schedule = _parse(record, due)
             if schedule.tenant == tenant:
                 out.append(schedule)
-        if gone:  # deleted between the two reads, or left by a create that died half-way
-            await self.redis.zrem(index, *gone)
-        last_id, last_score = page[-1]
-        return out, (f"{last_score!r}:{last_id}" if more else None)
+        return out, (last if int(reply[-1]) and last is not None else None)
 
     async def list(self, *, tenant: str) -> list[Schedule]:
         """Every schedule of the tenant (page after page)."""
@@ -249,6 +237,32 @@ class ScheduleStore:
         await self.save(schedule)
         await self.redis.zrem(keys.SCHEDULES_DUE, schedule.id)
 
+    async def migrate(self) -> int:
+        """Move the schedules of an earlier version (due set and tenant indexes outside the
+        records' slot) to the keys of this one, once; how many. Cheap when there is nothing to
+        move (one EXISTS): every supervisor calls it as it starts."""
+        if not await self.redis.exists(keys.OLD_SCHEDULES_DUE):
+            return 0
+        due = cast(
+            list[tuple[str, float]],
+            await self.redis.zrange(keys.OLD_SCHEDULES_DUE, 0, -1, withscores=True),
+        )
+        records = cast(dict[str, str], await self.redis.hgetall(keys.SCHEDULES))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            if due:
+                pipe.zadd(keys.SCHEDULES_DUE, dict(due), nx=True)
+            tenants = set()
+            for schedule_id, raw in records.items():
+                schedule = Schedule.model_validate_json(raw)
+                tenants.add(schedule.tenant)
+                created = schedule.created_at.timestamp()
+                pipe.zadd(keys.schedule_index(schedule.tenant), {schedule_id: created}, nx=True)
+            for tenant in tenants:
+                pipe.delete(keys.old_schedule_index(tenant))
+            pipe.delete(keys.OLD_SCHEDULES_DUE)
+            await pipe.execute()
+        return len(records)
+
 
 def _record(schedule: Schedule) -> str:
     return schedule.model_dump_json(exclude={"next_run_at"})
@@ -261,15 +275,16 @@ def _parse(raw: str, due: Any) -> Schedule:
     return schedule
 
 
-def _cursor(cursor: str | None) -> tuple[float, str]:
-    """(creation time, id) of the last schedule of the previous page; a malformed cursor is 400."""
+def _cursor(cursor: str | None) -> tuple[str, str]:
+    """(creation time, id) of the last schedule of the previous page, as the script takes them;
+    a malformed cursor is 422 naming it."""
     if not cursor:
-        return float("-inf"), ""
+        return "-inf", ""
     score, sep, schedule_id = cursor.partition(":")
     try:
         value = float(score)
     except ValueError:
         value = float("nan")
-    if not sep or not schedule_id.startswith("sch_") or value != value:
+    if not sep or not schedule_id.startswith("sch_") or not math.isfinite(value):
         raise InputInvalid.field("cursor", "not a cursor this API returned")
-    return value, schedule_id
+    return score, schedule_id

@@ -549,12 +549,50 @@ redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
 return 1
 """)
 
-# KEYS: a tenant's schedule index. ARGV: schedule id, created at, most schedules.
-# Adds the schedule unless the tenant has ``most`` already: 1 added, 0 full.
-ADD_CAPPED = Script("""
+# KEYS: the tenant's schedule index, the schedule records, the due set (one slot).
+# ARGV: schedule id, created at, most schedules, record JSON, first due time.
+# Creates the schedule unless the tenant has ``most`` already: 1 created, 0 full.
+CREATE_SCHEDULE = Script("""
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[4])
+redis.call('ZADD', KEYS[3], ARGV[5], ARGV[1])
 return 1
+""")
+
+# KEYS: the tenant's schedule index, the schedule records, the due set (one slot).
+# ARGV: the previous page's last creation time ('-inf' for the first page) and id, page size.
+# A page of the tenant's schedules, oldest first: {id, record, due time or false}... then 1 if
+# more follow, else 0. Ids of one creation time sort by id; ids whose record is gone (a delete
+# racing, an old create that died half-way) leave the index here.
+LIST_SCHEDULES = Script("""
+local after, after_id, limit = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local raw = redis.call('ZRANGEBYSCORE', KEYS[1], after, '+inf', 'WITHSCORES', 'LIMIT', 0,
+                       limit + 1 + 16)
+local floor = after == '-inf' and -math.huge or tonumber(after)
+local out, taken = {}, 0
+for i = 1, #raw, 2 do
+  local id, score = raw[i], tonumber(raw[i + 1])
+  if score > floor or id > after_id then
+    if taken == limit then
+      out[#out + 1] = 1
+      return out
+    end
+    local record = redis.call('HGET', KEYS[2], id)
+    if record then
+      out[#out + 1] = id
+      out[#out + 1] = record
+      out[#out + 1] = redis.call('ZSCORE', KEYS[3], id) or false
+      out[#out + 1] = raw[i + 1]
+      taken = taken + 1
+    else
+      redis.call('ZREM', KEYS[1], id)
+    end
+  end
+end
+-- A scan that came back full may have left some behind: more may follow.
+out[#out + 1] = (#raw == 2 * (limit + 17)) and 1 or 0
+return out
 """)
 
 # KEYS: a hash. ARGV: field, value. Sets the field only if it exists (a record deleted meanwhile
