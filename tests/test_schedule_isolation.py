@@ -67,6 +67,23 @@ async def test_a_schedule_with_no_next_tick_is_disabled_and_the_others_tick(
     await store.delete(other, tenant=victim)
 
 
+async def test_a_schedule_whose_zone_is_gone_is_disabled_with_the_reason(
+    redis: Any, runs: RunStore
+) -> None:
+    tenant = _tenant()
+    schedule = Schedule(
+        id="sch_" + secrets.token_hex(12), workflow="echo", cron="* * * * *", input=None,
+        timezone="Atlantis/Capital", tenant=tenant, created_at=datetime.now(UTC),
+    )  # fmt: skip
+    await redis.hset(keys.SCHEDULES, schedule.id, schedule.model_dump_json())
+    await redis.zadd(keys.SCHEDULES_DUE, {schedule.id: time.time() - 1})
+    assert await Timers(runs).tick() == {"disabled": 1}
+    store = ScheduleStore(redis)
+    disabled = (await store.get(schedule.id)).disabled
+    assert disabled is not None and "Atlantis/Capital" in disabled
+    await store.delete(schedule.id, tenant=tenant)
+
+
 async def test_a_schedule_whose_record_is_broken_is_set_aside_not_in_the_way(
     redis: Any, runs: RunStore
 ) -> None:

@@ -27,7 +27,14 @@ from datetime import UTC, datetime
 from typing import cast
 
 from genx_ray.flow import CHILD_CHECK_SECONDS
-from genx_ray.model import TERMINAL, GenxError, JournalEntry, QuotaExceeded, RunResumedEvent
+from genx_ray.model import (
+    TERMINAL,
+    GenxError,
+    InputInvalid,
+    JournalEntry,
+    QuotaExceeded,
+    RunResumedEvent,
+)
 from genx_ray.observe import observer
 from genx_ray.store import (
     Quotas,
@@ -155,7 +162,12 @@ class Timers:
             return "disabled"
         # The latest tick due (once, however many were missed), under a key naming it: however
         # many supervisors get here, one run.
-        tick = latest_tick(schedule.cron, schedule.timezone, due, now)
+        try:
+            tick = latest_tick(schedule.cron, schedule.timezone, due, now)
+        except InputInvalid as exc:  # a record no create would accept (an unknown zone now)
+            await self.schedules.disable(schedule, f"it cannot tick: {exc.message}")
+            log.warning("schedule %s disabled: %s", schedule_id, exc.message)
+            return "disabled"
         outcome, skipped = await self._start(schedule, tick)
         nxt = next_tick(schedule.cron, schedule.timezone, max(now, tick))
         if nxt is None:
