@@ -19,6 +19,7 @@ from gateway import errors, metrics, openapi, schedules, ui
 from gateway.hub import EventHub
 from gateway.outage import RedisOutage
 from gateway.routes import STREAM_TOKEN_HEADER, router
+from gateway.sse import StreamSlots
 from gateway.tokens import TokenSigner, shared_secret
 from genx_ray import __version__
 from genx_ray.flow import Registry
@@ -50,6 +51,7 @@ def create_app(
             client, maxlen=settings.stream_maxlen, retention_seconds=settings.retention_seconds
         )
         app.state.quotas = Quotas(client, settings.tenant_limits)
+        app.state.stream_slots = StreamSlots(settings.max_streams_per_tenant)
         secret = await shared_secret(client, settings.token_secret)
         app.state.tokens = TokenSigner(secret, settings.token_ttl)
         raw = async_redis(url, decode=False)  # the hub passes stored events on as bytes

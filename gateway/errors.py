@@ -6,6 +6,7 @@
     ├── TokenWrongRun          a valid run token, for another run
     └── TokenNotAllowed        a run token where only an API key is accepted
     PayloadTooLarge (413)      a body over GENX_MAX_BODY_BYTES
+    StreamLimit (429)          a tenant's event streams at GENX_MAX_STREAMS_PER_TENANT
 
 and Redis unreachable anywhere in a request: 503 ``redis_unavailable`` with ``Retry-After``
 (:mod:`gateway.outage`).
@@ -62,6 +63,13 @@ class TokenNotAllowed(Unauthorized):
 class PayloadTooLarge(UserError):
     status_code = 413
     code = "payload_too_large"
+
+
+class StreamLimit(QuotaExceeded):
+    """A tenant has GENX_MAX_STREAMS_PER_TENANT event streams open on this gateway already
+    (a run token's count against its run's tenant): 429 with Retry-After."""
+
+    code = "stream_limit"
 
 
 def error_response(status: int, code: str, message: str) -> JSONResponse:

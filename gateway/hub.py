@@ -14,6 +14,10 @@ stream per round here). Measured, an event's delay to a subscriber (median): 5 m
 stream followed, ~20 ms with 100, 0.1-0.2 s with 1000 (a single Redis: 1, 1.5 and 6 ms). A
 single Redis keeps the one blocking read, whose latency is the point of this module.
 
+Each subscriber's queue is bounded (``max_queued`` events): a client that does not read while
+its run keeps emitting is cut off (:class:`SlowReader`) rather than buffered without limit; it
+resumes from the last id it got, and loses nothing (the events are in Redis).
+
 Entries pass through as stored, as bytes (a client that does not decode replies): the event's
 type and JSON are never decoded, parsed or encoded again, so what the gateway does per event is
 joining bytes (:mod:`gateway.sse`).
@@ -37,6 +41,7 @@ from genx_ray.store import id_key, is_cluster, keys
 
 log = logging.getLogger("gateway.hub")
 PAGE = 1000
+MAX_QUEUED = 10_000  # events waiting for one subscriber, at most
 _TERMINAL = frozenset(t.encode() for t in TERMINAL_TYPES)
 _T, _E = keys.TYPE_FIELD.encode(), keys.EVENT_FIELD.encode()
 
@@ -63,11 +68,17 @@ def raw_entries(raw: list[Any]) -> list[RawEntry]:
     return out
 
 
+class SlowReader(Exception):
+    """A subscriber fell ``max_queued`` events behind: its stream ends, to be resumed by id."""
+
+
 @dataclass(eq=False)
 class _Subscriber:
     run_id: str
     last: str
     queue: asyncio.Queue[list[RawEntry]] = field(default_factory=asyncio.Queue)
+    queued: int = 0  # events in the queue
+    overflowed: bool = False  # fell too far behind: fed no more, its stream ends
 
 
 class EventHub:
@@ -78,6 +89,7 @@ class EventHub:
         block_ms: int = 20,
         recheck_seconds: float = 5.0,
         poll_ms: int = 10,
+        max_queued: int = MAX_QUEUED,
     ) -> None:
         """``client``: a Redis client that does not decode replies (bytes in, bytes out)."""
         self.redis = client
@@ -98,6 +110,8 @@ class EventHub:
         self.block_ms = block_ms
         # A quiet stream's run status is re-checked this often, so no stream can hang open.
         self.recheck_seconds = recheck_seconds
+        # Events one subscriber may have waiting; past it, it is cut off (SlowReader).
+        self.max_queued = max_queued
         self._subs: dict[str, set[_Subscriber]] = {}
         self._has_subs = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -145,6 +159,8 @@ class EventHub:
             self._wake_reader()
         try:
             while True:
+                if sub.overflowed and sub.queue.empty():
+                    raise SlowReader(run_id)
                 try:
                     batch = await asyncio.wait_for(sub.queue.get(), self.recheck_seconds)
                 except TimeoutError:
@@ -158,6 +174,7 @@ class EventHub:
                     continue
                 while not sub.queue.empty():
                     batch += sub.queue.get_nowait()
+                sub.queued = 0
                 for i, entry in enumerate(batch):
                     if entry.terminal:
                         yield batch[: i + 1]
@@ -175,9 +192,11 @@ class EventHub:
             if not self._subs:
                 self._has_subs.clear()
                 await self._has_subs.wait()
+            # From the least advanced subscriber still fed (one cut off waits for no one).
             streams: dict[Any, Any] = {
-                keys.events(run_id): min((s.last for s in subs), key=id_key)
+                keys.events(run_id): min(fed, key=id_key)
                 for run_id, subs in self._subs.items()
+                if (fed := [s.last for s in subs if not s.overflowed])
             }
             self._reading = set(self._subs)
             if not self.cluster:
@@ -204,11 +223,20 @@ class EventHub:
                 entries = raw_entries(raw)
                 keyed = [(id_key(e.id.decode()), e) for e in entries]
                 for sub in list(self._subs.get(keys.run_id_of(stream.decode()), ())):
+                    if sub.overflowed:
+                        continue
                     after = id_key(sub.last)
                     fresh = [e for k, e in keyed if k > after]
-                    if fresh:
-                        sub.last = fresh[-1].id.decode()
-                        sub.queue.put_nowait(fresh)
+                    if not fresh:
+                        continue
+                    if sub.queued + len(fresh) > self.max_queued:
+                        # Not read for too long: what it has is written, then its stream ends.
+                        sub.overflowed = True
+                        sub.queue.put_nowait([])  # wakes it, if it waits
+                        continue
+                    sub.queued += len(fresh)
+                    sub.last = fresh[-1].id.decode()
+                    sub.queue.put_nowait(fresh)
 
     def _wake_reader(self) -> None:
         """Make the blocking read return, to read again with the new stream (one wake-up at a

@@ -212,7 +212,10 @@ _BODIES: dict[tuple[str, str], dict[str, Any]] = {
                                 "description": "5 fields (minute first), or 6 (seconds last)"},
                        "input": {"description": "each run's input"},
                        "timezone": {"type": "string", "default": "UTC", "example": "Europe/Paris",
-                                    "pattern": "^[A-Za-z_]+(/[A-Za-z0-9_+-]+)*$"}},
+                                    "pattern": "^[A-Za-z_]+(/[A-Za-z0-9_+-]+)*$"},
+                       "overlap": {"type": "string", "enum": ["skip", "allow"], "default": "skip",
+                                   "description": "skip: no new run while the previous one is "
+                                                  "open; allow: a run at every tick"}},
     },
 }  # fmt: skip
 
@@ -297,6 +300,13 @@ def _links(paths: dict[str, Any]) -> None:
         if path.startswith("/v1/workflows/") and "post" in item:
             for status in ("200", "202"):
                 item["post"]["responses"][status]["links"] = to_run
+    listed = paths.get("/v1/schedules", {}).get("get")
+    if listed is not None:
+        listed["responses"]["200"]["headers"] = {
+            "Genx-Next-Cursor": {"schema": {"type": "string"},
+                                 "description": "the next page's cursor; absent on the last"},
+            "Link": {"schema": {"type": "string"}, "description": '<...>; rel="next"'},
+        }  # fmt: skip
     created = paths.get("/v1/schedules", {}).get("post")
     if created is not None:
         created["responses"]["201"]["links"] = {
@@ -325,8 +335,10 @@ def _responses(path: str, method: str, op: dict[str, Any], keys_on: bool) -> Non
             codes.add(422)
         if path.endswith(("/cancel", "/input")) or path.startswith("/v1/workflows/"):
             codes.add(409)
-        if method == "post" and path.startswith("/v1/workflows/"):
-            codes.add(429)
+        if method == "post" and path.startswith(("/v1/workflows/", "/v1/schedules")):
+            codes.add(429)  # quota_exceeded (runs, schedules), stream_limit (a start as SSE)
+        if path == "/v1/runs/{run_id}/events":
+            codes.add(429)  # stream_limit: the tenant's streams at GENX_MAX_STREAMS_PER_TENANT
     for code in sorted(codes):
         content = {"application/json": {"schema": ERROR}}
         entry: dict[str, Any] = {"description": STATUS_TEXT[code], "content": content}

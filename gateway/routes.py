@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing, suppress
@@ -18,7 +20,7 @@ from gateway.auth import run_answerer, run_reader, tenant
 from gateway.errors import PayloadTooLarge, error_response
 from gateway.hub import EventHub, RawEntry
 from gateway.outage import RETRY_AFTER_SECONDS
-from gateway.sse import NDJSON, event_response
+from gateway.sse import NDJSON, StreamSlots, event_response
 from gateway.tokens import READ, SCOPES, TokenSigner
 from genx_ray.flow import Registry
 from genx_ray.model import (
@@ -37,7 +39,6 @@ from genx_ray.store import (
     RunStore,
     before,
     check_event_id,
-    keys,
     notify,
     resume_point,
     start_time,
@@ -47,6 +48,7 @@ MAX_WAIT_SECONDS = 300.0
 RUN_BODY_FIELDS = {"input", "start_at", "delay_seconds"}
 STREAM_TOKEN_HEADER = "Genx-Stream-Token"  # a start answered with its event stream carries it
 MAX_JSON_DEPTH = 64  # arrays and objects within each other in a request body
+MAX_DIGITS = sys.get_int_max_str_digits() or 4300  # the longest integer a body may hold
 
 router = APIRouter()
 
@@ -136,27 +138,21 @@ async def start_run(
     start_at = start_time(_rfc3339(body.get("start_at")), _seconds(body.get("delay_seconds")))
     quotas: Quotas = request.app.state.quotas
     replayed = False
-    if idempotency_key:
-        ikey = keys.idempotency(who, name, idempotency_key)
-        admitted = not await runs.redis.exists(ikey)  # a replay is no new run: not counted
-        if admitted:
-            await quotas.admit(who)  # 429 over quota: nothing created
+    if idempotency_key:  # a replay is no new run: not counted; a new run is (429: nothing made)
         run, replayed = await runs.create_idempotent(
-            name, payload, tenant=who, key=idempotency_key, start_at=start_at
+            name, payload, tenant=who, key=idempotency_key, start_at=start_at, quotas=quotas
         )
-        if replayed and admitted:  # the same request, made twice at once
-            await quotas.refund(who)
     else:
-        await quotas.admit(who)
+        await quotas.admit(who)  # 429 over quota: nothing created
         run = await runs.create(name, payload, tenant=who, enqueue=True, start_at=start_at)
-    if not replayed:
         await quotas.opened(who, run.id)
     headers = {"Location": f"/v1/runs/{run.id}"}
     if replayed:
         headers["Idempotent-Replayed"] = "true"
     if accept and "text/event-stream" in accept:  # the run's events at once: its token in a header
+        release = _slots(request).take(who)  # the run is made: past the limit, a 429 says so
         headers[STREAM_TOKEN_HEADER] = tokens.mint(run.id, who)[0]
-        return event_response(hub.stream(run.id, START), headers=headers)
+        return event_response(hub.stream(run.id, START), headers=headers, release=release)
     if wait and run.status is not RunStatus.SCHEDULED:  # a delayed run: no waiting for it
         run = await _wait_for_end(hub, runs, run, wait)
     status = 200 if run.status.terminal or replayed else 202
@@ -185,9 +181,15 @@ async def list_runs(
     return {"runs": [run_json(r) for r in page], "next_cursor": next_cursor}
 
 
+def _slots(request: Request) -> StreamSlots:
+    slots: StreamSlots = request.app.state.stream_slots
+    return slots
+
+
 @router.get("/v1/runs/{run_id}/events", tags=["runs"])
 async def run_events(
     run_id: str,
+    request: Request,
     who: Reader,
     runs: Runs,
     hub: Hub,
@@ -204,10 +206,11 @@ async def run_events(
     point = await resume_point(runs.redis, run_id, start, ended=run.status.terminal)
     if point.at_end:
         return event_response(_nothing(), ndjson=ndjson)
+    release = _slots(request).take(who)  # a run token's stream counts for its run's tenant
     batches: AsyncIterator[list[RawEntry]] = hub.stream(run_id, point.after)
     if point.first_available is not None:
         batches = _truncated(run_id, point, batches)
-    return event_response(batches, ndjson=ndjson)
+    return event_response(batches, ndjson=ndjson, release=release)
 
 
 async def _nothing() -> AsyncIterator[list[RawEntry]]:
@@ -236,6 +239,8 @@ async def cancel_run(run_id: str, request: Request, who: Tenant, runs: Runs) -> 
         raise InvalidTransition(run_id, run.status.value, RunStatus.CANCELLED.value)
     if await runs.request_cancel(run_id) is RunStatus.CANCELLED and not run.status.terminal:
         await notify(runs.redis, request.app.state.settings, run_id)  # it ends here, not in a host
+        quotas: Quotas = request.app.state.quotas
+        await quotas.closed(who, run_id)  # its place in the tenant's quota is free at once
     run = await runs.get(run_id, tenant=who)
     return JSONResponse(run_json(run), status_code=200 if run.status.terminal else 202)
 
@@ -313,14 +318,29 @@ async def read_json(request: Request, limit: int) -> Any:
         return {}
     too_deep = UserError(f"the body nests deeper than {MAX_JSON_DEPTH} levels")
     try:
-        value = json.loads(raw)
+        value = json.loads(raw, parse_float=_finite, parse_constant=_no_constant)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"the body is not valid JSON: {exc}") from None
     except RecursionError:  # far deeper than the limit
         raise too_deep from None
+    except ValueError:  # an integer of more digits than Python converts (sys.int_info)
+        raise UserError(
+            f"the body has a number of more than {MAX_DIGITS} digits: not a number any field takes"
+        ) from None
     if nesting(value) > MAX_JSON_DEPTH:
         raise too_deep
     return value
+
+
+def _finite(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):  # 1e999: JSON has no infinity
+        raise UserError(f"the body has a number out of range ({text[:32]})")
+    return number
+
+
+def _no_constant(text: str) -> Any:
+    raise UserError(f"the body is not valid JSON: {text} is not a JSON value")
 
 
 def nesting(value: Any) -> int:

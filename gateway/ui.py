@@ -55,8 +55,9 @@ def _etag(name: str) -> str:
 
 
 def _page_headers(request: Request) -> dict[str, str]:
-    # The viewer may be framed by the browser apps allowed to call the API, and by no one else.
-    origins = request.app.state.settings.cors_origins
+    # The viewer may be framed by the browser apps allowed to call the API, and by no one else:
+    # a "*" (any origin may call the API) never lets any site frame it (clickjacking).
+    origins = [o for o in request.app.state.settings.cors_origins if o != "*"]
     ancestors = " ".join(origins) if origins else "'none'"
     return {
         "Content-Security-Policy": f"{_PAGE_CSP}; frame-ancestors {ancestors}",

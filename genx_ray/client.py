@@ -81,15 +81,25 @@ class Client:
         return result
 
     def create_schedule(
-        self, workflow: str, cron: str, input: Any = None, timezone: str = "UTC"
-    ) -> dict[str, Any]:
-        body = {"workflow": workflow, "cron": cron, "input": input, "timezone": timezone}
+        self, workflow: str, cron: str, input: Any = None, timezone: str = "UTC",
+        *, overlap: str = "skip",
+    ) -> dict[str, Any]:  # fmt: skip
+        body = {"workflow": workflow, "cron": cron, "input": input, "timezone": timezone,
+                "overlap": overlap}  # fmt: skip
         result: dict[str, Any] = self._check(self.http.post("/v1/schedules", json=body))
         return result
 
-    def schedules(self) -> list[dict[str, Any]]:
-        result: list[dict[str, Any]] = self._check(self.http.get("/v1/schedules"))
-        return result
+    def schedules(self, *, page_size: int = 500) -> list[dict[str, Any]]:
+        """Every schedule of the caller's tenant (the pages followed, ``page_size`` each)."""
+        out: list[dict[str, Any]] = []
+        params: dict[str, Any] = {"limit": page_size}
+        while True:
+            resp = self.http.get("/v1/schedules", params=params)
+            out += self._check(resp)
+            cursor = resp.headers.get("Genx-Next-Cursor")
+            if not cursor:
+                return out
+            params = {"limit": page_size, "cursor": cursor}
 
     def delete_schedule(self, schedule_id: str) -> None:
         resp = self.http.delete(f"/v1/schedules/{schedule_id}")

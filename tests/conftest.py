@@ -37,6 +37,9 @@ ON_CLUSTER_TOO: dict[str, tuple[str, ...]] = {
     "test_durability": (),
     "test_crash": ("kill_9",),  # a worker, and a host with 200 runs, killed
     "test_client": ("cap", "budget", "retry_after", "slot"),  # the LLM limiter's
+    # The schedule, quota and idempotency scripts (a tenant's index, its quota keys, a key).
+    "test_schedule_isolation": ("no_next_tick", "pay_their_quota", "overlap", "key_layout"),
+    "test_waits": ("children_set",),  # a run's children set expires with it (its scripts)
 }
 
 

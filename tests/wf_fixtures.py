@@ -118,3 +118,20 @@ async def leaky(step_fails: bool = True) -> str:
 @component(retry=RetryPolicy(max_attempts=2, initial_interval=0.01))
 async def tell(message: str) -> None:
     raise PermissionError(message)
+
+
+@component
+async def recite(text: str):  # type: ignore[no-untyped-def]
+    """Streams its input back (each chunk an ``output`` event)."""
+    for word in text.split(" "):
+        yield word + " "
+
+
+@workflow(name="chatty")
+async def chatty(note: str = "") -> dict[str, str]:
+    """Code that puts a secret everywhere a run's data goes: published data, a step's streamed
+    output, the run's output. Every one is masked as the event is made."""
+    key = os.environ.get("OPENAI_API_KEY", "")
+    publish("note", {"key": key, "note": note})
+    said = await recite(f"the key is {key}")
+    return {"said": said, "key": key}

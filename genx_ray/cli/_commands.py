@@ -337,22 +337,27 @@ def schedules_add(
     cron: Annotated[str, typer.Option(help="When, as cron: '*/5 * * * *' (a 6th field: seconds).")],
     input: Annotated[str, typer.Option("--input", help="Each run's input, as JSON.")] = "null",
     timezone: Annotated[str, typer.Option(help="The cron's time zone.")] = "UTC",
+    overlap: Annotated[
+        str, typer.Option(help="skip: no run while the previous one is open; allow: always.")
+    ] = "skip",
 ) -> None:
     """Start a run of WORKFLOW at each tick of a cron expression."""
     from genx_ray.client import Client
 
-    schedule = Client().create_schedule(workflow, cron, _json_option("--input", input), timezone)
+    schedule = Client().create_schedule(
+        workflow, cron, _json_option("--input", input), timezone, overlap=overlap
+    )
     typer.echo(json.dumps(schedule, indent=2))
 
 
 @schedules_app.command("ls")
 def schedules_ls() -> None:
-    """The schedules: id, workflow, cron, time zone, next run."""
+    """The schedules: id, workflow, cron, time zone, next run (or why it is disabled)."""
     from genx_ray.client import Client
 
     for s in Client().schedules():
-        typer.echo("\t".join([s["id"], s["workflow"], s["cron"], s["timezone"],
-                              str(s["next_run_at"])]))  # fmt: skip
+        when = f"disabled: {s['disabled']}" if s.get("disabled") else str(s["next_run_at"])
+        typer.echo("\t".join([s["id"], s["workflow"], s["cron"], s["timezone"], when]))
 
 
 @schedules_app.command("rm")

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from genx_ray.flow import RunContext, StepSpec, cache_key, call_direct, item_error, item_scope
 from genx_ray.model import (
+    DEFAULT_TENANT,
     ErrorInfo,
     JournalEntry,
     StepError,
@@ -57,6 +58,9 @@ CHUNK_MAX = 16  # items per remote call, at most: few calls, yet slots refill pr
 MAX_ACTORS_PER_NODE = 4
 IDLE_SECONDS = 600.0  # a map actor nobody used for this long leaves
 _ACTOR_PREFIX = "genx-map-"
+# The run a chunk's items belong to: (run id, workflow, attempt, tenant); the tenant keys the
+# component cache, so a map item never reads another tenant's cached result.
+RunTuple = tuple[str, str, int, str]
 
 # What an item comes back as: (index, ok, encoded value or error as a dict).
 Outcome = tuple[int, bool, Any]
@@ -159,7 +163,7 @@ class MapActor:
         return ray.get_runtime_context().get_node_id()
 
     async def run(
-        self, key: str, component_ref: list[Any], slots: int, run: tuple[str, str, int] | None,
+        self, key: str, component_ref: list[Any], slots: int, run: RunTuple | None,
         map_id: str, items: Sequence[tuple[int, Any]], trace: str | None = None,
     ) -> ChunkResult:  # fmt: skip
         """Run a chunk of one map's items, at most ``slots`` of that map at once on this node.
@@ -178,7 +182,7 @@ class MapActor:
 
     async def _chunk(
         self, spec: StepSpec, gate: asyncio.Semaphore, need: dict[str, float],
-        run: tuple[str, str, int] | None, map_id: str, items: Sequence[tuple[int, Any]],
+        run: RunTuple | None, map_id: str, items: Sequence[tuple[int, Any]],
     ) -> list[Outcome]:  # fmt: skip
         ctx = self._context(run) if run is not None else None
         ended = self.observer.item_ended
@@ -204,7 +208,8 @@ class MapActor:
         cached: list[Outcome] = []
         cache_keys: dict[int, str] = {}
         if spec.cache_ttl:  # one read for the chunk; hits do not run
-            cache_keys = {i: cache_key(spec, (item,), {}) for i, item in items}
+            tenant = run[3] if run is not None else DEFAULT_TENANT  # the cache is per tenant
+            cache_keys = {i: cache_key(spec, (item,), {}, tenant) for i, item in items}
             cached, items = await self._cached(cache_keys, items)
         outcomes = await asyncio.gather(*(one(i, item) for i, item in items))
         if spec.cache_ttl:
@@ -257,13 +262,13 @@ class MapActor:
         self.components.move_to_end(key)
         return cached
 
-    def _context(self, run: tuple[str, str, int]) -> RunContext:
-        run_id, workflow, attempt = run
+    def _context(self, run: RunTuple) -> RunContext:
+        run_id, workflow, attempt, tenant = run
         ctx = self.contexts.get((run_id, attempt))
         if ctx is None:
             writer = self.writes.writer(run_id, attempt)
             ctx = self.contexts[(run_id, attempt)] = RunContext(
-                run_id, workflow, attempt, self.redis, writer, {}
+                run_id, workflow, attempt, self.redis, writer, {}, tenant=tenant
             )
             while len(self.contexts) > 32:
                 old = self.contexts.popitem(last=False)[1]
@@ -337,7 +342,7 @@ async def map_on_cluster(
     except Exception as exc:  # cloudpickle: a lock, a client, an open file in its closure...
         raise Unplaceable(f"{type(exc).__name__}: {exc}") from exc
     key = f"{spec.name}:{secrets.token_hex(8)}"
-    run = (ctx.run_id, ctx.workflow, ctx.attempt) if ctx is not None else None
+    run = (ctx.run_id, ctx.workflow, ctx.attempt, ctx.tenant) if ctx is not None else None
     observer = ctx.observer if ctx is not None else current_observer()
     trace = observer.context()  # the map's: each chunk's observation is its child
     pending = deque(indexes)

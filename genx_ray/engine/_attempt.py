@@ -39,6 +39,7 @@ from genx_ray.model import (
     RunSucceededEvent,
     StepRef,
     dump_value,
+    redact_json,
 )
 from genx_ray.store import RunStore, keys, notify
 
@@ -183,7 +184,7 @@ class Attempt:
             await ctx.writer.flush()
             return (
                 RunStatus.SUCCEEDED,
-                {"output": dump_value(output)},
+                {"output": redact_json(dump_value(output))},  # as its event: no secret kept
                 RunSucceededEvent(run_id=run_id, output=output),
             )
         except Parked as parked:

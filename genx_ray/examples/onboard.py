@@ -122,11 +122,12 @@ async def fetch_page(url: str) -> Page:
     """Fetch and parse one page (HTML only, at most MAX_PAGE_BYTES; public addresses only, see
     :mod:`genx_ray.examples.fetching`)."""
     async with httpx.AsyncClient(timeout=10) as http:
-        response = await fetching.get(http, url, trusted=sample_origins())
+        # The body is read as a stream and cut at MAX_PAGE_BYTES once decompressed.
+        response = await fetching.get(http, url, trusted=sample_origins(), max_bytes=MAX_PAGE_BYTES)
         response.raise_for_status()
         if "html" not in response.headers.get("content-type", "html"):
             return Page(url=url, title="", text="", links=[])
-        html = response.content[:MAX_PAGE_BYTES].decode(response.encoding or "utf-8", "replace")
+        html = response.content.decode(response.encoding or "utf-8", "replace")
     parser = _Html()
     parser.feed(html)
     base = fetching.final_url(response)  # where a redirect led: links are relative to it

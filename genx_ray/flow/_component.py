@@ -6,8 +6,8 @@ run gets the recorded outcome back without running it again. Outside any run, a 
 just the function with its retry and timeout: independently testable.
 
 :class:`Component` is the handle users hold; what it is lives in a
-:class:`~genx_ray.flow.StepSpec`, and how a call runs in :mod:`genx_ray.flow._steps` (one call) and
-:mod:`genx_ray.flow._mapping` (``map``).
+:class:`~genx_ray.flow._steps.StepSpec`, and how a call runs in :mod:`genx_ray.flow._steps` (one
+call) and :mod:`genx_ray.flow._mapping` (``map``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any, Generic, ParamSpec, TypeVar, overload
 from genx_ray.flow._context import current_run, current_scope
 from genx_ray.flow._mapping import map_component
 from genx_ray.flow._retry import NO_RETRY, RetryPolicy
-from genx_ray.flow._steps import StepSpec, call_direct, call_step
+from genx_ray.flow._steps import CacheScope, StepSpec, call_direct, call_step
 from genx_ray.model import Codec, StepError, UserError
 
 P = ParamSpec("P")
@@ -45,6 +45,7 @@ class Component(Generic[P, R]):
         retry: RetryPolicy = NO_RETRY,
         cache_ttl: float | None = None,
         cache_version: str = "1",
+        cache_scope: CacheScope = "tenant",
         timeout: float | None = None,
         num_cpus: float | None = None,
         resources: Mapping[str, float] | None = None,
@@ -53,9 +54,12 @@ class Component(Generic[P, R]):
     ) -> None:
         if not callable(fn):
             raise UserError(f"@component needs a function, got {fn!r}")
+        if cache_scope not in ("tenant", "global"):
+            raise UserError(f"cache_scope must be 'tenant' or 'global', not {cache_scope!r}")
         self.spec = StepSpec(
             fn=fn, name=_check_name(name or fn.__name__), retry=retry, cache_ttl=cache_ttl,
-            cache_version=cache_version, timeout=timeout, num_cpus=num_cpus,
+            cache_version=cache_version, cache_scope=cache_scope, timeout=timeout,
+            num_cpus=num_cpus,
             resources=dict(resources or {}), node_labels=dict(node_labels or {}), remote=remote,
         )  # fmt: skip
         functools.update_wrapper(self, fn)
@@ -121,12 +125,26 @@ class Component(Generic[P, R]):
             self.spec.replace(retry=dataclasses.replace(policy or self.retry, **fields))
         )
 
-    def with_cache(self, ttl: float | None, *, version: str | None = None) -> Component[P, R]:
+    def with_cache(
+        self, ttl: float | None, *, version: str | None = None, scope: CacheScope | None = None
+    ) -> Component[P, R]:
         """Cache results in Redis for ``ttl`` seconds (None: no cache). Bump ``version`` when the
-        code changes what it returns for the same input."""
+        code changes what it returns for the same input. ``scope``: ``"tenant"`` (the default)
+        keeps each tenant's results apart; ``"global"`` shares them between tenants, an opt-in
+        for results that depend on the arguments alone (a hit tells a tenant that another
+        asked the same)."""
+        if scope is not None and scope not in ("tenant", "global"):
+            raise UserError(f"cache scope must be 'tenant' or 'global', not {scope!r}")
         return self._of(
-            self.spec.replace(cache_ttl=ttl, cache_version=version or self.spec.cache_version)
-        )
+            self.spec.replace(
+                cache_ttl=ttl, cache_version=version or self.spec.cache_version,
+                cache_scope=scope or self.spec.cache_scope,
+            )
+        )  # fmt: skip
+
+    @property
+    def cache_scope(self) -> CacheScope:
+        return self.spec.cache_scope
 
     def with_timeout(self, seconds: float | None) -> Component[P, R]:
         return self._of(self.spec.replace(timeout=seconds))
@@ -181,7 +199,8 @@ class Component(Generic[P, R]):
         A placed component (``resources``, ``num_cpus``, ``node_labels`` or ``remote=True``)
         maps over the Ray cluster: its items go in chunks to the map actors of its nodes,
         ``concurrency`` spread over the nodes within what each node's resources allow
-        (see :mod:`genx_ray.compute`). Any other component maps on the run's own event loop.
+        (see :mod:`genx_ray.compute._map_actors`). Any other component maps on the run's own
+        event loop.
         """
         return await map_component(
             self.spec, items, concurrency=concurrency, fail_fast=fail_fast, spread=spread
@@ -201,6 +220,7 @@ def component(
     retry: RetryPolicy | None = None,
     cache_ttl: float | None = None,
     cache_version: str = "1",
+    cache_scope: CacheScope = "tenant",
     timeout: float | None = None,
     num_cpus: float | None = None,
     resources: Mapping[str, float] | None = None,

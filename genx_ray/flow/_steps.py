@@ -3,7 +3,8 @@
 A :class:`~genx_ray.flow._component.Component` is the user-facing handle; this module is what runs
 it, wherever it runs (the run host, a map actor, a plain script): the retry loop (written
 once), the timeout, the cache key, the journal and the events of a step. Placement (a Ray task)
-is the :class:`Placement`'s (a Ray task); fan-out is :mod:`._mapping` (and the map actors).
+is :mod:`genx_ray.compute._tasks`; fan-out is :mod:`genx_ray.flow._mapping` and
+:mod:`genx_ray.compute._map_actors`.
 
 Inside a run a call is a *step*: its outcome is journaled before the workflow sees it, so a
 restarted run gets it back from the journal instead of running it again.
@@ -18,7 +19,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 from genx_ray.flow._context import RunContext, step_scope, streaming_step
 from genx_ray.flow._placement import placement
@@ -45,6 +46,8 @@ from genx_ray.model import (
 from genx_ray.observe import NOTHING, Observation
 from genx_ray.store import keys
 
+CacheScope = Literal["tenant", "global"]
+
 
 @dataclass(frozen=True, eq=False)
 class StepSpec:
@@ -55,6 +58,9 @@ class StepSpec:
     retry: RetryPolicy = NO_RETRY
     cache_ttl: float | None = None
     cache_version: str = "1"
+    # "tenant": each tenant its own cached results; "global": shared by every tenant (opt-in,
+    # for results that depend on the arguments alone and reveal nothing of who asked).
+    cache_scope: CacheScope = "tenant"
     timeout: float | None = None
     num_cpus: float | None = None
     resources: Mapping[str, float] = field(default_factory=dict)
@@ -90,8 +96,12 @@ class StepSpec:
         return self.replace(remote=False, num_cpus=None, resources={}, node_labels={})
 
 
-def cache_key(spec: StepSpec, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
-    return keys.cache(spec.name, spec.cache_version, canonical_hash(spec.name, args, kwargs))
+def cache_key(spec: StepSpec, args: tuple[Any, ...], kwargs: Mapping[str, Any], tenant: str) -> str:
+    """The key of a call's cached result: the calling run's tenant's, unless the component
+    shares its cache (``cache_scope="global"``)."""
+    digest = canonical_hash(spec.name, args, kwargs)
+    scope = None if spec.cache_scope == "global" else tenant
+    return keys.cache(spec.name, spec.cache_version, digest, scope)
 
 
 def step_error(spec: StepSpec, ref: StepRef, exc: BaseException) -> StepError:
@@ -194,7 +204,7 @@ async def _execute(
     journaled."""
     key = None
     if spec.cache_ttl:
-        key = cache_key(spec, args, kwargs)
+        key = cache_key(spec, args, kwargs, ctx.tenant)
         hit = await ctx.redis.get(key)
         if hit is not None:
             value = json.loads(hit)

@@ -5,7 +5,8 @@ surface unchanged: any call the SDK can make passes through here as a request.
 Each request sent to the provider (a retry is another) gets a span with the GenAI semantic
 conventions (model, tokens, finish reasons), a child of the step that made the call
 (reported to the run's observer, :mod:`genx_ray.observe`); calls, tokens, retries, 429s and the
-limiter's wait are counted by model."""
+limiter's wait are counted by model. The response cache is per tenant (the
+run's; a tenant never gets another's cached answer)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from genx_ray.llm._limits import Limiter, Slot
 from genx_ray.llm._policy import Policy
 from genx_ray.llm._shared import Shared, shared_state
 from genx_ray.llm._usage import account, publish
-from genx_ray.model import ConfigError, OutputEvent, Settings
+from genx_ray.model import DEFAULT_TENANT, ConfigError, OutputEvent, Settings
 from genx_ray.observe import Observation
 from genx_ray.observe import observer as process_observer
 from genx_ray.store import keys
@@ -86,7 +87,8 @@ class GenxTransport(httpx.AsyncBaseTransport):
         ttl = self.policy.cache_ttl
         if ttl and not body.get("stream"):
             digest = hashlib.sha256(request.url.path.encode() + request.content).hexdigest()
-            cache_key = keys.llm_cache(digest)
+            run = current_run()  # a tenant never reads another's cached answers
+            cache_key = keys.llm_cache(digest, run.tenant if run is not None else DEFAULT_TENANT)
             hit = await shared.redis.get(cache_key)
             if hit is not None:
                 return httpx.Response(200, json=json.loads(hit), request=request)

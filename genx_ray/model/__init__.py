@@ -90,6 +90,7 @@ from genx_ray.model._journal import (
 from genx_ray.model._redaction import (
     REDACTED,
     redact,
+    redact_json,
 )
 from genx_ray.model._run import (
     DEFAULT_TENANT,
@@ -99,6 +100,7 @@ from genx_ray.model._run import (
 )
 from genx_ray.model._settings import (
     DEFAULT_REDIS_URL,
+    DEFAULT_SCHEDULES,
     DEFAULT_WORKFLOWS,
     EMBEDDED,
     ENV_VARS,
@@ -121,6 +123,7 @@ from genx_ray.model._values import (
 
 __all__ = [
     "DEFAULT_REDIS_URL",
+    "DEFAULT_SCHEDULES",
     "DEFAULT_TENANT",
     "DEFAULT_WORKFLOWS",
     "EMBEDDED",
@@ -206,6 +209,7 @@ __all__ = [
     "position",
     "publish_id",
     "redact",
+    "redact_json",
     "redaction",
     "settings_module",
     "step_id",

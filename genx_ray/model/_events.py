@@ -14,7 +14,7 @@ from typing import Annotated, Any, ClassVar, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter, field_validator
 
-from genx_ray.model._redaction import redact
+from genx_ray.model._redaction import redact, redact_json
 
 
 class StepRef(BaseModel):
@@ -36,9 +36,10 @@ class ErrorInfo(BaseModel):
     def from_exception(cls, exc: BaseException, *, with_traceback: bool = True) -> ErrorInfo:
         trace = None
         if with_traceback and exc.__traceback__ is not None:
-            # The last frames are the useful ones; a whole traceback bloats every replay.
-            trace = "".join(tb.format_exception(exc, limit=-6))[-4000:]
-        return cls(type=type(exc).__name__, message=str(exc)[:2000], traceback=trace)
+            # The last frames are the useful ones; a whole traceback bloats every replay. Masked
+            # before the cut: a secret across it would leave its prefix in clear.
+            trace = redact("".join(tb.format_exception(exc, limit=-6)))[-4000:]
+        return cls(type=type(exc).__name__, message=redact(str(exc))[:2000], traceback=trace)
 
     @field_validator("message", "traceback")
     @classmethod
@@ -252,8 +253,9 @@ _adapter: TypeAdapter[Event] = TypeAdapter(Event)
 
 
 def dump_event(event: BaseModel) -> str:
-    """Compact JSON: no spaces, no null fields."""
-    return event.model_dump_json(exclude_none=True)
+    """Compact JSON: no spaces, no null fields, every known secret masked (whatever field it
+    is in: published data, outputs, input received...)."""
+    return redact_json(event.model_dump_json(exclude_none=True))
 
 
 def load_event(data: str | bytes) -> Event:

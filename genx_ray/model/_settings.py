@@ -36,6 +36,9 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 EMBEDDED = "embedded"  # GENX_REDIS_URL=embedded: always start a private Redis
 DEFAULT_WORKFLOWS = ("genx_ray.examples",)
 _LIMIT_FIELDS = ("concurrency", "rpm", "tpm")
+DEFAULT_SCHEDULES = 100  # schedules a tenant may have when GENX_TENANT_LIMITS says nothing
+MIN_TOKEN_SECRET = 32  # bytes of GENX_TOKEN_SECRET, at least
+MIN_API_KEY = 16  # characters of each key of GENX_API_KEYS, at least
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +56,7 @@ class TenantLimit:
 
     runs_per_minute: int | None = None  # a token bucket: bursts up to this, refilled evenly
     running: int | None = None  # runs started and not finished (queued, running or waiting)
+    schedules: int | None = None  # schedules it may have (None: "*"'s, else DEFAULT_SCHEDULES)
 
 
 def _var(name: str, default: Any, **kw: Any) -> Any:
@@ -115,6 +119,10 @@ class Settings(BaseSettings):
     # Runs one run host process takes over its life before a fresh one replaces it (1 with
     # host_runs 1: a fresh process for every run, for code that leaves state behind).
     host_max_runs: int = _var("GENX_HOST_MAX_RUNS", 10_000)
+    # A schedule's cron may not tick more often than this (seconds).
+    schedule_min_interval: int = _var("GENX_SCHEDULE_MIN_INTERVAL", 60)
+    # Event streams (SSE or NDJSON) open at once per tenant, per gateway.
+    max_streams_per_tenant: int = _var("GENX_MAX_STREAMS_PER_TENANT", 1000)
 
     # -- parsing: each variable's own rules and messages ------------------------------------------
 
@@ -127,6 +135,17 @@ class Settings(BaseSettings):
         ):  # fmt: skip
             data = {**data, "redis_url_explicit": True}
         return data
+
+    @model_validator(mode="after")
+    def _signed_webhooks(self) -> Settings:
+        # An empty key signs webhooks anyone can forge: a receiver could not trust any of them.
+        if self.webhook_url and not self.webhook_secret:
+            raise ConfigError(
+                "GENX_WEBHOOK_SECRET",
+                "GENX_WEBHOOK_URL is set but no secret signs the webhooks (receivers could not "
+                "tell them from forgeries); set GENX_WEBHOOK_SECRET to a long random string",
+            )
+        return self
 
     @field_validator("*", mode="before")
     @classmethod
@@ -206,14 +225,19 @@ def _resources(name: str, value: str) -> dict[str, float]:
     return {str(k): float(v) for k, v in raw.items()}
 
 
+# An origin and nothing else: it goes into headers (CORS, a CSP's frame-ancestors), where a ';' or
+# a space would add a directive or a source of its own.
+_ORIGIN = re.compile(r"https?://([A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?")
+
+
 def _origins(value: str) -> tuple[str, ...]:
     origins = tuple(o.strip().rstrip("/") for o in value.split(",") if o.strip())
     for origin in origins:
-        parsed = urlparse(origin)
-        if origin != "*" and (parsed.scheme not in ("http", "https") or not parsed.netloc
-                              or parsed.path or parsed.query):  # fmt: skip
+        if origin != "*" and not _ORIGIN.fullmatch(origin):
             raise ConfigError(
-                "GENX_CORS_ORIGINS", f"{origin!r}: expected origins like https://app.example.com"
+                "GENX_CORS_ORIGINS",
+                f"{origin!r}: expected origins like https://app.example.com (a scheme, a host, "
+                "a port maybe; no path, no ';', no spaces), comma-separated, or *",
             )
     return origins
 
@@ -256,6 +280,12 @@ def _api_keys(value: str) -> dict[str, str]:
             # The key itself is never repeated in an error: errors may be logged.
             raise ConfigError(
                 "GENX_API_KEYS", f"tenant {tenant!r}: a tenant name is 1 to 64 of A-Z a-z 0-9 _ . -"
+            )
+        if len(key) < MIN_API_KEY:
+            raise ConfigError(
+                "GENX_API_KEYS",
+                f"the key of tenant {tenant!r} is shorter than {MIN_API_KEY} characters: a key "
+                "that short can be guessed; use a long random one",
             )
         if key in keys and keys[key] != tenant:
             raise ConfigError("GENX_API_KEYS", f"one key is given for two tenants ({tenant!r})")
@@ -304,7 +334,7 @@ def _tenant_limits(value: str) -> dict[str, TenantLimit]:
         raise ConfigError(name, f"not JSON ({exc}); e.g. {example}") from None
     if not isinstance(raw, dict):
         raise ConfigError(name, f"expected an object of tenant -> limits, e.g. {example}")
-    fields = ("runs_per_minute", "running")
+    fields = ("runs_per_minute", "running", "schedules")
     limits: dict[str, TenantLimit] = {}
     for tenant, spec in raw.items():
         if tenant != "*" and not TENANT_NAME.fullmatch(tenant):
@@ -316,6 +346,17 @@ def _tenant_limits(value: str) -> dict[str, TenantLimit]:
                 raise ConfigError(name, f"{tenant!r}.{field_name}: expected a positive integer")
         limits[tenant] = TenantLimit(**spec)
     return limits
+
+
+def _token_secret(value: str) -> str:
+    if len(value.encode()) < MIN_TOKEN_SECRET:
+        # The secret itself is never repeated in an error: errors may be logged.
+        raise ConfigError(
+            "GENX_TOKEN_SECRET",
+            f"{len(value.encode())} bytes; run tokens signed with a secret under "
+            f"{MIN_TOKEN_SECRET} bytes can be forged by guessing it: use a long random string",
+        )
+    return value
 
 
 def _positive(name: str, text: str) -> int:
@@ -348,11 +389,13 @@ _PARSERS: dict[str, tuple[str, Parse]] = {
     "deployment": ("GENX_DEPLOYMENT", lambda _, v: v),
     "webhook_url": ("GENX_WEBHOOK_URL", lambda _, v: _webhook_url(v)),
     "host_resources": ("GENX_HOST_RESOURCES", _resources),
-    "token_secret": ("GENX_TOKEN_SECRET", lambda _, v: v),
+    "token_secret": ("GENX_TOKEN_SECRET", lambda _, v: _token_secret(v)),
     "token_ttl": ("GENX_TOKEN_TTL", _positive),
     "cors_origins": ("GENX_CORS_ORIGINS", lambda _, v: _origins(v)),
     "host_runs": ("GENX_HOST_RUNS", _positive),
     "host_max_runs": ("GENX_HOST_MAX_RUNS", _positive),
+    "schedule_min_interval": ("GENX_SCHEDULE_MIN_INTERVAL", _positive),
+    "max_streams_per_tenant": ("GENX_MAX_STREAMS_PER_TENANT", _positive),
 }
 _VERBATIM = frozenset({"webhook_secret"})  # a secret is taken as given, spaces included
 

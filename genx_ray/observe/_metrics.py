@@ -100,6 +100,11 @@ LLM_LIMITER_WAIT = _histogram(
     "cluster-wide budget (GENX_LLM_LIMITS, or a Retry-After pause), by model.", ["model"],
     (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )  # fmt: skip
+SCHEDULE_SKIPS = _counter(
+    "genx_schedule_ticks_skipped", "Ticks of schedules that started no run, by reason (quota: "
+    "the tenant over GENX_TENANT_LIMITS; overlap: the schedule's previous run still open).",
+    ["reason"],
+)  # fmt: skip
 SSE_DELAY = _histogram(
     "genx_sse_delivery_delay_seconds", "From an event's append to Redis to its write to an "
     "event-stream client (events appended while the client was connected; Redis's clock "
@@ -306,6 +311,9 @@ class Metrics(Observer):
 
     def llm_gave_up(self, model: str) -> None:
         _count("genx_llm_calls", (model, "error"))
+
+    def schedule_skipped(self, reason: str) -> None:
+        _count("genx_schedule_ticks_skipped", (reason,))
 
     def stream(self, fmt: str) -> Observation:
         return _Stream()

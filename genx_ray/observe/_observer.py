@@ -145,6 +145,12 @@ class Observer:
     def llm_gave_up(self, model: str) -> None:
         """An LLM call failed for good on ``model`` (after its retries)."""
 
+    # -- schedules (the timer service) -------------------------------------------------------------
+
+    def schedule_skipped(self, reason: str) -> None:
+        """A schedule's tick started no run: ``quota`` (its tenant over GENX_TENANT_LIMITS) or
+        ``overlap`` (its previous run still open)."""
+
     # -- event streams (the gateway) --------------------------------------------------------------
 
     def stream(self, fmt: str) -> Observation:
@@ -280,6 +286,10 @@ class Observers(Observer):
     def llm_gave_up(self, model: str) -> None:
         for o in self.observers:
             o.llm_gave_up(model)
+
+    def schedule_skipped(self, reason: str) -> None:
+        for o in self.observers:
+            o.schedule_skipped(reason)
 
     def stream(self, fmt: str) -> Observation:
         return _joined([o.stream(fmt) for o in self.observers])

@@ -15,8 +15,12 @@ Either way :meth:`genx_ray.store._runs.RunStore.reap` re-checks the run's attemp
 requeues it as ``attempt + 1`` with a ``run.restarted`` event, or, past the attempt cap (or for
 a run started from a script, whose code workers may lack), fails it with the reason. Two
 supervisors racing for one run: the second finds the attempt moved. The supervisor also trims the
-run indexes of runs past their retention, and runs the timer service (:mod:`._timers`: scheduled
-runs, sleeps, input deadlines, schedules).
+run indexes of runs past their retention, and runs the timer service
+(:mod:`genx_ray.service._timers`: scheduled runs, sleeps, input deadlines, schedules).
+
+What must stay true: each duty (timers, worker sweep, lease sweep, trimming) runs on its own. An
+error in one is logged once per outage and never delays or skips another; within a duty, an
+error on one run is that run's alone (logged, the run looked at again a lease later).
 """
 
 from __future__ import annotations
@@ -26,11 +30,12 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 from genx_ray.model import Settings, new_run_id
 from genx_ray.service._timers import TICK_SECONDS, Timers
-from genx_ray.store import RunStore, keys, notify
+from genx_ray.store import Quotas, RunStore, keys, notify
 
 log = logging.getLogger("genx_ray.supervisor")
 
@@ -51,7 +56,8 @@ class Supervisor:
             client, maxlen=settings.stream_maxlen, retention_seconds=settings.retention_seconds
         )
         self._trimmed_at = 0.0
-        self.timers = Timers(self.runs)
+        self.timers = Timers(self.runs, Quotas(client, settings.tenant_limits))
+        self._failing: set[str] = set()  # duties whose failure was logged (one line per outage)
 
     async def sweep(self) -> dict[str, int]:
         """One pass over runs whose last renewal is older than the lease; returns counts."""
@@ -62,9 +68,26 @@ class Supervisor:
             await self.redis.zrangebyscore(keys.LEASES, "-inf", cutoff, start=0, num=500),
         )
         for run_id in stale:
-            outcome = await self._check(run_id)
+            outcome = await self._contained(run_id)
             counts[outcome] = counts.get(outcome, 0) + 1
         return counts
+
+    async def _contained(self, run_id: str, dead_worker: str | None = None) -> str:
+        """:meth:`_check`, its failure this run's alone: logged once, the run looked at again a
+        lease later (its place at the stale end given up), the others checked meanwhile."""
+        try:
+            outcome = await self._check(run_id, dead_worker=dead_worker)
+        except Exception as exc:  # one run's trouble is not the others'
+            what = f"run {run_id}"
+            if what not in self._failing:
+                self._failing.add(what)
+                log.warning("supervisor: checking %s failed (%s: %s); again in %ss", what,
+                            type(exc).__name__, exc, self.settings.lease_seconds)  # fmt: skip
+            with contextlib.suppress(Exception):
+                await self.redis.zadd(keys.LEASES, {run_id: time.time()}, xx=True)
+            return "error"
+        self._failing.discard(f"run {run_id}")
+        return outcome
 
     async def _check(self, run_id: str, *, dead_worker: str | None = None) -> str:
         attempt, origin, lost = await self.redis.hmget(
@@ -106,7 +129,14 @@ class Supervisor:
         now = time.time()
         dead = []
         for name, raw in table.items():
-            entry = json.loads(raw)
+            try:
+                entry = json.loads(raw)
+                if not isinstance(entry, dict):
+                    raise ValueError("not an object")
+            except ValueError:  # not a worker's entry: dropped, it names no run
+                log.warning("supervisor: the worker table's entry %r is malformed; dropped", name)
+                await self.redis.hdel(keys.WORKERS, name)
+                continue
             if not worker_alive(entry, now) and entry.get("fate") == "shared":
                 dead.append(str(name))
         if not dead:
@@ -118,7 +148,7 @@ class Supervisor:
             owners = await pipe.execute()
         for run_id, (worker, status) in zip(watched, owners, strict=True):
             if worker in dead and status == "running":
-                outcome = await self._check(run_id, dead_worker=worker)
+                outcome = await self._contained(run_id, dead_worker=worker)
                 counts[outcome] = counts.get(outcome, 0) + 1
         await self.redis.hdel(keys.WORKERS, *dead)
         return counts
@@ -154,26 +184,33 @@ class Supervisor:
         return removed
 
     async def serve(self, stop: asyncio.Event) -> None:
+        """Every duty, a few times a second, each on its own: one that fails (Redis trouble, a
+        bug, bad data) is logged once per outage and never delays or skips another."""
         lease_every = max(0.2, self.settings.lease_seconds / 3)
         next_lease_sweep = 0.0
-        failing = False  # one line per outage, not one per sweep
+        await self._duty("schedule keys migration", self.timers.schedules.migrate)
         while not stop.is_set():
             now = time.monotonic()
-            try:
-                await self.timers.tick()
-                await self.sweep_workers()
-                if now >= next_lease_sweep:
-                    await self.sweep()
-                    next_lease_sweep = now + lease_every
-                if now - self._trimmed_at >= TRIM_EVERY_SECONDS:
-                    self._trimmed_at = now
-                    await self.trim_indexes()
-                if failing:
-                    log.warning("supervisor: sweeping again")
-                failing = False
-            except Exception as exc:
-                if not failing:
-                    log.warning("supervisor: sweep failed (%s); retrying", exc)
-                failing = True
+            await self._duty("timers", self.timers.tick)
+            await self._duty("worker sweep", self.sweep_workers)
+            if now >= next_lease_sweep:
+                await self._duty("lease sweep", self.sweep)
+                next_lease_sweep = now + lease_every
+            if now - self._trimmed_at >= TRIM_EVERY_SECONDS:
+                self._trimmed_at = now
+                await self._duty("index trimming", self.trim_indexes)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), TICK_SECONDS)
+
+    async def _duty(self, name: str, duty: Callable[[], Awaitable[object]]) -> None:
+        try:
+            await duty()
+        except Exception as exc:  # a duty's failure is its own, never the others'
+            if name not in self._failing:
+                log.warning("supervisor: %s failed (%s: %s); retrying", name,
+                            type(exc).__name__, exc)  # fmt: skip
+            self._failing.add(name)
+            return
+        if name in self._failing:
+            self._failing.discard(name)
+            log.warning("supervisor: %s working again", name)

@@ -27,7 +27,15 @@ from genx_ray.store._outbox import notify
 from genx_ray.store._queue import QueueEntry, RunQueue, queue_state
 from genx_ray.store._quotas import Quotas
 from genx_ray.store._runs import MAX_DELAY_SECONDS, Claim, RunStore, check_input, start_time
-from genx_ray.store._schedules import Schedule, ScheduleNotFound, ScheduleStore, check, next_tick
+from genx_ray.store._schedules import (
+    Schedule,
+    ScheduleNotFound,
+    ScheduleStore,
+    Skipped,
+    check,
+    latest_tick,
+    next_tick,
+)
 from genx_ray.store._streams import (
     MAX_BLOCK_MS,
     START,
@@ -62,6 +70,7 @@ __all__ = [
     "Schedule",
     "ScheduleNotFound",
     "ScheduleStore",
+    "Skipped",
     "StreamEntry",
     "SyncRedis",
     "async_redis",
@@ -78,6 +87,7 @@ __all__ = [
     "is_cluster",
     "is_cluster_url",
     "keys",
+    "latest_tick",
     "next_tick",
     "notify",
     "on_node_of",

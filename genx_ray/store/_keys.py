@@ -48,10 +48,17 @@ INDEXES = f"{PREFIX}:indexes"
 # every supervisor; what is due is done by a script that checks the run first (exactly once).
 TIMERS = f"{PREFIX}:timers"
 
-# Hash: schedule id -> JSON {tenant, workflow, cron, timezone, input, created_at}.
+# Hash: schedule id -> JSON {tenant, workflow, cron, timezone, input, created_at, overlap,
+# last_run_id, last_skipped, disabled}. Every schedule key shares one slot: this key's name is
+# the hash tag of the others ({genx:schedules}), so one script creates a schedule under its
+# tenant's cap, and one lists a page of them (records and due times): one round trip.
 SCHEDULES = f"{PREFIX}:schedules"
+_SCHEDULES_TAG = "{" + SCHEDULES + "}"
 # Sorted set: schedule id -> its next due time (unix seconds); advanced by compare-and-set.
-SCHEDULES_DUE = f"{PREFIX}:schedules:due"
+SCHEDULES_DUE = f"{_SCHEDULES_TAG}:due"
+# Where the due set and the tenants' indexes were before they shared the records' slot (read
+# once by the migration, genx_ray.store._schedules.migrate).
+OLD_SCHEDULES_DUE = f"{PREFIX}:schedules:due"
 
 # String: the secret run tokens (browser-safe, read-only, one run each) are signed with, when
 # GENX_TOKEN_SECRET is not set. Created once (SET NX) by the first gateway and never expired, so
@@ -102,7 +109,7 @@ def local_queue(runner: str) -> str:
 
 
 def runner(runner: str) -> str:
-    """String with a TTL: the process of a script that runs runs is alive (genx_ray.service)."""
+    """String with a TTL: a script's process that runs runs is alive (genx_ray.service._script)."""
     return f"{PREFIX}:runner:{runner}"
 
 
@@ -114,6 +121,11 @@ def hub_wake(hub: str) -> str:
 def run_keys(run_id: str) -> tuple[str, str, str]:
     """The keys that share a run's lifetime (expired together after the retention period)."""
     return run(run_id), events(run_id), journal(run_id)
+
+
+def expiring(run_id: str) -> tuple[str, str, str, str]:
+    """The keys set to expire when the run ends: :func:`run_keys` and its children set."""
+    return run(run_id), events(run_id), journal(run_id), children(run_id)
 
 
 def run_id_of(key: str) -> str:
@@ -128,7 +140,12 @@ def run_index(tenant: str, workflow: str | None = None) -> str:
 
 
 def schedule_index(tenant: str) -> str:
-    """Sorted set (by creation time): a tenant's schedule ids."""
+    """Sorted set (by creation time): a tenant's schedule ids (in the records' slot)."""
+    return f"{_SCHEDULES_TAG}:t:{part(tenant)}"
+
+
+def old_schedule_index(tenant: str) -> str:
+    """Where a tenant's schedule index was before it shared the records' slot."""
     return f"{PREFIX}:schedules:t:{part(tenant)}"
 
 
@@ -147,21 +164,27 @@ class QuotaKeys:
 
     bucket: str
     open: str
+    pruning: str  # string with a short TTL: the open set was pruned a moment ago
 
 
 def quota(tenant: str) -> QuotaKeys:
     tag = f"{PREFIX}:quota:{{{part(tenant)}}}"
-    return QuotaKeys(bucket=f"{tag}:bucket", open=f"{tag}:open")
+    return QuotaKeys(bucket=f"{tag}:bucket", open=f"{tag}:open", pruning=f"{tag}:pruning")
 
 
-def cache(component: str, version: str, digest: str) -> str:
-    """String: a component's cached result, with the TTL the component asked for."""
-    return f"{PREFIX}:cache:{part(component)}:{part(version)}:{digest}"
+def cache(component: str, version: str, digest: str, tenant: str | None) -> str:
+    """String: a component's cached result, with the TTL the component asked for: one tenant's
+    (a tenant never reads another's results, nor learns from ``cached`` what it asked), or,
+    with ``tenant`` None, every tenant's (``cache_scope="global"``, an explicit opt-in)."""
+    if tenant is None:
+        return f"{PREFIX}:cache:{part(component)}:{part(version)}:{digest}"
+    return f"{PREFIX}:cache:t:{part(tenant)}:{part(component)}:{part(version)}:{digest}"
 
 
-def llm_cache(digest: str) -> str:
-    """String: a cached LLM response (``genx_ray.llm`` clients with ``cache_ttl``)."""
-    return f"{PREFIX}:llmcache:{digest}"
+def llm_cache(digest: str, tenant: str) -> str:
+    """String: a cached LLM response (``genx_ray.llm`` clients with ``cache_ttl``), one
+    tenant's."""
+    return f"{PREFIX}:llmcache:{part(tenant)}:{digest}"
 
 
 @dataclass(frozen=True, slots=True)

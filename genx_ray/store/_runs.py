@@ -54,12 +54,15 @@ from genx_ray.observe import observer
 from genx_ray.store import _keys as keys
 from genx_ray.store import _scripts as lua
 from genx_ray.store._connections import is_cluster
+from genx_ray.store._quotas import Quotas
 
 __all__ = ["DEFAULT_TENANT", "TERMINAL", "Run", "RunStatus", "RunStore"]
 
 # The statuses a cancel ends at once (no host holds the run).
 _CANCELLABLE = frozenset({"queued", "scheduled", "waiting"})
-IDEMPOTENCY_TTL = 24 * 3600  # how long an Idempotency-Key maps to its run
+IDEMPOTENCY_TTL = 24 * 3600  # how long an Idempotency-Key maps to its run, at most
+# A key's run missing this long after its id was made has expired (not still being created).
+IDEMPOTENCY_GRACE_SECONDS = 60.0
 MAX_DELAY_SECONDS = 366 * 24 * 3600  # how far ahead a run may be scheduled
 
 
@@ -179,38 +182,51 @@ class RunStore:
         key: str,
         start_at: float | None = None,
         extra: dict[str, str] | None = None,
+        quotas: Quotas | None = None,
     ) -> tuple[Run, bool]:
         """The run an ``Idempotency-Key`` made before (and True), or a new queued run under it.
 
         The same key with another input is :class:`IdempotencyConflict`: the key names one
         request, and a client reusing it for another is a bug to surface, not to paper over.
+        A key never outlives its run: once the run it named has expired, the key names nothing,
+        and the request starts a new run with a new id. With ``quotas``, a new run is admitted
+        (:class:`QuotaExceeded`: nothing created) and counted; a replay is neither.
         """
         ikey = keys.idempotency(tenant, workflow, key)
         digest = canonical_hash(input)
         for _ in range(3):
+            held = await self.redis.get(ikey)
+            if held is not None:
+                first = json.loads(held)
+                if first["hash"] != digest:
+                    raise IdempotencyConflict(
+                        "this Idempotency-Key was used with a different input for this workflow"
+                    )
+                run_id = first["run"]
+                # The first request may still be creating its run, or may have died before it
+                # did: creating is idempotent, so this returns its run either way. A run that
+                # is missing long after its id was made has expired: the key is spent.
+                young = run_id >= new_run_id(time.time() - IDEMPOTENCY_GRACE_SECONDS)
+                if young or await self.redis.exists(keys.run(run_id)):
+                    return await self.create(
+                        workflow, input, tenant=tenant, run_id=run_id, enqueue=True,
+                        start_at=start_at, extra=extra,
+                    ), True  # fmt: skip
+            if quotas is not None:
+                await quotas.admit(tenant)  # over quota: raises, nothing taken
             run_id = new_run_id()
             record = json.dumps({"run": run_id, "hash": digest})
-            if await self.redis.set(ikey, record, nx=True, ex=IDEMPOTENCY_TTL):
+            args = [held or "", record, IDEMPOTENCY_TTL]
+            if await lua.TAKE_IDEMPOTENCY(self.redis, [ikey], args):
                 run = await self.create(
                     workflow, input, tenant=tenant, run_id=run_id, enqueue=True,
                     start_at=start_at, extra=extra,
                 )  # fmt: skip
+                if quotas is not None:
+                    await quotas.opened(tenant, run.id)
                 return run, False
-            held = await self.redis.get(ikey)
-            if held is None:
-                continue  # expired in between: try to take it again
-            first = json.loads(held)
-            if first["hash"] != digest:
-                raise IdempotencyConflict(
-                    "this Idempotency-Key was used with a different input for this workflow"
-                )
-            # The first request may still be creating its run, or may have died before it did:
-            # creating is idempotent, so this returns its run either way.
-            run_id = first["run"]
-            return await self.create(
-                workflow, input, tenant=tenant, run_id=run_id, enqueue=True, start_at=start_at,
-                extra=extra,
-            ), True  # fmt: skip
+            if quotas is not None:  # another request took the key first: this one is its replay
+                await quotas.refund(tenant)
         raise IdempotencyConflict("the Idempotency-Key is contended; retry")
 
     # -- reading -------------------------------------------------------------------------------
@@ -313,7 +329,7 @@ class RunStore:
             *_pairs(fields),  # strings as they are: JSON fields come encoded
         ]
         try:
-            entry_id = await lua.TRANSITION(self.redis, keys.run_keys(run_id), args)
+            entry_id = await lua.TRANSITION(self.redis, keys.expiring(run_id), args)
         except ResponseError as exc:
             raise self._error(exc, run_id, target, fence_attempt) from None
         return str(entry_id) or None
@@ -413,9 +429,8 @@ class RunStore:
             dump_event(RunFailedEvent(run_id=run_id, error=error)), error.model_dump_json(),
             repr(time.time()), self.maxlen, self.retention_seconds, "1" if host_dead else "",
         ]  # fmt: skip
-        outcome = str(
-            await lua.REAP(self.redis, [*keys.run_keys(run_id), keys.lease(run_id)], args)
-        )
+        reaped = [*keys.run_keys(run_id), keys.lease(run_id), keys.children(run_id)]
+        outcome = str(await lua.REAP(self.redis, reaped, args))
         if outcome == "requeued":
             await self.enqueue(run_id, attempt + 1)
         elif outcome == "failed":
@@ -432,7 +447,7 @@ class RunStore:
         args = [event, self.maxlen, repr(time.time()), self.retention_seconds]
         before, workflow = await self.redis.hmget(keys.run(run_id), "status", "workflow")
         try:
-            status = RunStatus(await lua.CANCEL(self.redis, keys.run_keys(run_id), args))
+            status = RunStatus(await lua.CANCEL(self.redis, keys.expiring(run_id), args))
         except ResponseError as exc:
             raise self._error(exc, run_id, RunStatus.CANCELLED, None) from None
         if status is RunStatus.CANCELLED and before in _CANCELLABLE:  # it ends here, no host

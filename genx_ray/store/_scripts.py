@@ -177,7 +177,7 @@ local function holds(run_key, attempt)
 end
 """
 
-# KEYS: run hash, events stream, journal hash.
+# KEYS: run hash, events stream, journal hash, children set.
 # ARGV: allowed current statuses (space separated), target status, attempt to fence on ('' = any),
 #       event type ('' = no event), event JSON, stream maxlen, seconds to expire the run's keys in
 #       ('' = keep), then field/value pairs to set.
@@ -197,7 +197,7 @@ if ARGV[4] ~= '' then
   id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', 't', ARGV[4], 'e', ARGV[5])
 end
 if ARGV[7] ~= '' then
-  for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[7]) end
+  for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[7]) end
 end
 return id
 """
@@ -213,7 +213,8 @@ redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 't', ARGV[1], 'e', ARGV
 return 1
 """)
 
-# KEYS: run hash, events stream, journal. ARGV: run.cancelled event JSON, maxlen, now, retention.
+# KEYS: run hash, events stream, journal, children set. ARGV: run.cancelled event JSON, maxlen,
+# now, retention.
 # Queued, scheduled or waiting (no host holds it): cancelled at once. Running: flagged; its host
 # stops it (told through the signals stream, or at its next lease renewal). Returns the status
 # after the call.
@@ -224,7 +225,7 @@ if cur == 'queued' or cur == 'scheduled' or cur == 'waiting' then
   redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[3],
              'cancel_requested', '1')
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 't', 'run.cancelled', 'e', ARGV[1])
-  for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[4]) end
+  for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[4]) end
   return 'cancelled'
 end
 if cur == 'running' then redis.call('HSET', KEYS[1], 'cancel_requested', '1') end
@@ -263,7 +264,7 @@ return 1
 """
 )
 
-# KEYS: run hash, events stream, journal hash, lease.
+# KEYS: run hash, events stream, journal hash, lease, children set (expires with the run).
 # ARGV: attempt, terminal status, event type, event JSON, maxlen, retention seconds, then
 # field/value pairs to set.
 # Ends a running attempt: its terminal status and event, the run's keys set to expire, and its
@@ -279,6 +280,7 @@ redis.call('HSET', KEYS[1], 'status', ARGV[2])
 for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 't', ARGV[3], 'e', ARGV[4])
 for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[6]) end
+if KEYS[5] then redis.call('EXPIRE', KEYS[5], ARGV[6]) end
 if redis.call('GET', KEYS[4]) == ARGV[1] then redis.call('DEL', KEYS[4]) end
 return id
 """
@@ -290,7 +292,7 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """)
 
-# KEYS: run hash, events stream, journal, lease.
+# KEYS: run hash, events stream, journal, lease, children set (expires with the run).
 # ARGV: attempt seen, max attempts, run.restarted JSON, run.failed JSON, error JSON, now, maxlen,
 #       retention seconds, '1' when the host is known dead (then a live lease does not protect).
 # An attempt whose host is gone: requeued as the next attempt, or failed once ``max attempts``
@@ -316,6 +318,7 @@ if lost >= tonumber(ARGV[2]) or redis.call('HGET', KEYS[1], 'origin') == 'local'
   redis.call('HSET', KEYS[1], 'status', 'failed', 'error', ARGV[5], 'finished_at', ARGV[6])
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*', 't', 'run.failed', 'e', ARGV[4])
   for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[8]) end
+  if KEYS[5] then redis.call('EXPIRE', KEYS[5], ARGV[8]) end
   return 'failed'
 end
 redis.call('HSET', KEYS[1], 'status', 'queued', 'attempt', tonumber(ARGV[1]) + 1,
@@ -533,6 +536,70 @@ ADVANCE_SCHEDULE = Script("""
 local due = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if not due or tonumber(due) ~= tonumber(ARGV[2]) then return 0 end
 redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+return 1
+""")
+
+# KEYS: an idempotency key. ARGV: the value seen ('' = none), the new value, ttl seconds.
+# Takes the key for a new run if it still holds what was seen (absent, or a run that expired):
+# 1 taken, 0 another request took it first.
+TAKE_IDEMPOTENCY = Script("""
+local held = redis.call('GET', KEYS[1])
+if (held or '') ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+return 1
+""")
+
+# KEYS: the tenant's schedule index, the schedule records, the due set (one slot).
+# ARGV: schedule id, created at, most schedules, record JSON, first due time.
+# Creates the schedule unless the tenant has ``most`` already: 1 created, 0 full.
+CREATE_SCHEDULE = Script("""
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[4])
+redis.call('ZADD', KEYS[3], ARGV[5], ARGV[1])
+return 1
+""")
+
+# KEYS: the tenant's schedule index, the schedule records, the due set (one slot).
+# ARGV: the previous page's last creation time ('-inf' for the first page) and id, page size.
+# A page of the tenant's schedules, oldest first: {id, record, due time or false}... then 1 if
+# more follow, else 0. Ids of one creation time sort by id; ids whose record is gone (a delete
+# racing, an old create that died half-way) leave the index here.
+LIST_SCHEDULES = Script("""
+local after, after_id, limit = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local raw = redis.call('ZRANGEBYSCORE', KEYS[1], after, '+inf', 'WITHSCORES', 'LIMIT', 0,
+                       limit + 1 + 16)
+local floor = after == '-inf' and -math.huge or tonumber(after)
+local out, taken = {}, 0
+for i = 1, #raw, 2 do
+  local id, score = raw[i], tonumber(raw[i + 1])
+  if score > floor or id > after_id then
+    if taken == limit then
+      out[#out + 1] = 1
+      return out
+    end
+    local record = redis.call('HGET', KEYS[2], id)
+    if record then
+      out[#out + 1] = id
+      out[#out + 1] = record
+      out[#out + 1] = redis.call('ZSCORE', KEYS[3], id) or false
+      out[#out + 1] = raw[i + 1]
+      taken = taken + 1
+    else
+      redis.call('ZREM', KEYS[1], id)
+    end
+  end
+end
+-- A scan that came back full may have left some behind: more may follow.
+out[#out + 1] = (#raw == 2 * (limit + 17)) and 1 or 0
+return out
+""")
+
+# KEYS: a hash. ARGV: field, value. Sets the field only if it exists (a record deleted meanwhile
+# stays deleted): 1 set, 0 not.
+HSET_IF_EXISTS = Script("""
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 return 1
 """)
 

@@ -3,9 +3,10 @@
 Everything a run writes goes through its :class:`RunWriter`; every run writer of a process (a
 run host executing hundreds of runs, a map actor serving many maps) shares one
 :class:`BatchWriter`, whose single flusher sends whatever is queued, for every run, in one
-pipeline: one fenced script call per run (:data:`.scripts.APPEND`). A thousand concurrent map
-items, or a thousand runs each finishing a step, cost a handful of round trips. Within a run,
-order is the order of emission.
+pipeline: one fenced script call per run (:data:`genx_ray.store._scripts.APPEND`). A thousand
+concurrent map items, or a thousand runs each finishing a step, cost a handful of round trips.
+Within a run, order is the order of emission. Each event is masked of secrets as it is made
+(:func:`genx_ray.model.dump_event`).
 
 ``emit`` queues an event and returns at once (``publish`` is not awaitable); ``commit`` queues
 and waits until the batch holding it is stored; ``queue`` queues without waiting; ``finish``
@@ -245,7 +246,8 @@ class BatchWriter:
                 n += 1
             if end is not None:
                 lease = keys.lease(w.run_id)
-                calls.append((end.script, [*run_keys, lease], [w.attempt, *end.args]))
+                children = keys.children(w.run_id)  # FINISH: it expires with the run
+                calls.append((end.script, [*run_keys, lease, children], [w.attempt, *end.args]))
                 n += 1
             plan.append((w, n, len(items), end))
         results = await self._execute(calls, batches)

@@ -142,8 +142,11 @@ async def test_list_filters_and_cursor(api: httpx.AsyncClient) -> None:
 
 
 async def test_tenants_are_isolated(make_api: ApiFactory) -> None:
-    async with make_api(GENX_API_KEYS="ka:acme,kb:globex") as api:
-        a, b = {"Authorization": "Bearer ka"}, {"Authorization": "Bearer kb"}
+    async with make_api(GENX_API_KEYS="ka-0123456789abcdef:acme,kb-0123456789abcdef:globex") as api:
+        a, b = (
+            {"Authorization": "Bearer ka-0123456789abcdef"},
+            {"Authorization": "Bearer kb-0123456789abcdef"},
+        )
         assert (await api.get("/v1/workflows")).status_code == 401
         bad = await api.get("/v1/workflows", headers={"Authorization": "Bearer nope"})
         assert bad.status_code == 401 and bad.json()["error"]["code"] == "unauthorized"

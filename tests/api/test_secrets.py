@@ -4,6 +4,8 @@ the workflow's own code quotes them in an error and a log line."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import secrets
 from typing import Any
@@ -83,3 +85,56 @@ async def test_no_secret_in_the_run_its_events_or_the_logs(
         assert secret not in logs, secret
     for text in seen:
         assert provider_key not in text and api_key not in text
+
+
+async def test_no_secret_in_any_event_a_run_emits_nor_its_output(
+    make_api: ApiFactory, redis: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Published data, streamed output, the input a person sends and the run's output: each
+    masked where the event is made, whatever field holds the secret."""
+    provider_key = "sk-" + secrets.token_hex(16)
+    monkeypatch.setenv("OPENAI_API_KEY", provider_key)
+    async with make_api() as api:
+        chatty = (
+            await api.post(
+                "/v1/workflows/chatty/runs?wait=20",
+                json={"input": {"note": f"Bearer {provider_key[3:]}"}},
+            )
+        ).json()
+        assert chatty["status"] == "succeeded", chatty
+        assert chatty["output"] == {"said": "the key is [redacted] ", "key": "[redacted]"}
+        review = (await api.post("/v1/workflows/review/runs", json={"input": {"n": 1}})).json()
+        await _until_waiting(api, review["id"])
+        answer = {"input": {"approve": True, "comment": f"use {provider_key}"}}
+        assert (await api.post(f"/v1/runs/{review['id']}/input", json=answer)).status_code == 200
+        done = await _until_done(api, review["id"])
+        assert done["output"]["decision"]["comment"] == "use [redacted]"
+        for run_id in (chatty["id"], review["id"]):
+            events = sse((await api.get(f"/v1/runs/{run_id}/events")).text)
+            kinds = {e["event"] for e in events}
+            assert kinds >= ({"progress", "output", "run.succeeded"} if run_id == chatty["id"]
+                             else {"input.received", "run.succeeded"})  # fmt: skip
+            for event in events:
+                assert provider_key not in json.dumps(event["data"]), event
+            # As stored: the events, and the record's output. (The journal keeps what the steps
+            # returned, as they returned it: a restarted run replays it; the API never serves it.)
+            stored = repr(await redis.xrange(keys.events(run_id)))
+            assert provider_key not in stored
+            assert provider_key not in str(await redis.hget(keys.run(run_id), "output"))
+
+
+async def _until_waiting(api: Any, run_id: str) -> None:
+    for _ in range(200):
+        if (await api.get(f"/v1/runs/{run_id}")).json()["status"] == "waiting":
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the run never waited for input")
+
+
+async def _until_done(api: Any, run_id: str) -> dict[str, Any]:
+    for _ in range(200):
+        run: dict[str, Any] = (await api.get(f"/v1/runs/{run_id}")).json()
+        if run["status"] in ("succeeded", "failed", "cancelled"):
+            return run
+        await asyncio.sleep(0.05)
+    raise AssertionError("the run never ended")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import time
 from typing import Any
 
 import httpx
@@ -23,20 +24,21 @@ from .conftest import ApiFactory, sse
 )
 def test_a_tenant_name_outside_the_safe_set_is_refused_at_start(tenant: str) -> None:
     with pytest.raises(ConfigError, match="GENX_API_KEYS") as caught:
-        Settings.from_env({"GENX_API_KEYS": f"kA:acme,secret-key-B:{tenant}"})
+        Settings.from_env({"GENX_API_KEYS": f"kA-0123456789abcdef:acme,secret-key-B:{tenant}"})
     assert "secret-key-B" not in str(caught.value)  # a key is never repeated in an error
 
 
 def test_one_key_for_two_tenants_is_refused() -> None:
     with pytest.raises(ConfigError, match="two tenants"):
-        Settings.from_env({"GENX_API_KEYS": "k:acme,k:globex"})
+        Settings.from_env({"GENX_API_KEYS": "k-0123456789abcdef:acme,k-0123456789abcdef:globex"})
 
 
 async def test_tenants_whose_names_look_alike_never_see_each_others_runs(
     make_api: ApiFactory,
 ) -> None:
     base = f"acme{secrets.token_hex(3)}"  # no other test's runs under these names
-    names = {"ka": base, "kb": f"{base}.wf", "kc": f"{base}-wf"}
+    names = {"ka-0123456789abcdef": base, "kb-0123456789abcdef": f"{base}.wf",
+             "kc-0123456789abcdef": f"{base}-wf"}  # fmt: skip
     async with make_api(GENX_API_KEYS=",".join(f"{k}:{t}" for k, t in names.items())) as api:
         heads = {t: {"Authorization": f"Bearer {k}"} for k, t in names.items()}
         made = {}
@@ -151,9 +153,12 @@ async def test_a_tenant_over_its_quota_gets_429_with_retry_after_and_nothing_is_
     make_api: ApiFactory,
 ) -> None:
     limits = json.dumps({"*": {"runs_per_minute": 3}, "acme": {"running": 2}})
-    async with make_api(GENX_API_KEYS="ka:acme,kb:globex,kc:initech",
+    async with make_api(GENX_API_KEYS="ka-0123456789abcdef:acme,kb-0123456789abcdef:globex,kc-0123456789abcdef:initech",
                         GENX_TENANT_LIMITS=limits) as api:  # fmt: skip
-        b, c = {"Authorization": "Bearer kb"}, {"Authorization": "Bearer kc"}
+        b, c = (
+            {"Authorization": "Bearer kb-0123456789abcdef"},
+            {"Authorization": "Bearer kc-0123456789abcdef"},
+        )
         body = {"input": {"text": "x"}}
         made = [await api.post("/v1/workflows/echo/runs", json=body, headers=b) for _ in range(3)]
         assert [r.status_code for r in made] == [202, 202, 202]  # the minute's burst
@@ -168,7 +173,7 @@ async def test_a_tenant_over_its_quota_gets_429_with_retry_after_and_nothing_is_
         assert (await api.post("/v1/workflows/echo/runs", json=body, headers=c)).status_code == 202
 
         # acme: at most two runs in progress (the rate limit does not apply to it)
-        a = {"Authorization": "Bearer ka"}
+        a = {"Authorization": "Bearer ka-0123456789abcdef"}
         slow = {"input": {"n": 1}}  # review runs wait for input: in progress until answered
         first = [
             await api.post("/v1/workflows/review/runs", json=slow, headers=a) for _ in range(2)
@@ -203,3 +208,63 @@ async def _until_status(
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"run {run_id} never reached {status}")
+
+
+@pytest.mark.parametrize(
+    ("command", "env", "named"),
+    [
+        ("gateway", {"GENX_TOKEN_SECRET": "only-twenty-bytes-xx"}, "GENX_TOKEN_SECRET"),
+        ("gateway", {"GENX_API_KEYS": "k-short:acme"}, "GENX_API_KEYS"),
+        ("gateway", {"GENX_WEBHOOK_URL": "https://hooks.example.com/x"}, "GENX_WEBHOOK_SECRET"),
+        ("worker", {"GENX_WEBHOOK_URL": "https://hooks.example.com/x"}, "GENX_WEBHOOK_SECRET"),
+    ],
+)  # fmt: skip
+def test_a_process_with_a_weak_credential_refuses_to_start(
+    command: str, env: dict[str, str], named: str, redis_url: str
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    full = {**os.environ, "GENX_REDIS_URL": redis_url, **env}
+    full.pop("GENX_WEBHOOK_SECRET", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "genx_ray.cli", command, *(["--port", "0"] if command == "gateway"
+                                                          else [])],
+        env=full, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode != 0
+    said = done.stdout + done.stderr
+    assert named in said and "Traceback" not in said
+    assert "only-twenty" not in said and "k-short" not in said  # never the secret itself
+
+
+async def test_an_idempotency_key_never_outlives_its_run(make_api: ApiFactory, redis: Any) -> None:
+    """Replaying a key after its run expired starts a new run, with a new id, charged to the
+    quota: never a run re-created under the old id."""
+    from genx_ray.model import new_run_id
+
+    tenant = f"idem{secrets.token_hex(3)}"
+    key = "idem-key-0123456789"
+    limits = json.dumps({tenant: {"runs_per_minute": 2}})
+    async with make_api(GENX_API_KEYS=f"{key}:{tenant}", GENX_TENANT_LIMITS=limits) as api:
+        auth = {"Authorization": f"Bearer {key}", "Idempotency-Key": "order-17"}
+        body = {"input": {"text": "x"}}
+        first = await api.post("/v1/workflows/echo/runs", json=body, headers=auth)
+        assert first.status_code == 202
+        # Days later the run has expired (its retention is shorter than the key's 24 h): its
+        # keys are gone, the key still names it.
+        ikey = keys.idempotency(tenant, "echo", "order-17")
+        held = json.loads(await redis.get(ikey))
+        expired = new_run_id(time.time() - 3 * 24 * 3600)
+        await redis.set(ikey, json.dumps({**held, "run": expired}), keepttl=True)
+        again = await api.post("/v1/workflows/echo/runs", json=body, headers=auth)
+        assert again.status_code == 202 and "idempotent-replayed" not in again.headers
+        assert again.json()["id"] not in (expired, first.json()["id"])
+        assert await redis.exists(keys.run(expired)) == 0  # never brought back under its id
+        replay = await api.post("/v1/workflows/echo/runs", json=body, headers=auth)
+        assert replay.headers.get("idempotent-replayed") == "true"
+        assert replay.json()["id"] == again.json()["id"]  # the key now names the new run
+        over = await api.post("/v1/workflows/echo/runs", json=body,
+                              headers={"Authorization": auth["Authorization"]})  # fmt: skip
+        assert over.status_code == 429  # the new run was charged: 2 of 2 this minute

@@ -22,8 +22,11 @@ from genx_ray.store import keys
 
 from .conftest import ApiFactory, sse
 
-KEYS = {"GENX_API_KEYS": "ka:acme,kb:globex"}
-A, B = {"Authorization": "Bearer ka"}, {"Authorization": "Bearer kb"}
+KEYS = {"GENX_API_KEYS": "ka-0123456789abcdef:acme,kb-0123456789abcdef:globex"}
+A, B = (
+    {"Authorization": "Bearer ka-0123456789abcdef"},
+    {"Authorization": "Bearer kb-0123456789abcdef"},
+)
 SECRET = "a-test-secret-of-at-least-32-characters"
 
 
@@ -352,6 +355,18 @@ async def test_cors_only_for_the_configured_origins(make_api: ApiFactory) -> Non
     async with make_api() as closed:
         resp = await closed.get("/v1/workflows", headers={"Origin": app_origin})
         assert "access-control-allow-origin" not in resp.headers
+
+
+async def test_a_star_origin_never_lets_any_site_frame_the_viewer(make_api: ApiFactory) -> None:
+    async with make_api(GENX_CORS_ORIGINS="*,https://app.example.com") as api:
+        run = await start(api)
+        page = await api.get(f"/ui/runs/{run['id']}", params={"token": run["stream_token"]})
+        csp = page.headers["content-security-policy"]
+        assert csp.endswith("frame-ancestors https://app.example.com"), csp
+    async with make_api(GENX_CORS_ORIGINS="*") as api:
+        run = await start(api)
+        page = await api.get(f"/ui/runs/{run['id']}", params={"token": run["stream_token"]})
+        assert page.headers["content-security-policy"].endswith("frame-ancestors 'none'")
 
 
 async def test_the_viewer_and_its_files_are_served_safely(api: httpx.AsyncClient) -> None:

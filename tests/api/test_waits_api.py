@@ -4,6 +4,7 @@ gets its code and changes nothing."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
@@ -67,8 +68,11 @@ async def test_input_posted_to_a_waiting_run_is_checked_then_carries_it_on(
 
 
 async def test_input_to_another_tenants_run_is_404(make_api: ApiFactory) -> None:
-    async with make_api(GENX_API_KEYS="ka:acme,kb:globex") as api:
-        a, b = {"Authorization": "Bearer ka"}, {"Authorization": "Bearer kb"}
+    async with make_api(GENX_API_KEYS="ka-0123456789abcdef:acme,kb-0123456789abcdef:globex") as api:
+        a, b = (
+            {"Authorization": "Bearer ka-0123456789abcdef"},
+            {"Authorization": "Bearer kb-0123456789abcdef"},
+        )
         resp = await api.post("/v1/workflows/review/runs", json={"input": {"n": 1}}, headers=a)
         run_id = resp.json()["id"]
         token = resp.json()["stream_token"]
@@ -138,9 +142,14 @@ async def test_a_bad_start_time_is_422_naming_the_field(
     assert len((await api.get("/v1/runs", params={"limit": 500})).json()["runs"]) == before
 
 
-async def test_a_schedule_starts_a_run_each_tick_until_deleted(api: httpx.AsyncClient) -> None:
+async def test_a_schedule_starts_a_run_each_tick_until_deleted(make_api: ApiFactory) -> None:
+    async with make_api(GENX_SCHEDULE_MIN_INTERVAL="1") as api:
+        await _each_tick_until_deleted(api)
+
+
+async def _each_tick_until_deleted(api: httpx.AsyncClient) -> None:
     body = {"workflow": "echo", "cron": "* * * * * */1", "input": {"text": "tick"},
-            "timezone": "America/New_York"}  # fmt: skip
+            "timezone": "America/New_York", "overlap": "allow"}  # fmt: skip
     resp = await api.post("/v1/schedules", json=body)
     assert resp.status_code == 201, resp.text
     schedule = resp.json()
@@ -175,6 +184,12 @@ async def test_a_schedule_starts_a_run_each_tick_until_deleted(api: httpx.AsyncC
         ({"workflow": "echo"}, 400, "invalid_request", "expected fields"),
         ({"workflow": "echo", "cron": "0 9 * * *", "when": 1}, 400, "invalid_request", ""),
         ({"workflow": "echo", "cron": 5}, 400, "invalid_request", ""),
+        ({"workflow": "echo", "cron": "0 0 1 1 * 0 2020"}, 422, "invalid_input",
+         "cron: '0 0 1 1 * 0 2020' never ticks again"),  # no next tick: never a 500
+        ({"workflow": "echo", "cron": "* * * * * *"}, 422, "invalid_input",
+         "GENX_SCHEDULE_MIN_INTERVAL"),  # every second, under the 60 s floor
+        ({"workflow": "echo", "cron": "0 9 * * *", "overlap": "sometimes"}, 422,
+         "invalid_input", "overlap: "),
     ],
 )  # fmt: skip
 async def test_a_bad_schedule_gets_its_code_and_creates_nothing(
@@ -188,11 +203,55 @@ async def test_a_bad_schedule_gets_its_code_and_creates_nothing(
 
 
 async def test_schedules_are_per_tenant(make_api: ApiFactory) -> None:
-    async with make_api(GENX_API_KEYS="ka:acme,kb:globex") as api:
-        a, b = {"Authorization": "Bearer ka"}, {"Authorization": "Bearer kb"}
+    async with make_api(GENX_API_KEYS="ka-0123456789abcdef:acme,kb-0123456789abcdef:globex") as api:
+        a, b = (
+            {"Authorization": "Bearer ka-0123456789abcdef"},
+            {"Authorization": "Bearer kb-0123456789abcdef"},
+        )
         body = {"workflow": "echo", "cron": "0 9 * * *", "input": {"text": "a"}}
         made = (await api.post("/v1/schedules", json=body, headers=a)).json()
         assert (await api.get(f"/v1/schedules/{made['id']}", headers=b)).status_code == 404
         assert (await api.delete(f"/v1/schedules/{made['id']}", headers=b)).status_code == 404
         assert (await api.get("/v1/schedules", headers=b)).json() == []
         assert (await api.delete(f"/v1/schedules/{made['id']}", headers=a)).status_code == 204
+
+
+async def test_a_tenants_schedules_are_capped_paged_and_say_when_disabled(
+    make_api: ApiFactory, redis: Any
+) -> None:
+    from genx_ray.store import ScheduleStore
+
+    tenant = f"cap{int(time.time() * 1000)}"
+    limits = json.dumps({tenant: {"schedules": 5}})
+    key = "cap-key-0123456789ab"
+    async with make_api(GENX_API_KEYS=f"{key}:{tenant}", GENX_TENANT_LIMITS=limits) as api:
+        auth = {"Authorization": f"Bearer {key}"}
+        body = {"workflow": "echo", "cron": "0 9 * * *", "input": {"text": "x"}}
+        made = [(await api.post("/v1/schedules", json=body, headers=auth)).json()["id"]
+                for _ in range(5)]  # fmt: skip
+        over = await api.post("/v1/schedules", json=body, headers=auth)
+        assert over.status_code == 429 and over.json()["error"]["code"] == "quota_exceeded"
+        assert "5 schedules" in over.json()["error"]["message"] and over.headers["retry-after"]
+        seen, params = [], {"limit": 2}
+        while True:
+            page = await api.get("/v1/schedules", params=params, headers=auth)
+            assert page.status_code == 200 and len(page.json()) <= 2
+            seen += [s["id"] for s in page.json()]
+            cursor = page.headers.get("genx-next-cursor")
+            if cursor is None:
+                assert "link" not in page.headers
+                break
+            assert 'rel="next"' in page.headers["link"]
+            params = {"limit": 2, "cursor": cursor}
+        assert seen == made
+        bad = await api.get("/v1/schedules", params={"cursor": "nonsense"}, headers=auth)
+        assert bad.status_code == 422
+        store = ScheduleStore(redis)
+        await store.disable(await store.get(made[0]), "its cron has no tick after 2020")
+        shown = (await api.get(f"/v1/schedules/{made[0]}", headers=auth)).json()
+        assert shown["disabled"] == "its cron has no tick after 2020"
+        assert shown["overlap"] == "skip" and shown["last_skipped"] is None
+        for schedule_id in made:
+            assert (
+                await api.delete(f"/v1/schedules/{schedule_id}", headers=auth)
+            ).status_code == 204

@@ -231,6 +231,46 @@ def test_cache_hit_and_expiry() -> None:
     assert calls["square"] == 3  # expired
 
 
+def test_the_cache_is_per_tenant_unless_shared_on_purpose() -> None:
+    """Tenant B calling what tenant A called runs it (``cached`` tells B nothing of A); a
+    component with ``cache_scope="global"`` shares its results on purpose."""
+
+    @component(cache_ttl=60, name="tenant_square")
+    async def square(x: int) -> int:
+        calls["tenant_square"] += 1
+        return x * x
+
+    @workflow(name="tenant-cache")
+    async def wf(x: int) -> int:
+        return await square(x)
+
+    x = time.monotonic_ns()  # an input no earlier run cached
+    first = start(wf, {"x": x}, tenant="acme")
+    assert first.result(5) == x * x
+    other = start(wf, {"x": x}, tenant="globex")
+    assert other.result(5) == x * x and calls["tenant_square"] == 2
+    (done,) = step_events(other, "step.completed")
+    assert done.cached is False  # globex learns nothing of what acme asked
+    again = start(wf, {"x": x}, tenant="acme")
+    assert again.result(5) == x * x and calls["tenant_square"] == 2
+    assert step_events(again, "step.completed")[0].cached is True  # acme's own result
+
+    shared = square.with_cache(60, scope="global")
+    assert (shared.cache_scope, square.cache_scope) == ("global", "tenant")
+
+    @workflow(name="global-cache")
+    async def wf_shared(x: int) -> int:
+        return await shared(x)
+
+    assert start(wf_shared, {"x": x}, tenant="acme").result(5) == x * x
+    assert calls["tenant_square"] == 3
+    hit = start(wf_shared, {"x": x}, tenant="globex")
+    assert hit.result(5) == x * x and calls["tenant_square"] == 3
+    assert step_events(hit, "step.completed")[0].cached is True
+    with pytest.raises(UserError, match="cache_scope"):
+        component(cache_scope="everyone")(lambda: None)  # type: ignore[call-overload]
+
+
 # -- streaming, sync, nesting, gather ------------------------------------------------------------
 
 

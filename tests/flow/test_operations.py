@@ -78,6 +78,33 @@ async def test_webhook_is_signed_and_retried(
     assert sent["id"] == run.id and sent["output"] == "HOOK" and sent["status"] == "succeeded"
 
 
+async def test_a_malformed_outbox_entry_is_dropped_and_the_sender_goes_on(
+    redis_url: str, runs: RunStore, events: EventStore, redis: Any
+) -> None:
+    """One bad entry (it names no run) must not stop every later run's webhook (#23 §1)."""
+    port = free_port()
+    server = HTTPServer(("127.0.0.1", port), _Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _Receiver.replies, _Receiver.got = [], []
+    try:
+        async with serving(redis_url, webhook_url=f"http://127.0.0.1:{port}/hook",
+                           webhook_secret="s3cret") as w:  # fmt: skip
+            w.webhooks.initial_delay = 0.05
+            await redis.xadd(keys.WEBHOOKS, {"not-a-run": "x"})  # poison, first in line
+            run = await runs.create("echo", {"text": "after"}, enqueue=True)
+            await _finish(events, run.id)
+
+            def delivered() -> bool:
+                return any(json.loads(body)["id"] == run.id for _, body in _Receiver.got)
+
+            deadline = time.monotonic() + 10
+            while not delivered() and time.monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+    finally:
+        server.shutdown()
+    assert delivered()
+
+
 async def test_blue_green_old_runs_stay_on_their_deployment_until_it_drains(
     redis_url: str, runs: RunStore, events: EventStore, redis: Any
 ) -> None:

@@ -25,7 +25,7 @@ from genx_ray import (
 )
 from genx_ray.model import InputInvalid, NotWaitingForInput, RunCancelled, RunStatus
 from genx_ray.service import RunHandle, Timers
-from genx_ray.store import RunStore, ScheduleNotFound, ScheduleStore, keys
+from genx_ray.store import RunStore, ScheduleNotFound, ScheduleStore, keys, sync_redis
 
 pytestmark = pytest.mark.timeout(60)
 calls: Counter[str] = Counter()
@@ -241,7 +241,12 @@ async def test_each_tick_starts_one_run_however_many_timer_services_look(
 ) -> None:
     store = ScheduleStore(redis)
     schedule = await store.create(
-        "nap", "* * * * * */1", {"seconds": 0}, timezone="Europe/Paris", tenant="sched"
+        "nap",
+        "* * * * * */1",
+        {"seconds": 0},
+        timezone="Europe/Paris",
+        tenant="sched",
+        overlap="allow",  # the runs stay queued (no worker here): each tick starts one anyway
     )  # every second (a sixth field: seconds)
     services = [Timers(runs) for _ in range(4)]
     began = time.time()
@@ -284,3 +289,15 @@ def _url() -> str:
     import os
 
     return os.environ["GENX_REDIS_URL"]
+
+
+def test_a_parents_children_set_expires_with_it() -> None:
+    """The set of a run's children is one of its keys: it expires with the run, not never."""
+    h = start(parent, {"n": 3})
+    assert h.result(15)["direct"] == 8
+    client = sync_redis(_url())
+    try:
+        ttl = client.ttl(keys.children(h.id))
+        assert 0 < ttl <= client.ttl(keys.run(h.id)) + 1, ttl
+    finally:
+        client.close()

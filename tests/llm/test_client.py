@@ -216,6 +216,30 @@ async def test_response_cache(sim: Sim) -> None:
 
 
 @component
+async def cached_answer(text: str) -> str:
+    client = AsyncOpenAI(cache_ttl=60)
+    answer = await client.chat.completions.create(model="gpt-4o-mini", messages=_msg(text))
+    return answer.choices[0].message.content or ""
+
+
+@workflow(name="llm-cached")
+async def cached_wf(text: str) -> str:
+    return await cached_answer(text)
+
+
+def test_the_response_cache_is_per_tenant(sim: Sim) -> None:
+    """Tenant B asking what tenant A asked is a call of its own, not A's cached answer."""
+    text = _uniq("tenants")
+    served = sim.stats()["served"]
+    assert start(cached_wf, {"text": text}, tenant="acme").result(30)
+    assert sim.stats()["served"] == served + 1
+    assert start(cached_wf, {"text": text}, tenant="globex").result(30)
+    assert sim.stats()["served"] == served + 2  # a miss: globex's cache is its own
+    assert start(cached_wf, {"text": text}, tenant="acme").result(30)
+    assert sim.stats()["served"] == served + 2  # acme's own answer, from its cache
+
+
+@component
 async def stream_answer(text: str) -> str:
     client = AsyncOpenAI()
     stream = await client.chat.completions.create(

@@ -24,7 +24,7 @@ from genx_ray.store import free_port
 HERE = os.path.dirname(__file__)
 TESTS = os.path.dirname(HERE)
 BIN = os.path.dirname(sys.executable)
-KEY = "fuzz-key"
+KEY = "fuzz-key-0123456789"
 
 
 async def test_the_document_types_each_workflow_and_every_answer(redis_url: str) -> None:
@@ -155,3 +155,70 @@ def test_a_client_generated_from_the_document_starts_a_run(fuzz_stack: str, tmp_
         sys.path.remove(str(tmp_path))
         for name in [m for m in sys.modules if m == "genx_client" or m.startswith("genx_client.")]:
             del sys.modules[name]
+
+
+BIG = "1" * 5000  # more digits than Python turns into an int: today a 500 on every body
+LONG = "9" * 4000  # fewer: an int, far beyond any field's range
+HUGE = "1e999"  # a float JSON allows and Python reads as infinity
+
+
+def _bodies(schema: dict[str, Any], spec: dict[str, Any]) -> list[str]:
+    """Bodies with a giant number in every place the route's body schema names, one at a time,
+    and in place of the whole body."""
+    if "$ref" in schema:
+        schema = spec["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]]
+    out = []
+    # (A 4,000-digit integer is a valid body where a field has no bound: it would start runs.)
+    for number in (BIG, HUGE):
+        out += [number, f'{{"x": {number}}}', f"[{number}]"]
+        for name, prop in (schema.get("properties") or {}).items():
+            out.append(f'{{"{name}": {number}}}')
+            if "$ref" in prop:
+                prop = spec["components"]["schemas"][prop["$ref"].rsplit("/", 1)[1]]
+            for inner in prop.get("properties") or {}:
+                out.append(f'{{"{name}": {{"{inner}": {number}}}}}')
+    return out
+
+
+async def test_every_route_answers_a_giant_number_with_a_4xx(redis_url: str) -> None:
+    """Every route of the document, with a 5,000-digit integer (and 1e999) in its body, in every
+    field its schema names, and (a 4,000-digit one too) in its number query parameters: a 4xx
+    with the error body, never a 500."""
+    settings = Settings.from_env({"GENX_REDIS_URL": redis_url, "GENX_API_KEYS": f"{KEY}:acme"})
+    app = create_app(settings, registry, redis_url)
+    auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as api:
+            spec = (await api.get("/openapi.json")).json()
+            made = await api.post("/v1/workflows/review/runs", json={"input": {"n": 1}},
+                                  headers=auth)  # fmt: skip
+            run_id = made.json()["id"]
+            schedule = await api.post("/v1/schedules", headers=auth,
+                                      json={"workflow": "review", "cron": "0 9 * * *"})  # fmt: skip
+            values = {"run_id": run_id, "schedule_id": schedule.json()["id"]}
+            tried = 0
+            for path, methods in spec["paths"].items():
+                url = re.sub(r"\{(\w+)\}", lambda m: values[m.group(1)], path)
+                for method, op in methods.items():
+                    body = op.get("requestBody", {}).get("content", {}).get("application/json")
+                    bodies = _bodies(body["schema"], spec) if body else []
+                    queries = [{p["name"]: number} for p in op.get("parameters", [])
+                               if p["in"] == "query" and p.get("schema", {}).get("type")
+                               in ("integer", "number") for number in (BIG, LONG, HUGE)]  # fmt: skip
+                    if method == "delete" or path == "/v1/runs/{run_id}/cancel":
+                        continue  # nothing to give a number to (and it would end the run)
+                    for content in bodies if method != "get" else []:
+                        resp = await api.request(method.upper(), url, content=content,
+                                                 headers=auth)  # fmt: skip
+                        tried += 1
+                        assert 400 <= resp.status_code < 500, (method, path, content[:40],
+                                                               resp.text)  # fmt: skip
+                        assert resp.json()["error"]["code"], resp.text
+                    for query in queries:
+                        resp = await api.request(method.upper(), url, params=query, headers=auth)
+                        tried += 1
+                        assert 400 <= resp.status_code < 500, (method, path, query, resp.text)
+            assert tried > 100
+            await api.post(f"/v1/runs/{run_id}/cancel", headers=auth)
+            await api.delete(f"/v1/schedules/{values['schedule_id']}", headers=auth)

@@ -132,6 +132,31 @@ def test_the_cli_follows_a_run(
     assert bad.returncode == 2 and "workflow_not_found" in bad.stderr
 
 
+def test_the_cli_and_the_client_add_and_list_schedules_page_after_page(
+    stack: tuple[list[str], list[subprocess.Popen[bytes]]], redis_url: str
+) -> None:
+    from genx_ray.client import Client
+
+    urls, _ = stack
+    env = _env(redis_url, GENX_API_URL=urls[0])
+    cli = [sys.executable, "-m", "genx_ray.cli", "schedules"]
+    made = []
+    for overlap in ("skip", "allow", "allow"):
+        added = subprocess.run([*cli, "add", "echo", "--cron", "0 9 * * *", "--input",
+                                '{"text": "s"}', "--overlap", overlap], env=env,
+                               capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert added.returncode == 0, added.stderr
+        schedule = json.loads(added.stdout)
+        assert schedule["overlap"] == overlap
+        made.append(schedule["id"])
+    listed = [s["id"] for s in Client(urls[1]).schedules(page_size=2)]  # two pages at least
+    assert [i for i in listed if i in made] == made
+    ls = subprocess.run([*cli, "ls"], env=env, capture_output=True, text=True, timeout=60)
+    assert all(i in ls.stdout for i in made)
+    for schedule_id in made:
+        subprocess.run([*cli, "rm", schedule_id], env=env, check=True, timeout=60)
+
+
 def test_gateway_processes_never_load_ray(
     stack: tuple[list[str], list[subprocess.Popen[bytes]]],
 ) -> None:

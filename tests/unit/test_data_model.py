@@ -13,7 +13,7 @@ from genx_ray.store import check_event_id, id_key, keys
 def test_every_key_of_a_run_shares_its_slot() -> None:
     run_id = new_run_id()
     tags = {
-        k.split("{", 1)[1].split("}", 1)[0] for k in (*keys.run_keys(run_id), keys.lease(run_id))
+        k.split("{", 1)[1].split("}", 1)[0] for k in (*keys.expiring(run_id), keys.lease(run_id))
     }
     assert tags == {run_id}
     assert keys.run_id_of(keys.events(run_id)) == run_id

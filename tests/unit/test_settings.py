@@ -60,12 +60,12 @@ def test_values_are_parsed() -> None:
         "GENX_REDIS_URL": "redis://h:1/2",
         "GENX_RAY_ADDRESS": "10.0.0.1:6380",
         "GENX_WORKFLOWS": "a.b, c",
-        "GENX_API_KEYS": "k1:acme, k2:globex",
+        "GENX_API_KEYS": "k1-0123456789abcdef:acme, k2-0123456789abcdef:globex",
         "GENX_LLM_LIMITS": '{"gpt-4o*": {"concurrency": 64, "rpm": 5000}, "*": {"tpm": 9}}',
         "GENX_HOST_MAX_RUNS": "1",
     })  # fmt: skip
     assert s.redis_url_explicit and s.workflows == ("a.b", "c") and s.host_max_runs == 1
-    assert s.api_keys == {"k1": "acme", "k2": "globex"}
+    assert s.api_keys == {"k1-0123456789abcdef": "acme", "k2-0123456789abcdef": "globex"}
     assert s.llm_limits == {"gpt-4o*": LLMLimit(64, 5000, None), "*": LLMLimit(tpm=9)}
 
 
