@@ -21,14 +21,16 @@ import hmac
 import json
 import logging
 import time
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-import httpx
 import redis.asyncio
 from redis.exceptions import ResponseError
 
 from genx_ray.model import RunNotFound, Settings
 from genx_ray.store import RunStore, keys
+
+if TYPE_CHECKING:
+    import httpx
 
 log = logging.getLogger("genx_ray.webhooks")
 ATTEMPTS = 6
@@ -63,6 +65,8 @@ class WebhookSender:
             if "BUSYGROUP" not in str(exc):
                 raise
         failing = False  # one log line per trouble of the loop, not one per second
+        import httpx  # here: `import genx_ray` need not load an HTTP client (and its CLI)
+
         async with httpx.AsyncClient(timeout=10) as http:
             while not stop.is_set():
                 try:
@@ -108,6 +112,8 @@ class WebhookSender:
         return [(str(i), _run_of(i, f)) for i, f in resp[0][1]] if resp else []
 
     async def _deliver(self, http: httpx.AsyncClient, run_id: str) -> bool:
+        import httpx
+
         try:
             run = await self.runs.get(run_id)
         except RunNotFound:
