@@ -91,7 +91,8 @@ class EventHub:
         # by default, whatever block_ms says.)
         self._wake = keys.hub_wake(secrets.token_hex(8))
         self._wake_after = "0-0"
-        self._reading: set[str] = set()  # the run ids the current read follows
+        # The run ids the current read follows, each with the id it reads after.
+        self._reading: dict[str, str] = {}
         self._waking = False
         self.cluster = is_cluster(client)
         # A Redis Cluster: how long a round of reads that found nothing waits before the next.
@@ -141,11 +142,7 @@ class EventHub:
                 yield page
             if len(page) < PAGE:
                 break
-        sub = _Subscriber(run_id, last)
-        self._subs.setdefault(run_id, set()).add(sub)
-        self._has_subs.set()
-        if run_id not in self._reading:
-            self._wake_reader()
+        sub = self._join(run_id, last)
         try:
             while True:
                 try:
@@ -173,16 +170,26 @@ class EventHub:
                 if not subs:
                     del self._subs[run_id]
 
+    def _join(self, run_id: str, last: str) -> _Subscriber:
+        """Follow ``run_id``'s stream after ``last`` with the hub's read."""
+        sub = _Subscriber(run_id, last)
+        self._subs.setdefault(run_id, set()).add(sub)
+        self._has_subs.set()
+        reading = self._reading.get(run_id)
+        if reading is None or id_key(last) < id_key(reading):  # not read, or from further on
+            self._wake_reader()
+        return sub
+
     async def _read_forever(self) -> None:
         while not self._stopping:
             if not self._subs:
                 self._has_subs.clear()
                 await self._has_subs.wait()
-            streams: dict[Any, Any] = {
-                keys.events(run_id): min((s.last for s in subs), key=id_key)
+            reading = self._reading = {
+                run_id: min((s.last for s in subs), key=id_key)
                 for run_id, subs in self._subs.items()
             }
-            self._reading = set(self._subs)
+            streams: dict[Any, Any] = {keys.events(r): after for r, after in reading.items()}
             if not self.cluster:
                 streams[self._wake] = self._wake_after
             try:
@@ -198,16 +205,22 @@ class EventHub:
                 await asyncio.sleep(0.5)
                 continue
             self.outage.ok()
-            self._reading = set()
+            self._reading = {}
             for stream, raw in resp or ():
                 if stream.decode() == self._wake:
                     self._wake_after = raw[-1][0].decode()
                     self._waking = False
                     continue
+                run_id = keys.run_id_of(stream.decode())
+                start = id_key(reading[run_id])
                 entries = raw_entries(raw)
                 keyed = [(id_key(e.id.decode()), e) for e in entries]
-                for sub in list(self._subs.get(keys.run_id_of(stream.decode()), ())):
+                for sub in list(self._subs.get(run_id, ())):
                     after = id_key(sub.last)
+                    if after < start:
+                        # It joined during this read, which started past its last id: what
+                        # lies between is not in this reply. The next read starts at its id.
+                        continue
                     fresh = [e for k, e in keyed if k > after]
                     if fresh:
                         sub.last = fresh[-1].id.decode()

@@ -1,0 +1,54 @@
+"""The gateway's event hub on a real Redis: whatever moment a reader joins the hub's one blocking
+read, it gets every event after its own last id, exactly once, in order."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from gateway.hub import EventHub, RawEntry
+from genx_ray import events as ev
+from genx_ray.connections import async_redis
+from genx_ray.runs import RunStatus, RunStore
+from genx_ray.streams import START, EventStore
+
+
+async def _ids(batches: AsyncIterator[list[RawEntry]]) -> list[str]:
+    return [e.id.decode() for e in await anext(batches)]
+
+
+async def test_a_reader_joining_behind_the_hubs_read_in_flight_misses_nothing(
+    redis_url: str, redis: Any
+) -> None:
+    """A reader joins where its replay ended. The replay's reply and the hub's come on two
+    connections, either first: the hub may have read past that point already, its next read in
+    flight from further on. Forced here by joining at an id the hub has read past."""
+    runs, store = RunStore(redis), EventStore(redis)
+    run = await runs.create("wf", None)
+    await runs.transition(run.id, RunStatus.RUNNING, allowed={RunStatus.QUEUED})
+    raw = async_redis(redis_url, decode=False)
+    # A long block: the read in flight stays in flight unless the hub wakes it, so the order
+    # below is the only one possible, not one a fast machine happens to take.
+    hub = EventHub(raw, block_ms=3000)
+    await hub.start()
+    ahead = hub.stream(run.id, START)
+    behind = None
+    try:
+        [queued] = await _ids(ahead)  # replayed, and joined the hub
+        ahead_live = asyncio.ensure_future(_ids(ahead))
+        [e3] = await store.append(run.id, ev.OutputEvent(run_id=run.id, data=3))
+        assert await ahead_live == [e3]  # the hub's read in flight now starts after e3
+        behind = hub._join(run.id, queued)  # a replay that ended at run.queued, its reply late
+        [e4] = await store.append(run.id, ev.OutputEvent(run_id=run.id, data=4))
+        got: list[RawEntry] = []
+        while not got or got[-1].id.decode() != e4:
+            got += await asyncio.wait_for(behind.queue.get(), 10)
+        assert [e.id.decode() for e in got] == [e3, e4]  # e3 too, though read before it joined
+        assert await asyncio.wait_for(_ids(ahead), 10) == [e4]  # and nothing twice
+    finally:
+        if behind is not None:
+            hub._subs[run.id].discard(behind)
+        await ahead.aclose()
+        await hub.stop()
+        await raw.aclose()
