@@ -33,10 +33,10 @@ from typing import Any, cast
 
 from genx_ray import keys
 from genx_ray.connections import is_cluster
-from genx_ray.events import TERMINAL_TYPES
+from genx_ray.events import TERMINAL_TYPES, EventsTruncatedEvent, dumps
 from genx_ray.outage import OutageLog
 from genx_ray.status import TERMINAL
-from genx_ray.streams import id_key
+from genx_ray.streams import before, id_key, trimmed_past
 
 log = logging.getLogger("gateway.hub")
 PAGE = 1000
@@ -123,24 +123,47 @@ class EventHub:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    async def read(self, run_id: str, after: str, count: int | None = None) -> list[RawEntry]:
-        raw = await self.redis.xrange(keys.events(run_id), f"({after}", "+", count=count)
-        return raw_entries(raw)
+    async def read(
+        self, run_id: str, after: str, count: int | None = None
+    ) -> tuple[list[RawEntry], int]:
+        """The events after ``after`` (up to ``count``), and how many: the batch starts with an
+        ``events.truncated`` entry when the stream was trimmed past ``after``. The check and the
+        read are one transaction: a trim between them would skip events unannounced."""
+        stream = keys.events(run_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xinfo_stream(stream)
+            pipe.xrange(stream, f"({after}", "+", count=count)
+            info, raw = await pipe.execute(raise_on_error=False)
+        if isinstance(raw, Exception):
+            raise raw
+        entries = raw_entries(raw)
+        gap = None if isinstance(info, Exception) else trimmed_past(info, after)  # no stream yet
+        if gap is None:
+            return entries, len(entries)
+        first, trimmed = gap
+        event = EventsTruncatedEvent(
+            run_id=run_id, after=after, first_available=first, trimmed=trimmed
+        )  # its id is just before the first event still stored
+        marker = RawEntry(before(first).encode(), event.type.encode(), dumps(event).encode())
+        return [marker, *entries], len(entries)
 
     async def stream(self, run_id: str, after: str) -> AsyncGenerator[list[RawEntry], None]:
         """Every event after ``after`` in batches, then live ones, ending with the terminal
-        event. An empty batch now and then means "still running, nothing new"."""
+        event. An empty batch now and then means "still running, nothing new". Where the stream
+        was trimmed past the reader (``GENX_STREAM_MAXLEN``), an ``events.truncated`` entry
+        says so before what follows."""
         last = after
         while True:  # replay what is stored, a page at a time
-            page = await self.read(run_id, last, count=PAGE)
+            page, size = await self.read(run_id, last, count=PAGE)
             for i, entry in enumerate(page):
                 if entry.terminal:
                     yield page[: i + 1]
                     return
-            if page:
+            if size:
                 last = page[-1].id.decode()
+            if page:
                 yield page
-            if len(page) < PAGE:
+            if size < PAGE:
                 break
         sub = self._join(run_id, last)
         try:
@@ -150,7 +173,7 @@ class EventHub:
                 except TimeoutError:
                     status = await self.redis.hget(keys.run(run_id), "status")
                     if status is None or status.decode() in TERMINAL:
-                        rest = await self.read(run_id, sub.last)
+                        rest, _ = await self.read(run_id, sub.last)
                         if rest:
                             yield rest
                         return

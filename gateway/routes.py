@@ -22,10 +22,9 @@ from gateway.sse import NDJSON, event_response
 from gateway.tokens import READ, SCOPES, TokenSigner
 from genx_ray import keys
 from genx_ray.errors import InputInvalid, InvalidTransition, UserError
-from genx_ray.events import EventsTruncatedEvent, dumps
 from genx_ray.quotas import Quotas
 from genx_ray.runs import Run, RunStatus, RunStore, start_time
-from genx_ray.streams import START, ResumePoint, before, check_event_id, resume_point
+from genx_ray.streams import START, check_event_id, resume_point
 from genx_ray.webhooks import notify
 from genx_ray.workflow import Registry
 
@@ -190,29 +189,14 @@ async def run_events(
     point = await resume_point(runs.redis, run_id, start, ended=run.status.terminal)
     if point.at_end:
         return event_response(_nothing(), ndjson=ndjson)
-    batches: AsyncIterator[list[RawEntry]] = hub.stream(run_id, point.after)
-    if point.first_available is not None:
-        batches = _truncated(run_id, point, batches)
-    return event_response(batches, ndjson=ndjson)
+    # The hub says whether the stream was trimmed past point.after, in one transaction with its
+    # first read: a check made here, before, could be stale by then.
+    return event_response(hub.stream(run_id, point.after), ndjson=ndjson)
 
 
 async def _nothing() -> AsyncIterator[list[RawEntry]]:
     return
     yield  # an async generator that yields nothing
-
-
-async def _truncated(
-    run_id: str, point: ResumePoint, batches: AsyncIterator[list[RawEntry]]
-) -> AsyncIterator[list[RawEntry]]:
-    """The stream, after an ``events.truncated`` event saying what a reader resuming after
-    ``point.after`` missed (its id is just before the first event still stored)."""
-    first = point.first_available or ""
-    event = EventsTruncatedEvent(
-        run_id=run_id, after=point.after, first_available=first, trimmed=point.trimmed
-    )
-    yield [RawEntry(before(first).encode(), event.type.encode(), dumps(event).encode())]
-    async for batch in batches:
-        yield batch
 
 
 @router.post("/v1/runs/{run_id}/cancel", tags=["runs"])

@@ -4,11 +4,13 @@ read, it gets every event after its own last id, exactly once, in order."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from gateway.hub import EventHub, RawEntry
+from gateway.hub import PAGE, EventHub, RawEntry
 from genx_ray import events as ev
+from genx_ray import keys
 from genx_ray.connections import async_redis
 from genx_ray.runs import RunStatus, RunStore
 from genx_ray.streams import START, EventStore
@@ -50,5 +52,33 @@ async def test_a_reader_joining_behind_the_hubs_read_in_flight_misses_nothing(
         if behind is not None:
             hub._subs[run.id].discard(behind)
         await ahead.aclose()
+        await hub.stop()
+        await raw.aclose()
+
+
+async def test_a_replay_page_read_after_the_stream_was_trimmed_past_the_reader_says_so(
+    redis_url: str, redis: Any
+) -> None:
+    runs, store = RunStore(redis), EventStore(redis)
+    run = await runs.create("wf", None)
+    await runs.transition(run.id, RunStatus.RUNNING, allowed={RunStatus.QUEUED})
+    out = [ev.OutputEvent(run_id=run.id, data=i) for i in range(PAGE + 10)]
+    ids = [e.id for e in await store.read(run.id)] + await store.append(run.id, *out)
+    raw = async_redis(redis_url, decode=False)
+    hub = EventHub(raw)
+    await hub.start()
+    reader = hub.stream(run.id, ids[0])
+    try:
+        assert await _ids(reader) == ids[1 : PAGE + 1]  # a first page; its client takes it slowly
+        await redis.xtrim(keys.events(run.id), maxlen=5, approximate=False)  # meanwhile
+        batch = await anext(reader)
+        assert batch[0].type == b"events.truncated"  # the next page says so, first
+        told = json.loads(batch[0].data)
+        assert (told["after"], told["first_available"], told["trimmed"]) == (
+            ids[PAGE], ids[-5], len(ids) - 5,
+        )  # fmt: skip
+        assert [e.id.decode() for e in batch[1:]] == ids[-5:]
+    finally:
+        await reader.aclose()
         await hub.stop()
         await raw.aclose()

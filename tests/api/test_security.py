@@ -12,9 +12,14 @@ from typing import Any
 import httpx
 import pytest
 
+from gateway.app import create_app
+from genx_ray import events as ev
 from genx_ray import keys
 from genx_ray.errors import ConfigError
+from genx_ray.runs import RunStatus, RunStore
 from genx_ray.settings import Settings
+from genx_ray.streams import EventStore
+from genx_ray.workflow import registry
 
 from .conftest import ApiFactory, sse
 
@@ -138,6 +143,66 @@ async def test_a_reader_resuming_into_a_trimmed_stream_is_told_what_it_missed(
     assert json.loads(ndjson.text.splitlines()[0])["type"] == "events.truncated"
     after_cut = await api.get(f"/v1/runs/{run['id']}/events", params={"after": full[-10]["id"]})
     assert "events.truncated" not in after_cut.text  # nothing missed from there
+
+
+class _SlowClient:
+    """An HTTP client as a gateway meets it over a slow network: the response's first write (the
+    ``retry:`` hint, sent before any event is read) returns only once ``go`` is set."""
+
+    def __init__(self) -> None:
+        self.started, self.go, self.done = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        self.body: list[bytes] = []
+        self._asked = False
+
+    async def receive(self) -> dict[str, Any]:
+        if not self._asked:
+            self._asked = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await self.done.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: dict[str, Any]) -> None:
+        if message["type"] != "http.response.body":
+            return
+        self.body.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            self.done.set()
+        if not self.started.is_set():
+            self.started.set()
+            await self.go.wait()
+
+
+async def test_a_stream_trimmed_after_the_reader_resumed_before_its_first_read_still_says_so(
+    redis_url: str, redis: Any
+) -> None:
+    runs, store = RunStore(redis), EventStore(redis)
+    run = await runs.create("wf", None)
+    await runs.transition(run.id, RunStatus.RUNNING, allowed={RunStatus.QUEUED})
+    await store.append(run.id, *[ev.OutputEvent(run_id=run.id, data=i) for i in range(20)])
+    await runs.transition(
+        run.id, RunStatus.SUCCEEDED, allowed={RunStatus.RUNNING},
+        event=ev.RunSucceededEvent(run_id=run.id),
+    )  # fmt: skip
+    ids = [e.id for e in await store.read(run.id)]
+    app = create_app(Settings.from_env({"GENX_REDIS_URL": redis_url}), registry, redis_url)
+    client = _SlowClient()
+    path = f"/v1/runs/{run.id}/events"
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+        "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "",
+        "query_string": b"", "headers": [(b"host", b"gw"), (b"last-event-id", ids[3].encode())],
+        "server": ("gw", 80), "client": ("127.0.0.1", 1),
+    }  # fmt: skip
+    async with app.router.lifespan_context(app):
+        served = asyncio.create_task(app(scope, client.receive, client.send))
+        await asyncio.wait_for(client.started.wait(), 10)  # resumed: its resume point is taken
+        await redis.xtrim(keys.events(run.id), maxlen=10, approximate=False)  # as MAXLEN does
+        client.go.set()
+        await asyncio.wait_for(served, 10)
+    frames = sse(b"".join(client.body).decode())
+    assert frames[0]["event"] == "events.truncated"  # trimmed after it resumed: told all the same
+    assert frames[0]["data"]["after"] == ids[3] and frames[0]["data"]["first_available"] == ids[-10]
+    assert [f["id"] for f in frames[1:]] == ids[-10:]
 
 
 async def test_a_wrong_method_is_405_with_allow(api: httpx.AsyncClient) -> None:
