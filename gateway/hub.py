@@ -161,12 +161,16 @@ class EventHub:
                     return
             if size:
                 last = page[-1].id.decode()
-            if page:
-                yield page
             if size < PAGE:
                 break
+            yield page
+        # Caught up: join the hub before the last page goes out. A slow client then keeps what
+        # the hub reads for it meanwhile, not a position the stream may be trimmed past (the
+        # hub reads from it within a round trip).
         sub = self._join(run_id, last)
         try:
+            if page:
+                yield page
             while True:
                 try:
                     batch = await asyncio.wait_for(sub.queue.get(), self.recheck_seconds)

@@ -20,6 +20,14 @@ async def _ids(batches: AsyncIterator[list[RawEntry]]) -> list[str]:
     return [e.id.decode() for e in await anext(batches)]
 
 
+async def _ids_until(batches: AsyncIterator[list[RawEntry]], last: str) -> list[str]:
+    """The ids of the batches up to the one with ``last`` (live events come as they are read)."""
+    got: list[str] = []
+    while last not in got:
+        got += await asyncio.wait_for(_ids(batches), 10)
+    return got
+
+
 async def test_a_reader_joining_behind_the_hubs_read_in_flight_misses_nothing(
     redis_url: str, redis: Any
 ) -> None:
@@ -80,5 +88,42 @@ async def test_a_replay_page_read_after_the_stream_was_trimmed_past_the_reader_s
         assert [e.id.decode() for e in batch[1:]] == ids[-5:]
     finally:
         await reader.aclose()
+        await hub.stop()
+        await raw.aclose()
+
+
+async def test_a_reader_slow_to_take_its_replay_keeps_what_the_hub_read_for_it_meanwhile(
+    redis_url: str, redis: Any
+) -> None:
+    runs, store = RunStore(redis), EventStore(redis)
+    run = await runs.create("wf", None)
+    await runs.transition(run.id, RunStatus.RUNNING, allowed={RunStatus.QUEUED})
+    ids = [e.id for e in await store.read(run.id)]
+    ids += await store.append(run.id, *[ev.OutputEvent(run_id=run.id, data=i) for i in range(4)])
+    raw = async_redis(redis_url, decode=False)
+    hub = EventHub(raw, block_ms=3000)
+    await hub.start()
+    probe, slow = hub.stream(run.id, ids[-2]), hub.stream(run.id, ids[0])
+    probe_live = None
+    try:
+        assert await _ids(probe) == ids[-1:]  # another reader, that takes what it is sent
+        probe_live = asyncio.ensure_future(_ids(probe))
+        await asyncio.sleep(0)  # one turn of the loop: it has joined the hub (and waits)
+        assert await _ids(slow) == ids[1:]  # caught up; its client is slow to take the page
+        more = await store.append(
+            run.id, *[ev.OutputEvent(run_id=run.id, data=i) for i in range(8)]
+        )
+        read = await asyncio.wait_for(probe_live, 10)
+        if more[-1] not in read:
+            read += await _ids_until(probe, more[-1])
+        assert read == more  # the hub has read them: for both readers, the slow one too
+        await redis.xtrim(keys.events(run.id), maxlen=2, approximate=False)  # then MAXLEN did
+        assert await _ids_until(slow, more[-1]) == more  # what was read for it is kept
+    finally:
+        if probe_live is not None:  # (a test that failed may leave it waiting)
+            probe_live.cancel()
+            await asyncio.gather(probe_live, return_exceptions=True)
+        await probe.aclose()
+        await slow.aclose()
         await hub.stop()
         await raw.aclose()
