@@ -213,8 +213,22 @@ async def test_a_wrong_method_is_405_with_allow(api: httpx.AsyncClient) -> None:
     assert resp.status_code == 405 and set(resp.headers["allow"].split(", ")) == {"GET", "POST"}
 
 
+async def _asking_for_input(redis: Any, run_id: str) -> None:
+    """Until the run waits for its input. Its ``waiting`` status and its ``input.requested`` event
+    are written by one script: once the event is readable, a cancel ends the run at once (while
+    it still runs, a cancel is only requested, and the run stays in progress a while)."""
+
+    async def follow() -> None:
+        async for entry in EventStore(redis).follow(run_id):
+            if entry.type == "input.requested":
+                return
+        raise AssertionError(f"{run_id} ended without asking for input")
+
+    await asyncio.wait_for(follow(), 20)
+
+
 async def test_a_tenant_over_its_quota_gets_429_with_retry_after_and_nothing_is_created(
-    make_api: ApiFactory,
+    make_api: ApiFactory, redis: Any
 ) -> None:
     limits = json.dumps({"*": {"runs_per_minute": 3}, "acme": {"running": 2}})
     async with make_api(GENX_API_KEYS="ka:acme,kb:globex,kc:initech",
@@ -243,6 +257,7 @@ async def test_a_tenant_over_its_quota_gets_429_with_retry_after_and_nothing_is_
         full = await api.post("/v1/workflows/review/runs", json=slow, headers=a)
         assert full.status_code == 429 and int(full.headers["retry-after"]) >= 1
         assert "2 runs in progress" in full.json()["error"]["message"]
+        await _asking_for_input(redis, first[0].json()["id"])
         cancelled = await api.post(f"/v1/runs/{first[0].json()['id']}/cancel", headers=a)
         assert cancelled.json()["status"] == "cancelled"
         again = await api.post("/v1/workflows/review/runs", json=slow, headers=a)
