@@ -136,13 +136,18 @@ async def test_tpm_budget_is_estimated_then_corrected(
     assert time.monotonic() - t0 < 0.5
 
 
-async def test_retry_after_pauses_every_client(sim: Sim, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_retry_after_pauses_every_client(
+    sim: Sim, monkeypatch: pytest.MonkeyPatch, redis: Any
+) -> None:
     model = _uniq("ra")
     sim.configure(throttle_next=1, retry_after=1.0)
     first, second = AsyncOpenAI(), AsyncOpenAI()  # two clients: separate transports
     t0 = time.monotonic()
     a = asyncio.create_task(first.chat.completions.create(model=model, messages=_msg("a")))
-    await asyncio.sleep(0.2)  # a got its 429 and paused the model for everyone
+    pause, deadline = keys.llm_budget(model).pause, t0 + 20  # (a model of no budget: its own)
+    while await redis.pttl(pause) <= 0:  # until a got its 429 and paused the model for everyone
+        assert time.monotonic() < deadline and not a.done(), "a did not pause the model"
+        await asyncio.sleep(0.005)
     b = await second.chat.completions.create(model=model, messages=_msg("b"))
     assert time.monotonic() - t0 >= 0.95  # b waited out the pause instead of hitting the API
     await a
