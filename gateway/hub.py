@@ -35,9 +35,9 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from genx_ray.model import TERMINAL, TERMINAL_TYPES
+from genx_ray.model import TERMINAL, TERMINAL_TYPES, EventsTruncatedEvent, dump_event
 from genx_ray.observe import OutageLog
-from genx_ray.store import id_key, is_cluster, keys
+from genx_ray.store import before, id_key, is_cluster, keys, trimmed_past
 
 log = logging.getLogger("gateway.hub")
 PAGE = 1000
@@ -100,7 +100,8 @@ class EventHub:
         # by default, whatever block_ms says.)
         self._wake = keys.hub_wake(secrets.token_hex(8))
         self._wake_after = "0-0"
-        self._reading: set[str] = set()  # the run ids the current read follows
+        # The run ids the current read follows, each with the id it reads after.
+        self._reading: dict[str, str] = {}
         self._waking = False
         self.cluster = is_cluster(client)
         # A Redis Cluster: how long a round of reads that found nothing waits before the next.
@@ -133,31 +134,54 @@ class EventHub:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    async def read(self, run_id: str, after: str, count: int | None = None) -> list[RawEntry]:
-        raw = await self.redis.xrange(keys.events(run_id), f"({after}", "+", count=count)
-        return raw_entries(raw)
+    async def read(
+        self, run_id: str, after: str, count: int | None = None
+    ) -> tuple[list[RawEntry], int]:
+        """The events after ``after`` (up to ``count``), and how many: the batch starts with an
+        ``events.truncated`` entry when the stream was trimmed past ``after``. The check and the
+        read are one transaction: a trim between them would skip events unannounced."""
+        stream = keys.events(run_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xinfo_stream(stream)
+            pipe.xrange(stream, f"({after}", "+", count=count)
+            info, raw = await pipe.execute(raise_on_error=False)
+        if isinstance(raw, Exception):
+            raise raw
+        entries = raw_entries(raw)
+        gap = None if isinstance(info, Exception) else trimmed_past(info, after)  # no stream yet
+        if gap is None:
+            return entries, len(entries)
+        first, trimmed = gap
+        event = EventsTruncatedEvent(
+            run_id=run_id, after=after, first_available=first, trimmed=trimmed
+        )  # its id is just before the first event still stored
+        marker = RawEntry(before(first).encode(), event.type.encode(), dump_event(event).encode())
+        return [marker, *entries], len(entries)
 
     async def stream(self, run_id: str, after: str) -> AsyncGenerator[list[RawEntry], None]:
         """Every event after ``after`` in batches, then live ones, ending with the terminal
-        event. An empty batch now and then means "still running, nothing new"."""
+        event. An empty batch now and then means "still running, nothing new". Where the stream
+        was trimmed past the reader (``GENX_STREAM_MAXLEN``), an ``events.truncated`` entry
+        says so before what follows."""
         last = after
         while True:  # replay what is stored, a page at a time
-            page = await self.read(run_id, last, count=PAGE)
+            page, size = await self.read(run_id, last, count=PAGE)
             for i, entry in enumerate(page):
                 if entry.terminal:
                     yield page[: i + 1]
                     return
-            if page:
+            if size:
                 last = page[-1].id.decode()
-                yield page
-            if len(page) < PAGE:
+            if size < PAGE:
                 break
-        sub = _Subscriber(run_id, last)
-        self._subs.setdefault(run_id, set()).add(sub)
-        self._has_subs.set()
-        if run_id not in self._reading:
-            self._wake_reader()
+            yield page
+        # Caught up: join the hub before the last page goes out. A slow client then keeps what
+        # the hub reads for it meanwhile, not a position the stream may be trimmed past (the
+        # hub reads from it within a round trip).
+        sub = self._join(run_id, last)
         try:
+            if page:
+                yield page
             while True:
                 if sub.overflowed and sub.queue.empty():
                     raise SlowReader(run_id)
@@ -166,7 +190,7 @@ class EventHub:
                 except TimeoutError:
                     status = await self.redis.hget(keys.run(run_id), "status")
                     if status is None or status.decode() in TERMINAL:
-                        rest = await self.read(run_id, sub.last)
+                        rest, _ = await self.read(run_id, sub.last)
                         if rest:
                             yield rest
                         return
@@ -187,18 +211,28 @@ class EventHub:
                 if not subs:
                     del self._subs[run_id]
 
+    def _join(self, run_id: str, last: str) -> _Subscriber:
+        """Follow ``run_id``'s stream after ``last`` with the hub's read."""
+        sub = _Subscriber(run_id, last)
+        self._subs.setdefault(run_id, set()).add(sub)
+        self._has_subs.set()
+        reading = self._reading.get(run_id)
+        if reading is None or id_key(last) < id_key(reading):  # not read, or from further on
+            self._wake_reader()
+        return sub
+
     async def _read_forever(self) -> None:
         while not self._stopping:
             if not self._subs:
                 self._has_subs.clear()
                 await self._has_subs.wait()
             # From the least advanced subscriber still fed (one cut off waits for no one).
-            streams: dict[Any, Any] = {
-                keys.events(run_id): min(fed, key=id_key)
+            reading = self._reading = {
+                run_id: min(fed, key=id_key)
                 for run_id, subs in self._subs.items()
                 if (fed := [s.last for s in subs if not s.overflowed])
             }
-            self._reading = set(self._subs)
+            streams: dict[Any, Any] = {keys.events(r): after for r, after in reading.items()}
             if not self.cluster:
                 streams[self._wake] = self._wake_after
             try:
@@ -214,18 +248,24 @@ class EventHub:
                 await asyncio.sleep(0.5)
                 continue
             self.outage.ok()
-            self._reading = set()
+            self._reading = {}
             for stream, raw in resp or ():
                 if stream.decode() == self._wake:
                     self._wake_after = raw[-1][0].decode()
                     self._waking = False
                     continue
+                run_id = keys.run_id_of(stream.decode())
+                start = id_key(reading[run_id])
                 entries = raw_entries(raw)
                 keyed = [(id_key(e.id.decode()), e) for e in entries]
-                for sub in list(self._subs.get(keys.run_id_of(stream.decode()), ())):
+                for sub in list(self._subs.get(run_id, ())):
                     if sub.overflowed:
                         continue
                     after = id_key(sub.last)
+                    if after < start:
+                        # It joined during this read, which started past its last id: what
+                        # lies between is not in this reply. The next read starts at its id.
+                        continue
                     fresh = [e for k, e in keyed if k > after]
                     if not fresh:
                         continue

@@ -24,20 +24,16 @@ from gateway.sse import NDJSON, StreamSlots, event_response
 from gateway.tokens import READ, SCOPES, TokenSigner
 from genx_ray.flow import Registry
 from genx_ray.model import (
-    EventsTruncatedEvent,
     InputInvalid,
     InvalidTransition,
     Run,
     RunStatus,
     UserError,
-    dump_event,
 )
 from genx_ray.store import (
     START,
     Quotas,
-    ResumePoint,
     RunStore,
-    before,
     check_event_id,
     notify,
     resume_point,
@@ -207,29 +203,14 @@ async def run_events(
     if point.at_end:
         return event_response(_nothing(), ndjson=ndjson)
     release = _slots(request).take(who)  # a run token's stream counts for its run's tenant
-    batches: AsyncIterator[list[RawEntry]] = hub.stream(run_id, point.after)
-    if point.first_available is not None:
-        batches = _truncated(run_id, point, batches)
-    return event_response(batches, ndjson=ndjson, release=release)
+    # The hub says whether the stream was trimmed past point.after, in one transaction with its
+    # first read: a check made here, before, could be stale by then.
+    return event_response(hub.stream(run_id, point.after), ndjson=ndjson, release=release)
 
 
 async def _nothing() -> AsyncIterator[list[RawEntry]]:
     return
     yield  # an async generator that yields nothing
-
-
-async def _truncated(
-    run_id: str, point: ResumePoint, batches: AsyncIterator[list[RawEntry]]
-) -> AsyncIterator[list[RawEntry]]:
-    """The stream, after an ``events.truncated`` event saying what a reader resuming after
-    ``point.after`` missed (its id is just before the first event still stored)."""
-    first = point.first_available or ""
-    event = EventsTruncatedEvent(
-        run_id=run_id, after=point.after, first_available=first, trimmed=point.trimmed
-    )
-    yield [RawEntry(before(first).encode(), event.type.encode(), dump_event(event).encode())]
-    async for batch in batches:
-        yield batch
 
 
 @router.post("/v1/runs/{run_id}/cancel", tags=["runs"])

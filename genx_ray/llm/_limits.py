@@ -323,10 +323,10 @@ class Limiter:
     async def pause(self, model: str, seconds: float) -> None:
         """Honour a provider's ``Retry-After`` for every process sharing the budget."""
         if seconds > 0:
-            glob = self.budget(model)[0]
-            now = time.monotonic()
+            glob, now = self.budget(model)[0], time.monotonic()
             self._contended[glob] = (True, now)
-            # This process honours it at once, not when its cached read of the pause expires.
+            # This process's callers wait it out at once: the pause they would read from Redis
+            # is cached (PAUSE_CACHE_SECONDS), and may say "none" from before this one.
             self._pauses[glob] = (now, now + seconds)
             pause = keys.llm_budget(glob).pause
             await lua.LLM_PAUSE(self.redis, [pause], [int(seconds * 1000)])

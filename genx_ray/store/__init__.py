@@ -48,6 +48,7 @@ from genx_ray.store._streams import (
     id_key,
     parse_entries,
     resume_point,
+    trimmed_past,
 )
 from genx_ray.store._writer import BatchWriter, RunWriter
 
@@ -99,4 +100,5 @@ __all__ = [
     "scripts",
     "start_time",
     "sync_redis",
+    "trimmed_past",
 ]

@@ -78,8 +78,6 @@ class ResumePoint:
     """Where a reader that saw up to some id goes on in a run's stream."""
 
     after: str  # read the events after this id
-    first_available: str | None = None  # the stream was trimmed: events before this are gone
-    trimmed: int = 0  # how many events were trimmed from the stream's start, in all
     at_end: bool = False  # the run has ended and the reader saw its last event: nothing to send
 
 
@@ -91,8 +89,8 @@ async def resume_point(redis: Any, run_id: str, after: str, *, ended: bool = Fal
     past the stream's last id (an id from the future, or another run's) was never sent, so its
     reader gets what comes next as any other: the live events of a running run, the terminal
     event again of one that has ended.
-    Where the stream was trimmed past ``after`` (``GENX_STREAM_MAXLEN``), ``first_available`` is
-    the first id still stored: the events between the two are gone.
+    Whether the stream was trimmed past ``after`` is not for this to say: it may be trimmed
+    between this call and the first read, so each read checks (:func:`trimmed_past`).
     """
     if after == START:
         return ResumePoint(after)
@@ -105,12 +103,21 @@ async def resume_point(redis: Any, run_id: str, after: str, *, ended: bool = Fal
         return ResumePoint(last, at_end=ended)
     if id_key(after) > id_key(last):  # never sent: the reader did not see the end either
         return ResumePoint(before(last) if ended else last)
-    first = info.get("first-entry")
-    first_id = _str(first[0]) if first else None
-    trimmed = int(info.get("entries-added", info["length"])) - int(info["length"])
-    if trimmed > 0 and first_id is not None and id_key(after) < id_key(first_id):
-        return ResumePoint(after, first_id, trimmed)
     return ResumePoint(after)
+
+
+def trimmed_past(info: Any, after: str) -> tuple[str, int] | None:
+    """From a stream's ``XINFO STREAM``, read in one transaction with a read after ``after``:
+    when the stream was trimmed past ``after`` (``GENX_STREAM_MAXLEN``), its first id still
+    stored and how many entries were trimmed from its start in all (the events between ``after``
+    and that id are gone, at most that many). A reader from the start missed nothing it knew of.
+    """
+    first = info.get("first-entry")
+    if after == START or not first:
+        return None
+    first_id = _str(first[0])
+    trimmed = int(info.get("entries-added", info["length"])) - int(info["length"])
+    return (first_id, trimmed) if trimmed > 0 and id_key(after) < id_key(first_id) else None
 
 
 def before(entry_id: str) -> str:

@@ -13,8 +13,11 @@ from typing import Any
 import httpx
 import pytest
 
-from genx_ray.model import ConfigError, Settings
-from genx_ray.store import keys
+from gateway.app import create_app
+from genx_ray.flow import registry
+from genx_ray.model import ConfigError, RunStatus, Settings
+from genx_ray.model import events as ev
+from genx_ray.store import EventStore, RunStore, keys
 
 from .conftest import ApiFactory, sse
 
@@ -141,6 +144,66 @@ async def test_a_reader_resuming_into_a_trimmed_stream_is_told_what_it_missed(
     assert "events.truncated" not in after_cut.text  # nothing missed from there
 
 
+class _SlowClient:
+    """An HTTP client as a gateway meets it over a slow network: the response's first write (the
+    ``retry:`` hint, sent before any event is read) returns only once ``go`` is set."""
+
+    def __init__(self) -> None:
+        self.started, self.go, self.done = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        self.body: list[bytes] = []
+        self._asked = False
+
+    async def receive(self) -> dict[str, Any]:
+        if not self._asked:
+            self._asked = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await self.done.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: dict[str, Any]) -> None:
+        if message["type"] != "http.response.body":
+            return
+        self.body.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            self.done.set()
+        if not self.started.is_set():
+            self.started.set()
+            await self.go.wait()
+
+
+async def test_a_stream_trimmed_after_the_reader_resumed_before_its_first_read_still_says_so(
+    redis_url: str, redis: Any
+) -> None:
+    runs, store = RunStore(redis), EventStore(redis)
+    run = await runs.create("wf", None)
+    await runs.transition(run.id, RunStatus.RUNNING, allowed={RunStatus.QUEUED})
+    await store.append(run.id, *[ev.OutputEvent(run_id=run.id, data=i) for i in range(20)])
+    await runs.transition(
+        run.id, RunStatus.SUCCEEDED, allowed={RunStatus.RUNNING},
+        event=ev.RunSucceededEvent(run_id=run.id),
+    )  # fmt: skip
+    ids = [e.id for e in await store.read(run.id)]
+    app = create_app(Settings.from_env({"GENX_REDIS_URL": redis_url}), registry, redis_url)
+    client = _SlowClient()
+    path = f"/v1/runs/{run.id}/events"
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+        "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "",
+        "query_string": b"", "headers": [(b"host", b"gw"), (b"last-event-id", ids[3].encode())],
+        "server": ("gw", 80), "client": ("127.0.0.1", 1),
+    }  # fmt: skip
+    async with app.router.lifespan_context(app):
+        served = asyncio.create_task(app(scope, client.receive, client.send))
+        await asyncio.wait_for(client.started.wait(), 10)  # resumed: its resume point is taken
+        await redis.xtrim(keys.events(run.id), maxlen=10, approximate=False)  # as MAXLEN does
+        client.go.set()
+        await asyncio.wait_for(served, 10)
+    frames = sse(b"".join(client.body).decode())
+    assert frames[0]["event"] == "events.truncated"  # trimmed after it resumed: told all the same
+    assert frames[0]["data"]["after"] == ids[3] and frames[0]["data"]["first_available"] == ids[-10]
+    assert [f["id"] for f in frames[1:]] == ids[-10:]
+
+
 async def test_a_wrong_method_is_405_with_allow(api: httpx.AsyncClient) -> None:
     resp = await api.delete("/v1/workflows")
     assert resp.status_code == 405 and resp.headers["allow"] == "GET"
@@ -149,8 +212,22 @@ async def test_a_wrong_method_is_405_with_allow(api: httpx.AsyncClient) -> None:
     assert resp.status_code == 405 and set(resp.headers["allow"].split(", ")) == {"GET", "POST"}
 
 
+async def _asking_for_input(redis: Any, run_id: str) -> None:
+    """Until the run waits for its input. Its ``waiting`` status and its ``input.requested`` event
+    are written by one script: once the event is readable, a cancel ends the run at once (while
+    it still runs, a cancel is only requested, and the run stays in progress a while)."""
+
+    async def follow() -> None:
+        async for entry in EventStore(redis).follow(run_id):
+            if entry.type == "input.requested":
+                return
+        raise AssertionError(f"{run_id} ended without asking for input")
+
+    await asyncio.wait_for(follow(), 20)
+
+
 async def test_a_tenant_over_its_quota_gets_429_with_retry_after_and_nothing_is_created(
-    make_api: ApiFactory,
+    make_api: ApiFactory, redis: Any
 ) -> None:
     limits = json.dumps({"*": {"runs_per_minute": 3}, "acme": {"running": 2}})
     async with make_api(GENX_API_KEYS="ka-0123456789abcdef:acme,kb-0123456789abcdef:globex,kc-0123456789abcdef:initech",
@@ -184,6 +261,7 @@ async def test_a_tenant_over_its_quota_gets_429_with_retry_after_and_nothing_is_
         full = await api.post("/v1/workflows/review/runs", json=slow, headers=a)
         assert full.status_code == 429 and int(full.headers["retry-after"]) >= 1
         assert "2 runs in progress" in full.json()["error"]["message"]
+        await _asking_for_input(redis, first[0].json()["id"])
         cancelled = await api.post(f"/v1/runs/{first[0].json()['id']}/cancel", headers=a)
         assert cancelled.json()["status"] == "cancelled"
         again = await api.post("/v1/workflows/review/runs", json=slow, headers=a)
