@@ -127,7 +127,7 @@ async def test_a_client_that_does_not_read_is_cut_off_and_resumes_losing_nothing
         assert rest[-1].startswith(b"retry: ") and b"resume" in rest[-1]  # the hint, then the end
         # Resuming after the last id it got, the client misses nothing.
         last = got[-1].id.decode()
-        resumed = await hub.read(run.id, last)
+        resumed, _ = await hub.read(run.id, last)
         numbers = [json.loads(e.data)["data"] for e in [*got, *resumed] if e.type == b"progress"]
         assert numbers == list(range(400))
         await runs.request_cancel(run.id)
