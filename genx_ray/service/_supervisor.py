@@ -15,8 +15,8 @@ Either way :meth:`genx_ray.store._runs.RunStore.reap` re-checks the run's attemp
 requeues it as ``attempt + 1`` with a ``run.restarted`` event, or, past the attempt cap (or for
 a run started from a script, whose code workers may lack), fails it with the reason. Two
 supervisors racing for one run: the second finds the attempt moved. The supervisor also trims the
-run indexes of runs past their retention, and runs the timer service (:mod:`genx_ray.service._timers`:
-scheduled runs, sleeps, input deadlines, schedules).
+run indexes of runs past their retention, and runs the timer service
+(:mod:`genx_ray.service._timers`: scheduled runs, sleeps, input deadlines, schedules).
 """
 
 from __future__ import annotations
@@ -30,17 +30,12 @@ from typing import Any, cast
 
 from genx_ray.model import Settings, new_run_id
 from genx_ray.service._timers import TICK_SECONDS, Timers
-from genx_ray.store import RunStore, keys, notify
+from genx_ray.store import RunStore, keys, notify, worker_alive
 
 log = logging.getLogger("genx_ray.supervisor")
 
 WORKER_BEAT_SECONDS = 0.5  # how often a worker writes its entry in the worker table
-WORKER_DEAD_SECONDS = 3.0  # a worker silent this long is gone
 TRIM_EVERY_SECONDS = 60.0
-
-
-def worker_alive(entry: dict[str, Any], now: float) -> bool:
-    return now - float(entry.get("seen", 0)) < WORKER_DEAD_SECONDS
 
 
 class Supervisor:

@@ -103,10 +103,11 @@ class Timers:
         while (following := next_tick(schedule.cron, schedule.timezone, tick)) <= now:
             tick = following
         try:
-            await self.runs.create_idempotent(
-                schedule.workflow, schedule.input, tenant=schedule.tenant,
-                key=f"schedule:{schedule_id}:{int(tick)}", extra={"schedule_id": schedule_id},
-            )  # fmt: skip
+            if not schedule.paused:  # a paused schedule's ticks pass without a run
+                await self.runs.create_idempotent(
+                    schedule.workflow, schedule.input, tenant=schedule.tenant,
+                    key=f"schedule:{schedule_id}:{int(tick)}", extra={"schedule_id": schedule_id},
+                )  # fmt: skip
         except GenxError as exc:
             log.warning("schedule %s: its run did not start (%s)", schedule_id, exc)
         nxt = next_tick(schedule.cron, schedule.timezone, max(now, tick))

@@ -10,6 +10,7 @@ run stays within one slot of a Redis Cluster.
 from genx_ray.store import _connections as connections
 from genx_ray.store import _keys as keys
 from genx_ray.store import _scripts as scripts
+from genx_ray.store._cluster import WORKER_DEAD_SECONDS, cluster_state, worker_alive
 from genx_ray.store._connections import (
     AsyncRedis,
     SyncRedis,
@@ -28,6 +29,7 @@ from genx_ray.store._queue import QueueEntry, RunQueue, queue_state
 from genx_ray.store._quotas import Quotas
 from genx_ray.store._runs import MAX_DELAY_SECONDS, Claim, RunStore, check_input, start_time
 from genx_ray.store._schedules import Schedule, ScheduleNotFound, ScheduleStore, check, next_tick
+from genx_ray.store._search import RunFilter, time_prefix
 from genx_ray.store._streams import (
     MAX_BLOCK_MS,
     START,
@@ -47,6 +49,7 @@ __all__ = [
     "MAX_BLOCK_MS",
     "MAX_DELAY_SECONDS",
     "START",
+    "WORKER_DEAD_SECONDS",
     "AsyncRedis",
     "BatchWriter",
     "Claim",
@@ -56,6 +59,7 @@ __all__ = [
     "QueueEntry",
     "Quotas",
     "ResumePoint",
+    "RunFilter",
     "RunQueue",
     "RunStore",
     "RunWriter",
@@ -69,6 +73,7 @@ __all__ = [
     "check",
     "check_event_id",
     "check_input",
+    "cluster_state",
     "connections",
     "die_with_parent",
     "find_redis_server",
@@ -89,4 +94,6 @@ __all__ = [
     "scripts",
     "start_time",
     "sync_redis",
+    "time_prefix",
+    "worker_alive",
 ]

@@ -43,6 +43,7 @@ class Schedule(BaseModel):
     tenant: str = "default"
     created_at: datetime
     next_run_at: datetime | None = None
+    paused: bool = False  # its ticks pass without starting a run, until it is resumed
 
 
 def check(cron: str, timezone: str) -> ZoneInfo:
@@ -110,6 +111,16 @@ class ScheduleStore:
             except ScheduleNotFound:
                 await self.redis.zrem(keys.schedule_index(tenant), schedule_id)
         return out
+
+    async def set_paused(self, schedule_id: str, paused: bool, *, tenant: str) -> Schedule:
+        """Pause a schedule (its ticks pass without a run) or resume it (from its next tick:
+        the ticks missed meanwhile start nothing)."""
+        schedule = await self.get(schedule_id, tenant=tenant)  # 404 for another tenant's
+        schedule.paused = paused
+        record = schedule.model_dump_json(exclude={"next_run_at"})
+        # Only if it still exists: a delete in between stays a delete.
+        await lua.SET_IF_PRESENT(self.redis, [keys.SCHEDULES], [schedule_id, record])
+        return await self.get(schedule_id, tenant=tenant)
 
     async def delete(self, schedule_id: str, *, tenant: str) -> None:
         await self.get(schedule_id, tenant=tenant)  # 404 for another tenant's
