@@ -118,3 +118,59 @@ async def leaky(step_fails: bool = True) -> str:
 @component(retry=RetryPolicy(max_attempts=2, initial_interval=0.01))
 async def tell(message: str) -> None:
     raise PermissionError(message)
+
+
+# -- the operator's loop (reruns, bulk actions): four steps, the third failing while a flag file
+# exists; each step appends its name to the log file when it runs, so a test counts executions
+# whichever process ran them.
+
+
+def _ran(log: str, name: str, flag: str | None = None) -> bool:
+    """Count a step's execution; whether the ``flag`` file exists."""
+    with open(log, "a") as f:
+        f.write(f"{name}\n")
+    return flag is not None and os.path.exists(flag)
+
+
+@component
+async def fetch_page(url: str, log: str) -> str:
+    _ran(log, "fetch_page")
+    return f"<page of {url}>"
+
+
+@component
+async def parse_page(page: str, log: str) -> str:
+    _ran(log, "parse_page")
+    return page.strip("<>")
+
+
+@component
+async def enrich_page(text: str, log: str, flag: str) -> str:
+    if _ran(log, "enrich_page", flag):
+        raise RuntimeError("the enrichment provider is down")
+    return f"{text}, enriched"
+
+
+@component
+async def store_page(text: str, log: str) -> str:
+    _ran(log, "store_page")
+    return f"stored: {text}"
+
+
+@workflow(name="ingest")
+async def ingest(url: str, log: str, flag: str) -> str:
+    """Four steps; the third fails while the file ``flag`` exists."""
+    page = await fetch_page(url, log)
+    text = await parse_page(page, log)
+    rich = await enrich_page(text, log, flag)
+    return await store_page(rich, log)
+
+
+def ran(log: str) -> dict[str, int]:
+    """How many times each step of ``ingest`` ran, from its log file."""
+    counts: dict[str, int] = {}
+    if os.path.exists(log):
+        with open(log) as f:
+            for line in f.read().split():
+                counts[line] = counts.get(line, 0) + 1
+    return counts
