@@ -133,37 +133,43 @@ def _ran(log: str, name: str, flag: str | None = None) -> bool:
 
 
 @component
-async def fetch_page(url: str, log: str) -> str:
+async def fetch_page(url: str, log: str, delay: float = 0.0) -> str:
     _ran(log, "fetch_page")
+    await asyncio.sleep(delay)
     return f"<page of {url}>"
 
 
 @component
-async def parse_page(page: str, log: str) -> str:
+async def parse_page(page: str, log: str, delay: float = 0.0) -> str:
     _ran(log, "parse_page")
+    await asyncio.sleep(delay)
     return page.strip("<>")
 
 
 @component
-async def enrich_page(text: str, log: str, flag: str) -> str:
-    if _ran(log, "enrich_page", flag):
+async def enrich_page(text: str, log: str, flag: str, delay: float = 0.0) -> str:
+    failing = _ran(log, "enrich_page", flag)
+    await asyncio.sleep(delay)
+    if failing:
         raise RuntimeError("the enrichment provider is down")
     return f"{text}, enriched"
 
 
 @component
-async def store_page(text: str, log: str) -> str:
+async def store_page(text: str, log: str, delay: float = 0.0) -> str:
     _ran(log, "store_page")
+    await asyncio.sleep(delay)
     return f"stored: {text}"
 
 
 @workflow(name="ingest")
-async def ingest(url: str, log: str, flag: str) -> str:
-    """Four steps; the third fails while the file ``flag`` exists."""
-    page = await fetch_page(url, log)
-    text = await parse_page(page, log)
-    rich = await enrich_page(text, log, flag)
-    return await store_page(rich, log)
+async def ingest(url: str, log: str, flag: str, delay: float = 0.0) -> str:
+    """Four steps (each ``delay`` seconds long); the third fails while the file ``flag``
+    exists."""
+    page = await fetch_page(url, log, delay)
+    text = await parse_page(page, log, delay)
+    rich = await enrich_page(text, log, flag, delay)
+    return await store_page(rich, log, delay)
 
 
 def ran(log: str) -> dict[str, int]:

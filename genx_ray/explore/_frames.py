@@ -6,9 +6,9 @@ gateway reads it. Runs and their usage come from the tenant's run index
 (:func:`genx_ray.store._keys.run_index`, newest first, like ``GET /v1/runs``) and each run's record;
 events, step attempts and map progress come from the run's event stream (``XRANGE`` in pages).
 Step attempts are rebuilt from the step events alone, as the API's steps view does
-(:func:`genx_ray.model.step_attempts`). Nothing here writes and nothing needs the process that executes the run, so it works on
-finished and running runs alike, from any machine that reaches the Redis; a frame of a running
-run is a snapshot (call again for news).
+(:func:`genx_ray.model.step_attempts`). Nothing here writes and nothing needs the process that
+executes the run, so it works on finished and running runs alike, from any machine that reaches
+the Redis; a frame of a running run is a snapshot (call again for news).
 
 Use the functions (``runs_frame(...)``, each taking ``redis_url=`` and, for listings,
 ``tenant=``), or an :class:`Explorer` holding one connection for many calls. Redis is

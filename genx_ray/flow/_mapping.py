@@ -6,12 +6,13 @@ Three ways to run the items, one per function here:
   loop;
 - :func:`map_in_run`: in a run, each item is a quiet step on the run's own loop: journaled
   (a restarted run does not redo it), no events of its own, an error in its place;
-- :func:`genx_ray.compute._map_actors.map_on_cluster`: a placed component's items go in chunks to the pool
-  actors of the Ray cluster (see :mod:`genx_ray.compute._map_actors`); the run host journals them as they come.
+- :func:`genx_ray.compute._map_actors.map_on_cluster`: a placed component's items go in chunks
+  to the map actors of the Ray cluster (see :mod:`genx_ray.compute._map_actors`); the run host
+  journals them as they come.
 
 In a run the map is itself a step (``<name>.map``) with ``step.started`` / ``step.completed``
-events, and coalesced ``progress`` events of kind ``map`` (:class:`~genx_ray.model._events.MapProgress`,
-a few per second at most, whatever the batch size).
+events, and coalesced ``progress`` events of kind ``map``
+(:class:`~genx_ray.model._events.MapProgress`, a few per second at most, whatever the batch size).
 """
 
 from __future__ import annotations

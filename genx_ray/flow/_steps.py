@@ -3,7 +3,8 @@
 A :class:`~genx_ray.flow._component.Component` is the user-facing handle; this module is what runs
 it, wherever it runs (the run host, a map actor, a plain script): the retry loop (written
 once), the timeout, the cache key, the journal and the events of a step. Placement (a Ray task)
-is :mod:`genx_ray.compute._tasks`; fan-out is :mod:`genx_ray.flow._mapping` and :mod:`genx_ray.compute._map_actors`.
+is :mod:`genx_ray.compute._tasks`; fan-out is :mod:`genx_ray.flow._mapping` and
+:mod:`genx_ray.compute._map_actors`.
 
 Inside a run a call is a *step*: its outcome is journaled before the workflow sees it, so a
 restarted run gets it back from the journal instead of running it again.
