@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-SUITES = ("runtime", "gateway", "serving", "llm", "batch", "tracing")
+SUITES = ("runtime", "gateway", "serving", "llm", "batch", "tracing", "search")
 
 
 def main(argv: list[str]) -> None:

@@ -672,13 +672,20 @@ function showLinks(run) {
 /**
  * Show run `runId` in `container`, live, until close(). `token`: a run token (the viewer);
  * `apiKey`: an API key (the console; null on a gateway without keys). `actions` (the console):
- * {cancel(), rerun(fromStep)} behind the view's buttons.
+ * {cancel(), rerun(fromStep)} behind the view's buttons. `header`: where the run's name, id,
+ * status and connection go, if not at the top of `container` (the viewer's bar).
  */
-export function mountRun(container, { runId, base, token = null, apiKey = null, actions = null }) {
+export function mountRun(container, { runId, base, token = null, apiKey = null, actions = null, header = null }) {
   generation += 1;
   ctx = { gen: generation, runId, base, token, apiKey, actions, follow: null, ticker: null };
   const gen = ctx.gen;
-  container.replaceChildren(...skeleton(Boolean(actions)));
+  const [head, ...rest] = skeleton(Boolean(actions));
+  if (header) {
+    header.append(...head.childNodes); // the viewer: the run's name and status in the page's bar
+    container.replaceChildren(...rest);
+  } else {
+    container.replaceChildren(head, ...rest);
+  }
   view = freshView();
   $("input-form").addEventListener("submit", submitInput);
   for (const box of [$("output"), $("timeline")]) {

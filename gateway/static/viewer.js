@@ -8,4 +8,4 @@ const base = location.origin + (where ? where[1] : "");
 const runId = where ? decodeURIComponent(where[2]) : "";
 const token = new URLSearchParams(location.search).get("token");
 
-mountRun(document.getElementById("app"), { runId, base, token });
+mountRun(document.getElementById("app"), { runId, base, token, header: document.querySelector("header.bar") });
