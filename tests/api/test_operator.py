@@ -15,7 +15,7 @@ from wf_fixtures import ran
 
 from .conftest import ApiFactory, sse
 
-KEYS = "ka:acme,kb:globex"
+KEYS = "ka:ops-a,kb:ops-b"  # tenants of this module only (a session shares one Redis)
 A = {"Authorization": "Bearer ka"}
 B = {"Authorization": "Bearer kb"}
 
@@ -107,7 +107,8 @@ async def test_rerun_from_the_start_with_a_new_input(
     resp = await api.post(f"/v1/runs/{run['id']}/rerun", json={"input": new, "from_step": None})
     assert resp.status_code == 202, resp.text
     done = await _ended(api, resp.json()["id"])
-    assert done["output"] == "stored: page of http://y, enriched" and done["input"] == new
+    assert done["output"] == "stored: page of http://y, enriched"
+    assert done["input"] == {**new, "delay": 0.0}  # checked and encoded by the workflow
     assert done["rerun_from_step"] is None
     assert ran(files["log"]) == {"fetch_page": 2, "parse_page": 2, "enrich_page": 2,
                                  "store_page": 1}  # fmt: skip
@@ -325,3 +326,17 @@ async def test_the_cluster_shows_workers_queue_and_budgets(api: httpx.AsyncClien
     assert worker["alive"] and worker["hosts"] == "inline" and worker["run_hosts"]
     assert set(worker["run_hosts"][0]) == {"name", "runs", "age_seconds", "up", "healthy"}
     assert (await api.get("/v1/cluster", headers={})).status_code in (200, 401)
+
+
+async def test_a_rerun_pays_its_tenants_quota(make_api: ApiFactory, files: dict[str, str]) -> None:
+    limits = '{"ops-q": {"runs_per_minute": 1}}'
+    async with make_api(GENX_API_KEYS="kq:ops-q", GENX_TENANT_LIMITS=limits) as api:
+        api.headers.update({"Authorization": "Bearer kq"})
+        run = await _failed_ingest(api, files)  # the minute's one run
+        resp = await api.post(f"/v1/runs/{run['id']}/rerun", json={})
+        assert resp.status_code == 429 and resp.json()["error"]["code"] == "quota_exceeded"
+        assert "retry-after" in resp.headers
+        assert (await api.get(f"/v1/runs/{run['id']}")).json()["reruns"] == []  # none made
+        bulk = (await api.post("/v1/runs/bulk/rerun", json={"filter": {"ids": [run["id"]]}})).json()
+        assert (bulk["matched"], bulk["done"]) == (1, 0)
+        assert bulk["runs"][0]["error"]["code"] == "quota_exceeded"

@@ -272,3 +272,20 @@ def test_schedules_and_the_cluster(stack: Stack, page: Any) -> None:
     assert "alive" in worker and "(inline)" in worker
     assert page.text_content("#queue-depth") not in ("", "-")
     assert page.evaluate("window.__violations") == []
+
+
+def test_a_run_waiting_for_input_is_answered_from_its_console_page(stack: Stack, page: Any) -> None:
+    run = stack.api("POST", "/v1/workflows/review/runs", json={"input": {"n": 1}}).json()
+    sign_in(stack, page)
+    page.goto(f"{stack.url}/ui/#/runs/{run['id']}")
+    status_is(page, "waiting", timeout=30)
+    page.wait_for_selector("#input-card:not([hidden])")
+    assert page.text_content("#input-prompt") == "approve?"
+    page.check("#input-approve")
+    page.fill("#input-comment", "<i>fine</i>")
+    page.click("#input-send")  # with the console's key, not a run token
+    status_is(page, "succeeded", timeout=30)
+    done = stack.api("GET", f"/v1/runs/{run['id']}").json()
+    assert done["output"]["decision"] == {"approve": True, "comment": "<i>fine</i>"}
+    assert page.evaluate("document.querySelectorAll('main i').length") == 0
+    assert page.evaluate("window.__violations") == []
