@@ -249,6 +249,8 @@ async def test_bulk_cancel_by_tag_cancels_exactly_the_tagged_runs_of_the_tenant(
     assert (await api.get(f"/v1/runs/{untagged}")).json()["status"] in ("queued", "running")
     assert (await api.get(f"/v1/runs/{theirs}", headers=B)).json()["status"] in (
         "queued", "running")  # fmt: skip
+    named = (await api.post("/v1/runs/bulk/cancel", json={"filter": {"ids": [theirs]}})).json()
+    assert named["matched"] == 0  # another tenant's run, even named by its id
     again = (await api.post("/v1/runs/bulk/cancel", json={"filter": {"tag": "batch:bulk-1",
                                                           "status": "running"}})).json()  # fmt: skip
     assert again["matched"] == 0

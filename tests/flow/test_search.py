@@ -150,6 +150,7 @@ async def _seed(runs: RunStore, tenant: str) -> float:
     return time.perf_counter() - started
 
 
+@pytest.mark.slow  # seeding 10,000 runs takes seconds: not in make test-fast
 @pytest.mark.timeout(300)
 async def test_filters_over_10000_runs_answer_in_under_100_ms(runs: RunStore) -> None:
     t = "big"
