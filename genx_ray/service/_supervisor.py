@@ -30,7 +30,7 @@ from typing import Any, cast
 
 from genx_ray.model import Settings, new_run_id
 from genx_ray.service._timers import TICK_SECONDS, Timers
-from genx_ray.store import RunStore, keys, notify, worker_alive
+from genx_ray.store import RunStore, backfill_status_indexes, keys, notify, worker_alive
 
 log = logging.getLogger("genx_ray.supervisor")
 
@@ -163,6 +163,8 @@ class Supervisor:
                 if now - self._trimmed_at >= TRIM_EVERY_SECONDS:
                     self._trimmed_at = now
                     await self.trim_indexes()
+                    # Once per Redis: runs indexed before the status indexes existed.
+                    await backfill_status_indexes(self.redis)
                 if failing:
                     log.warning("supervisor: sweeping again")
                 failing = False

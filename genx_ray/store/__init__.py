@@ -29,7 +29,7 @@ from genx_ray.store._queue import QueueEntry, RunQueue, queue_state
 from genx_ray.store._quotas import Quotas
 from genx_ray.store._runs import MAX_DELAY_SECONDS, Claim, RunStore, check_input, start_time
 from genx_ray.store._schedules import Schedule, ScheduleNotFound, ScheduleStore, check, next_tick
-from genx_ray.store._search import RunFilter, time_prefix
+from genx_ray.store._search import RunFilter, backfill_status_indexes, time_prefix
 from genx_ray.store._streams import (
     MAX_BLOCK_MS,
     START,
@@ -69,6 +69,7 @@ __all__ = [
     "StreamEntry",
     "SyncRedis",
     "async_redis",
+    "backfill_status_indexes",
     "before",
     "check",
     "check_event_id",

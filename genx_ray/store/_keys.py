@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 PREFIX = "genx"
 
@@ -144,6 +144,20 @@ def status_index(tenant: str, status: str) -> str:
     that is not (or not yet) in its status, never miss one: readers check each run's record
     (see :meth:`genx_ray.store._runs.RunStore.list`)."""
     return f"{run_index(tenant)}:st:{part(status)}"
+
+
+# String: set once every run indexed before the status indexes existed has been added to them
+# (genx_ray.store._search.backfill_status_indexes, run by the supervisor).
+STATUS_INDEXES_FILLED = f"{PREFIX}:indexes:status-filled"
+
+
+def tenant_of_index(index: str) -> str | None:
+    """The tenant of a tenant's own run index (:func:`run_index` without a workflow), else None
+    (a workflow's, a tag's or a status's index)."""
+    head = f"{PREFIX}:runs:"
+    if not index.startswith(head) or ":" in index[len(head) :]:
+        return None
+    return unquote(index[len(head) :])
 
 
 def status_indexes(tenant: str) -> list[str]:

@@ -234,3 +234,41 @@ async def find_all(
         if cursor is None:
             break
     return out
+
+
+async def backfill_status_indexes(redis: Any, *, batch: int = 500) -> int:
+    """Add the runs indexed before the status indexes existed (an upgrade) to them, once: every
+    run of every tenant's index, by the status its record has now (a run ending meanwhile is
+    indexed by its writer too). Returns how many runs were looked at (0 once done before)."""
+    if await redis.get(keys.STATUS_INDEXES_FILLED):
+        return 0
+    seen = 0
+    for index in cast(list[str], await redis.zrange(keys.INDEXES, 0, -1)):
+        tenant = keys.tenant_of_index(index)
+        if tenant is None:
+            continue
+        low = "-"
+        while True:
+            ids = cast(list[str], await redis.zrangebylex(index, low, "+", start=0, num=batch))
+            if not ids:
+                break
+            async with redis.pipeline(transaction=False) as pipe:
+                for run_id in ids:
+                    pipe.hget(keys.run(run_id), "status")
+                statuses = await pipe.execute()
+            by_index: dict[str, dict[str, int]] = {}
+            for run_id, status in zip(ids, statuses, strict=True):
+                if status is None:
+                    continue  # expired: the supervisor trims it
+                name = status if status in ("succeeded", "failed", "cancelled") else keys.OPEN
+                by_index.setdefault(keys.status_index(tenant, name), {})[run_id] = 0
+            if by_index:
+                async with redis.pipeline(transaction=False) as pipe:
+                    for key, members in by_index.items():
+                        pipe.zadd(key, members)
+                    pipe.zadd(keys.INDEXES, dict.fromkeys(keys.status_indexes(tenant), 0))
+                    await pipe.execute()
+            seen += len(ids)
+            low = "(" + ids[-1]
+    await redis.set(keys.STATUS_INDEXES_FILLED, "1")
+    return seen

@@ -188,3 +188,22 @@ async def test_filters_over_10000_runs_answer_in_under_100_ms(runs: RunStore) ->
     assert cancelled == []  # i % 100 == 0 is never i % 10 == 3
     counts, complete = await runs.counts(tenant=t)
     assert complete and counts["cancelled"] == N // 10 and counts["queued"] == N - N // 10
+
+
+async def test_runs_indexed_before_the_status_indexes_are_added_to_them_once(
+    redis: Any, runs: RunStore
+) -> None:
+    from genx_ray.store import backfill_status_indexes
+
+    t = "older"
+    done = await runs.create("wf", None, tenant=t)
+    await runs.request_cancel(done.id)
+    live = await runs.create("wf", None, tenant=t)
+    for key in keys.status_indexes(t):  # as a Redis of an earlier version has them: none
+        await redis.delete(key)
+    await redis.delete(keys.STATUS_INDEXES_FILLED)
+    assert await _ids(runs, t, status=RunStatus.CANCELLED) == []
+    assert await backfill_status_indexes(redis) >= 2
+    assert await _ids(runs, t, status=RunStatus.CANCELLED) == [done.id]
+    assert await _ids(runs, t, status=Q) == [live.id]
+    assert await backfill_status_indexes(redis) == 0  # once
