@@ -490,7 +490,13 @@ class RunStore:
         ``host_dead`` (known, not inferred from a silent lease), a live lease protects the
         attempt. Returns 'requeued', 'failed', 'alive', 'raced' or 'gone'."""
         error = ErrorInfo(type="RunHostLost", message=reason)
-        tenant = await self._will_end(run_id, RunStatus.FAILED)  # it may: written before
+        # A run this loss fails goes into the failed index first. Whether it may fail is read
+        # now: 'lost' moves only by a reap of this attempt, and a reap that came first makes
+        # this one a no-op (the attempt moved on), so what is read here is what REAP sees.
+        tenant, lost, origin = await self.redis.hmget(keys.run(run_id), "tenant", "lost", "origin")
+        tenant = str(tenant or DEFAULT_TENANT)
+        if int(lost or 0) + 1 >= max_attempts or origin == "local":
+            await self._will_end(run_id, RunStatus.FAILED, tenant)
         args: list[Any] = [
             attempt, max_attempts,
             dump_event(RunRestartedEvent(run_id=run_id, attempt=attempt + 1, reason=reason)),
