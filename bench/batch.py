@@ -9,8 +9,8 @@ simulator), beside the ideal (calls / cap x latency):
    with every process's peak memory at 1,000 and at 10,000 calls.
 
 For each: the map a user writes first (an unplaced ``@component``: a large map of it goes to the
-map actors when there is a Ray cluster, see genx_ray.flow._mapping), the same forced onto the run's
-own event loop (``spread=False``), and a placed component (``remote=True``). Then cheap items (no
+map actors when there is a Ray cluster, see genx_ray.flow._mapping), the same forced onto the run's own
+event loop (``spread=False``), and a placed component (``remote=True``). Then cheap items (no
 LLM) at 10k and 100k, with the peak memory of every process.
 """
 

@@ -12,13 +12,12 @@ What must stay true:
   :class:`~gateway.errors.TokenInvalid`, told apart from :class:`~gateway.errors.TokenExpired`
   only once the signature is good (a forger learns nothing from the error).
 - Every gateway sharing the secret accepts every token any of them minted. The secret is
-  ``GENX_TOKEN_SECRET``, or else a random one kept in Redis
-  (:data:`genx_ray.store._keys.TOKEN_SECRET`, created once with SET NX, never expired): replicas
-  and restarted gateways share it. (A Redis
+  ``GENX_TOKEN_SECRET``, or else a random one kept in Redis (:data:`genx_ray.store._keys.TOKEN_SECRET`,
+  created once with SET NX, never expired): replicas and restarted gateways share it. (A Redis
   that loses its data loses that secret too, and with it every token minted so far; set
   ``GENX_TOKEN_SECRET`` where tokens must outlive that.)
-- A token never reaches a log: :mod:`genx_ray.model._redaction` masks them in the server's log
-  records, and no error message repeats one.
+- A token never reaches a log: :mod:`genx_ray.model._redaction` masks them in the server's log records, and
+  no error message repeats one.
 
 Everything here but :func:`shared_secret` is a pure function of its arguments.
 """

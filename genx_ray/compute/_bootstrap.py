@@ -2,8 +2,8 @@
 
 ``local`` (the default: ``genx dev``, ``genx demo``, scripts and notebooks) starts a private Ray
 for this process, even where a cluster runs. Every other address joins a running cluster or
-fails at once with a :class:`~genx_ray.model._errors.ConfigError` naming ``GENX_RAY_ADDRESS`` and
-what was tried; none falls back to a private Ray (a worker that meant to join a cluster and silently
+fails at once with a :class:`~genx_ray.model._errors.ConfigError` naming ``GENX_RAY_ADDRESS`` and what
+was tried; none falls back to a private Ray (a worker that meant to join a cluster and silently
 ran alone would keep its runs off the cluster):
 
 - ``auto``: the cluster ``RAY_ADDRESS`` names, else the one ``ray start`` last started on this

@@ -1,10 +1,9 @@
 """Run hosts: detached async Ray actors, each executing many runs at once.
 
-Each run on a host is an asyncio task with its own context; the host shares its Redis pool, batch
-writer, lease renewer and signal listener between them
-(:class:`genx_ray.engine._executor.Executor`), so a waiting run costs a task and its state, not a
-process. ``GENX_HOST_RUNS`` caps the runs one host executes at once (1: a process per run, for code
-that must be isolated).
+Each run on a host is an asyncio task with its own context; the host shares its Redis pool,
+batch writer, lease renewer and signal listener between them (:class:`genx_ray.engine._executor.Executor`),
+so a waiting run costs a task and its state, not a process. ``GENX_HOST_RUNS`` caps the runs
+one host executes at once (1: a process per run, for code that must be isolated).
 
 Detached, so the worker that placed a run can die (or be redeployed) without taking the run
 along: Ray kills what a dead owner owned, but not detached actors. A host exits by itself once

@@ -1,5 +1,5 @@
-"""What :mod:`genx_ray.explore._frames` shows of a run besides data frames: the timeline figure
-(step attempts as bars, map progress over time) and the live progress view of ``watch`` (one display
+"""What :mod:`genx_ray.explore._frames` shows of a run besides data frames: the timeline figure (step
+attempts as bars, map progress over time) and the live progress view of ``watch`` (one display
 updated in place in a notebook, a line per change elsewhere).
 """
 

@@ -6,8 +6,8 @@ run gets the recorded outcome back without running it again. Outside any run, a 
 just the function with its retry and timeout: independently testable.
 
 :class:`Component` is the handle users hold; what it is lives in a
-:class:`~genx_ray.flow._steps.StepSpec`, and how a call runs in :mod:`genx_ray.flow._steps` (one
-call) and :mod:`genx_ray.flow._mapping` (``map``).
+:class:`~genx_ray.flow._steps.StepSpec`, and how a call runs in :mod:`genx_ray.flow._steps` (one call) and
+:mod:`genx_ray.flow._mapping` (``map``).
 """
 
 from __future__ import annotations
@@ -181,8 +181,7 @@ class Component(Generic[P, R]):
         A placed component (``resources``, ``num_cpus``, ``node_labels`` or ``remote=True``)
         maps over the Ray cluster: its items go in chunks to the map actors of its nodes,
         ``concurrency`` spread over the nodes within what each node's resources allow
-        (see :mod:`genx_ray.compute._map_actors`). Any other component maps on the run's own
-        event loop.
+        (see :mod:`genx_ray.compute._map_actors`). Any other component maps on the run's own event loop.
         """
         return await map_component(
             self.spec, items, concurrency=concurrency, fail_fast=fail_fast, spread=spread

@@ -115,8 +115,7 @@ class Workflow(Generic[P, R]):
 
     async def run_child(self, *args: Any, **kwargs: Any) -> R:
         """Inside a run: start this workflow as a child run and wait for its output (the parent
-        holds no host meanwhile); :class:`~genx_ray.model._errors.ChildFailed` if it did not
-        succeed."""
+        holds no host meanwhile); :class:`~genx_ray.model._errors.ChildFailed` if it did not succeed."""
         child = await self.start_child(*args, **kwargs)
         return await child.result()
 

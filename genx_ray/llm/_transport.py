@@ -4,8 +4,8 @@ surface unchanged: any call the SDK can make passes through here as a request.
 
 Each request sent to the provider (a retry is another) gets a span with the GenAI semantic
 conventions (model, tokens, finish reasons), a child of the step that made the call
-(:mod:`genx_ray.observe._tracing`); calls, tokens, retries, 429s and the limiter's wait are counted
-by model (:mod:`genx_ray.observe._metrics`)."""
+(:mod:`genx_ray.observe._tracing`); calls, tokens, retries, 429s and the limiter's wait are counted by
+model (:mod:`genx_ray.observe._metrics`)."""
 
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """Heartbeat leases of every run a process executes, renewed together from one thread.
 
 A run's lease is a key with a TTL holding its attempt number (set when the run is claimed, see
-:data:`genx_ray.store._scripts.CLAIM`). One thread per process renews every lease it holds in one
-pipeline (a round trip per Redis node, however many runs; on a Redis Cluster one pipeline per node,
-so a node in a failover holds back only its own runs), every third of the TTL: user code that blocks
+:data:`genx_ray.store._scripts.CLAIM`). One thread per process renews every lease it holds in one pipeline
+(a round trip per Redis node, however many runs; on a Redis Cluster one pipeline per node, so a
+node in a failover holds back only its own runs), every third of the TTL: user code that blocks
 the event loop cannot stop the heartbeat. The renewal script refuses once a run has moved to
 another attempt or left ``running``, and says when a cancel was requested: the thread tells the
 run's owner, which stops it (a zombie of a superseded attempt could write nothing anyway: every

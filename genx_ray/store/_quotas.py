@@ -9,8 +9,8 @@ Two limits, each optional, by tenant (``"*"``: every tenant not named):
   script call.
 
 Over either, :class:`QuotaExceeded` (429) with the seconds to wait, and nothing is created. The
-check and the token are one script (:data:`genx_ray.store._scripts.ADMIT_RUN`); a run is added to
-its tenant's open set once it exists, so concurrent requests at the very edge may open a run or two
+check and the token are one script (:data:`genx_ray.store._scripts.ADMIT_RUN`); a run is added to its
+tenant's open set once it exists, so concurrent requests at the very edge may open a run or two
 beyond ``running`` (never beyond the rate).
 """
 

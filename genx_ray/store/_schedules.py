@@ -1,9 +1,9 @@
 """Schedules: a workflow started on a cron, in a time zone.
 
 A schedule is a record (``keys.SCHEDULES``) and its next due time (``keys.SCHEDULES_DUE``). The
-timer service of every supervisor (:mod:`genx_ray.service._timers`) starts what is due: the run of a
-tick is created under an idempotency key naming the schedule and the tick, then the due time is
-moved to the next tick by compare-and-set, so however many workers look, and whichever of them dies
+timer service of every supervisor (:mod:`genx_ray.service._timers`) starts what is due: the run of a tick
+is created under an idempotency key naming the schedule and the tick, then the due time is moved
+to the next tick by compare-and-set, so however many workers look, and whichever of them dies
 between the two, each tick starts exactly one run. A schedule missed while every worker was down
 starts once when one returns (for the latest missed tick), not once per missed tick.
 """

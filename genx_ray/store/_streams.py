@@ -1,8 +1,8 @@
 """A run's event stream in Redis: append, read after an id, follow until the run ends.
 
 Stream entry ids are the SSE event ids: ordered and unique, and ``XREAD`` from an id is exactly
-"resume after". Each entry keeps the event's type beside its JSON (:mod:`genx_ray.store._keys`), so
-a reader that only passes events on (the gateway) never parses them. A run host's appends go
+"resume after". Each entry keeps the event's type beside its JSON (:mod:`genx_ray.store._keys`), so a
+reader that only passes events on (the gateway) never parses them. A run host's appends go
 through :mod:`genx_ray.store._writer`, fenced by its attempt.
 """
 
