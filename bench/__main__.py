@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-SUITES = ("runtime", "gateway", "serving", "llm", "batch", "tracing", "redaction")
+SUITES = ("runtime", "gateway", "serving", "llm", "batch", "tracing", "redaction", "search")
 
 
 def main(argv: list[str]) -> None:

@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from gateway import errors, metrics, openapi, schedules, ui
+from gateway import errors, metrics, openapi, operator, schedules, ui
 from gateway.hub import EventHub
 from gateway.outage import RedisOutage
 from gateway.routes import STREAM_TOKEN_HEADER, router
@@ -80,6 +80,7 @@ def create_app(
     app.state.settings = settings
     app.state.registry = registry
     errors.install(app)
+    app.include_router(operator.router)  # first: /v1/runs/bulk/... is not a run named "bulk"
     app.include_router(router)
     app.include_router(schedules.router)
     app.include_router(ui.router)

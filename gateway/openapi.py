@@ -19,7 +19,17 @@ from pydantic import TypeAdapter
 
 from gateway.sse import NDJSON, SSE
 from genx_ray.flow import Registry, Workflow
-from genx_ray.model import EVENT_TYPES, Event, Run, Settings
+from genx_ray.model import (
+    EVENT_TYPES,
+    MAX_TAG_KEY,
+    MAX_TAG_VALUE,
+    MAX_TAGS,
+    Event,
+    Run,
+    RunStatus,
+    Settings,
+    StepView,
+)
 from genx_ray.store import MAX_DELAY_SECONDS, Schedule
 
 ERROR = {"$ref": "#/components/schemas/Error"}
@@ -91,6 +101,13 @@ def _common_schemas() -> dict[str, Any]:
     )
     defs.update(schedule.pop("$defs", {}))
     schedule["properties"].pop("tenant", None)
+    step = StepView.model_json_schema(
+        mode="serialization", ref_template="#/components/schemas/{model}"
+    )
+    defs.update(step.pop("$defs", {}))
+    step.pop("required", None)
+    step["required"] = ["id", "component", "kind", "parent", "status", "attempts", "started_at",
+                        "finished_at", "cached", "reused", "error"]  # fmt: skip
     return {
         **defs,
         "Run": run,
@@ -102,6 +119,31 @@ def _common_schemas() -> dict[str, Any]:
                            "next_cursor": {"anyOf": [{"type": "string"}, {"type": "null"}]}},
         },
         "Event": {**event, "description": "An event of a run's stream (SSE data / NDJSON line)"},
+        "Step": {**step, "description": "A step of a run; a map's counts only on a map"},
+        "Steps": {"type": "object", "required": ["steps"], "properties": {
+            "steps": {"type": "array", "items": {"$ref": "#/components/schemas/Step"}}}},
+        "RunCounts": {"type": "object", "required": ["counts", "complete"], "properties": {
+            "counts": {"type": "object", "additionalProperties": {"type": "integer"}},
+            "complete": {"type": "boolean"}}},
+        "BulkResult": {
+            "type": "object", "required": ["matched", "done", "dry_run", "runs"],
+            "properties": {
+                "matched": {"type": "integer"}, "done": {"type": "integer"},
+                "dry_run": {"type": "boolean"},
+                "runs": {"type": "array", "items": {"type": "object", "required": ["id", "done"],
+                         "properties": {"id": {"type": "string"}, "done": {"type": "boolean"},
+                                        "status": {"type": "string"},
+                                        "from_step": {"type": ["string", "null"]},
+                                        "rerun_id": {"type": ["string", "null"]},
+                                        "error": {"type": "object"}}}},
+            },
+        },
+        "Cluster": {"type": "object", "required": ["workers", "queue", "leases", "llm_budgets"],
+                    "properties": {"workers": {"type": "array", "items": {"type": "object"}},
+                                   "queue": {"type": "object", "required": ["depth",
+                                                                            "oldest_age_seconds"]},
+                                   "leases": {"type": "integer"},
+                                   "llm_budgets": {"type": "array", "items": {"type": "object"}}}},
         "Schedule": schedule,
         "Workflow": {
             "type": "object", "required": ["name", "description", "input_schema", "output_schema"],
@@ -192,8 +234,43 @@ def _start_run(wf: Workflow[Any, Any], generic: Any, schemas: dict[str, Any]) ->
     return dict(op)
 
 
+_TIME = {"type": "string", "format": "date-time", "description": "RFC 3339, with a zone"}
+_TAG = {"type": "string", "pattern": f"^[^:]{{1,{MAX_TAG_KEY}}}:.{{0,{MAX_TAG_VALUE}}}$",
+        "description": "key:value"}  # fmt: skip
+# A bulk action's filter: at least one field; each given must hold.
+_FILTER: dict[str, Any] = {
+    "type": "object", "additionalProperties": False, "minProperties": 1,
+    "properties": {
+        "workflow": {"type": "string", "minLength": 1},
+        "status": {"type": "string", "enum": [s.value for s in RunStatus]},
+        "tag": {"anyOf": [_TAG, {"type": "array", "items": _TAG, "minItems": 1,
+                                 "maxItems": MAX_TAGS}]},
+        "created_after": _TIME, "created_before": _TIME,
+        "ids": {"type": "array", "minItems": 1, "maxItems": 1000,
+                "items": {"type": "string", "pattern": "^run_[0-9A-HJKMNP-TV-Z]{26}$"}},
+    },
+}  # fmt: skip
+_BULK: dict[str, Any] = {
+    "type": "object", "required": ["filter"], "additionalProperties": False,
+    "properties": {"filter": _FILTER, "dry_run": {"type": "boolean", "default": False},
+                   "limit": {"type": "integer", "minimum": 1, "maximum": 10_000,
+                             "default": 10_000}},
+}  # fmt: skip
+
 # Request bodies the routes read themselves: (path, method) -> schema.
 _BODIES: dict[tuple[str, str], dict[str, Any]] = {
+    ("/v1/runs/{run_id}/rerun", "post"): {
+        "type": "object", "additionalProperties": False,
+        "properties": {"from_step": {"type": ["string", "null"],
+                                     "description": "a step id of the run (its steps); null: "
+                                                    "from the start"},
+                       "input": {"description": "a new input (the workflow's schema); null: "
+                                                "the run's own"}},
+    },
+    ("/v1/runs/bulk/cancel", "post"): _BULK,
+    ("/v1/runs/bulk/rerun", "post"): {**_BULK, "properties": {
+        **_BULK["properties"],
+        "from": {"type": "string", "enum": ["failed_step", "start"], "default": "failed_step"}}},
     ("/v1/runs/{run_id}/input", "post"): {
         "type": "object", "required": ["input"], "additionalProperties": False,
         "properties": {"input": {"description": "fits the input.requested event's schema"},
@@ -232,6 +309,15 @@ _OK: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {
     ("/v1/schedules", "get"): ("200", {"type": "array",
                                        "items": {"$ref": "#/components/schemas/Schedule"}}),
     ("/v1/schedules/{schedule_id}", "get"): ("200", {"$ref": "#/components/schemas/Schedule"}),
+    ("/v1/schedules/{schedule_id}/pause", "post"): ("200",
+                                                    {"$ref": "#/components/schemas/Schedule"}),
+    ("/v1/schedules/{schedule_id}/resume", "post"): ("200",
+                                                     {"$ref": "#/components/schemas/Schedule"}),
+    ("/v1/runs/{run_id}/steps", "get"): ("200", {"$ref": "#/components/schemas/Steps"}),
+    ("/v1/runs/counts", "get"): ("200", {"$ref": "#/components/schemas/RunCounts"}),
+    ("/v1/runs/bulk/cancel", "post"): ("200", {"$ref": "#/components/schemas/BulkResult"}),
+    ("/v1/runs/bulk/rerun", "post"): ("200", {"$ref": "#/components/schemas/BulkResult"}),
+    ("/v1/cluster", "get"): ("200", {"$ref": "#/components/schemas/Cluster"}),
 }  # fmt: skip
 
 
@@ -245,9 +331,19 @@ def _bodies(paths: dict[str, Any], registry: Registry, settings: Settings) -> No
         op = paths.get(path, {}).get(method)
         if op is not None:
             op["requestBody"] = {
-                "required": path != "/v1/runs/{run_id}/tokens",
+                "required": path not in ("/v1/runs/{run_id}/tokens", "/v1/runs/{run_id}/rerun"),
                 "content": {"application/json": {"schema": schema}},
             }
+    for item in paths.values():  # the filters of GET /v1/runs and /v1/runs/counts
+        for op in item.values():
+            for param in op.get("parameters", []):
+                if param["in"] == "query" and param["name"] == "tag":
+                    param["schema"] = {"type": "array", "items": _TAG, "maxItems": MAX_TAGS}
+                elif param["in"] == "query" and param["name"] in (
+                    "created_after",
+                    "created_before",
+                ):
+                    param["schema"] = _TIME
     for (path, method), (status, schema) in _OK.items():
         op = paths.get(path, {}).get(method)
         if op is not None:
@@ -255,6 +351,15 @@ def _bodies(paths: dict[str, Any], registry: Registry, settings: Settings) -> No
                 **{k: v for k, v in op["responses"].items() if not k.startswith("2")},
                 status: {"description": "OK", "content": {"application/json": {"schema": schema}}},
             }
+    rerun = paths.get("/v1/runs/{run_id}/rerun", {}).get("post")
+    if rerun is not None:
+        made = {"application/json": {"schema": {"$ref": "#/components/schemas/RunCreated"}}}
+        rerun["responses"] = {
+            **{k: v for k, v in rerun["responses"].items() if not k.startswith("2")},
+            "202": {"description": "the rerun, queued", "content": made},
+            "200": {"description": "an idempotent replay: the rerun made before",
+                    "content": made},
+        }  # fmt: skip
     cancel = paths.get("/v1/runs/{run_id}/cancel", {}).get("post")
     if cancel is not None:
         cancel["responses"]["202"] = {
@@ -294,7 +399,8 @@ def _links(paths: dict[str, Any]) -> None:
         name: {"operationId": op_id, "parameters": run_id}
         for name, op_id in (("GetRun", "get_run"), ("Events", "run_events"),
                             ("Cancel", "cancel_run"), ("MintToken", "mint_token"),
-                            ("SendInput", "send_input"))
+                            ("SendInput", "send_input"), ("Steps", "run_steps"),
+                            ("Rerun", "rerun_run"))
     }  # fmt: skip
     for path, item in paths.items():
         if path.startswith("/v1/workflows/") and "post" in item:
@@ -311,8 +417,9 @@ def _links(paths: dict[str, Any]) -> None:
     if created is not None:
         created["responses"]["201"]["links"] = {
             name: {"operationId": op_id, "parameters": {"schedule_id": "$response.body#/id"}}
-            for name, op_id in (("GetSchedule", "get_schedule"), ("Delete", "delete_schedule"))
-        }
+            for name, op_id in (("GetSchedule", "get_schedule"), ("Delete", "delete_schedule"),
+                                ("Pause", "pause_schedule"), ("Resume", "resume_schedule"))
+        }  # fmt: skip
 
 
 def _responses(path: str, method: str, op: dict[str, Any], keys_on: bool) -> None:
@@ -331,12 +438,18 @@ def _responses(path: str, method: str, op: dict[str, Any], keys_on: bool) -> Non
             codes.add(404)
         if method == "post":
             codes |= {413}
-        if (method == "post" and path.endswith(("/runs", "/input"))) or path == "/v1/schedules":
+        if (method == "post" and path.endswith(("/runs", "/input", "/rerun"))) or (
+            path == "/v1/schedules"
+        ):
             codes.add(422)
-        if path.endswith(("/cancel", "/input")) or path.startswith("/v1/workflows/"):
+        if path.endswith(("/cancel", "/input", "/rerun")) or path.startswith(
+            ("/v1/workflows/", "/v1/runs/bulk/")
+        ):
             codes.add(409)
-        if method == "post" and path.startswith(("/v1/workflows/", "/v1/schedules")):
-            codes.add(429)  # quota_exceeded (runs, schedules), stream_limit (a start as SSE)
+        if method == "post" and (
+            path.startswith(("/v1/workflows/", "/v1/schedules")) or path.endswith("/rerun")
+        ):
+            codes.add(429)  # quota_exceeded (runs, reruns, schedules), stream_limit (an SSE start)
         if path == "/v1/runs/{run_id}/events":
             codes.add(429)  # stream_limit: the tenant's streams at GENX_MAX_STREAMS_PER_TENANT
     for code in sorted(codes):

@@ -24,15 +24,19 @@ from gateway.sse import NDJSON, StreamSlots, event_response
 from gateway.tokens import READ, SCOPES, TokenSigner
 from genx_ray.flow import Registry
 from genx_ray.model import (
+    MAX_TAGS,
     InputInvalid,
     InvalidTransition,
     Run,
     RunStatus,
     UserError,
+    check_tags,
+    parse_tag,
 )
 from genx_ray.store import (
     START,
     Quotas,
+    RunFilter,
     RunStore,
     check_event_id,
     notify,
@@ -41,7 +45,7 @@ from genx_ray.store import (
 )
 
 MAX_WAIT_SECONDS = 300.0
-RUN_BODY_FIELDS = {"input", "start_at", "delay_seconds"}
+RUN_BODY_FIELDS = {"input", "start_at", "delay_seconds", "tags"}
 STREAM_TOKEN_HEADER = "Genx-Stream-Token"  # a start answered with its event stream carries it
 MAX_JSON_DEPTH = 64  # arrays and objects within each other in a request body
 MAX_DIGITS = sys.get_int_max_str_digits() or 4300  # the longest integer a body may hold
@@ -132,15 +136,24 @@ async def start_run(
         )
     payload = wf.encode_input(body.get("input"))  # 422 on schema failure; nothing created
     start_at = start_time(_rfc3339(body.get("start_at")), _seconds(body.get("delay_seconds")))
+    tags = check_tags(body.get("tags"))
     quotas: Quotas = request.app.state.quotas
     replayed = False
     if idempotency_key:  # a replay is no new run: not counted; a new run is (429: nothing made)
         run, replayed = await runs.create_idempotent(
-            name, payload, tenant=who, key=idempotency_key, start_at=start_at, quotas=quotas
+            name,
+            payload,
+            tenant=who,
+            key=idempotency_key,
+            start_at=start_at,
+            quotas=quotas,
+            tags=tags,
         )
     else:
         await quotas.admit(who)  # 429 over quota: nothing created
-        run = await runs.create(name, payload, tenant=who, enqueue=True, start_at=start_at)
+        run = await runs.create(
+            name, payload, tenant=who, enqueue=True, start_at=start_at, tags=tags
+        )
         await quotas.opened(who, run.id)
     headers = {"Location": f"/v1/runs/{run.id}"}
     if replayed:
@@ -162,18 +175,72 @@ async def get_run(run_id: str, who: Reader, runs: Runs) -> dict[str, Any]:
     return run_json(await runs.get(run_id, tenant=who))
 
 
+TagQuery = Annotated[
+    list[str] | None, Query(description="key:value; repeat it for runs with every tag given")
+]
+TimeQuery = Annotated[
+    str | None, Query(max_length=64, description="RFC 3339, e.g. 2026-12-01T00:00:00Z")
+]
+
+
+def run_filter(
+    workflow: str | None = None,
+    status: RunStatus | str | None = None,
+    tag: list[str] | str | None = None,
+    created_after: str | None = None,
+    created_before: str | None = None,
+) -> RunFilter:
+    """A search's filter from the API's parameters (a query's, or a bulk action's body), each
+    checked: :class:`UserError` (400) naming the one that is not what it should be."""
+    if workflow is not None and not isinstance(workflow, str):
+        raise UserError("workflow must be a string")
+    if status is not None:
+        try:
+            status = RunStatus(status)
+        except ValueError:
+            raise UserError(f"status must be one of {[s.value for s in RunStatus]}") from None
+    if tag is not None and not isinstance(tag, str | list):
+        raise UserError("tag: key:value, or a list of them")
+    tags = [tag] if isinstance(tag, str) else list(tag or [])
+    if len(tags) > MAX_TAGS or not all(isinstance(t, str) for t in tags):
+        raise UserError(f"tag: at most {MAX_TAGS} filters, each key:value")
+    after = _instant("created_after", created_after)
+    before = _instant("created_before", created_before)
+    return RunFilter(workflow, status, tuple(parse_tag(t) for t in tags), after, before)
+
+
+def _instant(name: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    when = None
+    if isinstance(value, str):
+        with suppress(ValueError):
+            when = datetime.fromisoformat(value)
+    if when is None or when.tzinfo is None:
+        raise UserError(f"{name}: not an RFC 3339 time with a zone (e.g. 2026-12-01T00:00:00Z)")
+    return when.timestamp()
+
+
 @router.get("/v1/runs", tags=["runs"])
 async def list_runs(
     who: Tenant,
     runs: Runs,
     workflow: str | None = None,
     status: RunStatus | None = None,
+    tag: TagQuery = None,
+    created_after: TimeQuery = None,
+    created_before: TimeQuery = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: Annotated[str | None, Query(max_length=64)] = None,
 ) -> dict[str, Any]:
+    """The tenant's runs, newest first, filtered by workflow, status, tags (each ``key:value``)
+    and creation time; every filter is answered from an index."""
+    found = run_filter(workflow, status, tag, created_after, created_before)
     page, next_cursor = await runs.list(
-        tenant=who, workflow=workflow, status=status, limit=limit, cursor=cursor
-    )
+        tenant=who, workflow=found.workflow, status=found.status, tags=found.tags,
+        created_after=found.created_after, created_before=found.created_before, limit=limit,
+        cursor=cursor,
+    )  # fmt: skip
     return {"runs": [run_json(r) for r in page], "next_cursor": next_cursor}
 
 

@@ -1,4 +1,5 @@
-"""Schedules over HTTP: ``POST/GET /v1/schedules`` and ``GET/DELETE /v1/schedules/{id}``.
+"""Schedules over HTTP: ``POST/GET /v1/schedules``, ``GET/DELETE /v1/schedules/{id}``, and
+``POST /v1/schedules/{id}/pause`` and ``/resume``.
 
 A schedule starts a run of a workflow at each tick of a cron expression in a time zone; the
 timer service of the workers (:mod:`genx_ray.service._timers`) starts at most one run per tick,
@@ -104,3 +105,15 @@ async def delete_schedule(schedule_id: str, who: Tenant, schedules: Schedules) -
     """No more runs start from it; runs it already started go on."""
     await schedules.delete(schedule_id, tenant=who)
     return Response(status_code=204)
+
+
+@router.post("/v1/schedules/{schedule_id}/pause")
+async def pause_schedule(schedule_id: str, who: Tenant, schedules: Schedules) -> dict[str, Any]:
+    """Its ticks pass without starting a run (``"paused": true``) until it is resumed."""
+    return schedule_json(await schedules.set_paused(schedule_id, True, tenant=who))
+
+
+@router.post("/v1/schedules/{schedule_id}/resume")
+async def resume_schedule(schedule_id: str, who: Tenant, schedules: Schedules) -> dict[str, Any]:
+    """It starts runs again from its next tick (the ticks missed meanwhile start none)."""
+    return schedule_json(await schedules.set_paused(schedule_id, False, tenant=who))

@@ -1,4 +1,10 @@
-"""The browser run viewer and the JS module for web apps, served from ``gateway/static/``.
+"""The browser run viewer, the operators' console and the JS module for web apps, served from
+``gateway/static/``.
+
+``GET /ui/`` is the console (console.html: runs, a run, schedules, the cluster), signed in with
+an API key that its script keeps in ``sessionStorage`` and sends as a bearer header only (never
+in a URL or a cookie); a gateway without API keys opens it to anyone, as it opens its API. It
+shows a run with the viewer's own module (run-view.js).
 
 ``GET /ui/runs/{id}?token=...`` is one static page (no build step, nothing from the internet):
 its script reads the run id and token from its own URL, fetches the run, and follows the run's
@@ -33,7 +39,10 @@ STATIC = Path(__file__).resolve().parent / "static"
 ASSETS = {  # every file /ui/{name} serves: nothing else under static/ is reachable
     "genx.js": "text/javascript; charset=utf-8",
     "viewer.js": "text/javascript; charset=utf-8",
+    "run-view.js": "text/javascript; charset=utf-8",
+    "console.js": "text/javascript; charset=utf-8",
     "viewer.css": "text/css; charset=utf-8",
+    "console.css": "text/css; charset=utf-8",
     "favicon.svg": "image/svg+xml",
 }
 _PAGE_CSP = (
@@ -88,6 +97,22 @@ async def viewer(
         media_type="text/html; charset=utf-8",
         headers=_page_headers(request),
     )
+
+
+@router.get("/ui/")
+async def console(request: Request) -> Response:
+    """The operators' console: the same bytes for everyone (its script asks the API for data,
+    with the key the operator signs in with)."""
+    return Response(
+        _read("console.html"),
+        media_type="text/html; charset=utf-8",
+        headers=_page_headers(request),
+    )
+
+
+@router.get("/ui")
+async def console_slash() -> Response:
+    return Response(status_code=308, headers={"Location": "ui/"})  # relative: under a prefix too
 
 
 @router.get("/ui/{name}")

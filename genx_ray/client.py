@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 import time
@@ -56,13 +57,16 @@ class Client:
         key: str | None = None,
         delay_seconds: float | None = None,
         start_at: str | None = None,
+        tags: dict[str, str] | None = None,
     ) -> dict[str, Any]:
-        """Start a run (later, with ``delay_seconds`` or an RFC 3339 ``start_at``); returns the
-        run object, with its ``stream_token`` (read-only, this run only: for a browser, see
-        :meth:`viewer_url`)."""
+        """Start a run (later, with ``delay_seconds`` or an RFC 3339 ``start_at``; ``tags`` to
+        find it by); returns the run object, with its ``stream_token`` (read-only, this run
+        only: for a browser, see :meth:`viewer_url`)."""
         params = {"wait": wait} if wait else None
         headers = {"Idempotency-Key": key} if key else None
         body: dict[str, Any] = {"input": input}
+        if tags:
+            body["tags"] = tags
         if delay_seconds is not None:
             body["delay_seconds"] = delay_seconds
         if start_at is not None:
@@ -101,6 +105,14 @@ class Client:
                 return out
             params = {"limit": page_size, "cursor": cursor}
 
+    def pause_schedule(self, schedule_id: str, paused: bool = True) -> dict[str, Any]:
+        """Pause a schedule (its ticks start no run), or resume it (``paused=False``)."""
+        action = "pause" if paused else "resume"
+        result: dict[str, Any] = self._check(
+            self.http.post(f"/v1/schedules/{schedule_id}/{action}")
+        )
+        return result
+
     def delete_schedule(self, schedule_id: str) -> None:
         resp = self.http.delete(f"/v1/schedules/{schedule_id}")
         if resp.status_code >= 400:
@@ -116,12 +128,63 @@ class Client:
         return result
 
     def list(self, **filters: Any) -> dict[str, Any]:
+        """A page of runs, newest first: ``workflow``, ``status``, ``tag`` ("key:value", or a
+        list of them), ``created_after``, ``created_before`` (RFC 3339), ``limit``, ``cursor``."""
         params = {k: v for k, v in filters.items() if v is not None}
         result: dict[str, Any] = self._check(self.http.get("/v1/runs", params=params))
         return result
 
     def cancel(self, run_id: str) -> dict[str, Any]:
         result: dict[str, Any] = self._check(self.http.post(f"/v1/runs/{run_id}/cancel"))
+        return result
+
+    def steps(self, run_id: str) -> builtins.list[dict[str, Any]]:
+        """The run's steps in the order its code called them (a map as one entry)."""
+        result: dict[str, Any] = self._check(self.http.get(f"/v1/runs/{run_id}/steps"))
+        return list(result["steps"])
+
+    def rerun(
+        self,
+        run_id: str,
+        *,
+        from_step: str | None = None,
+        input: Any = None,
+        key: str | None = None,
+    ) -> dict[str, Any]:
+        """A new run of the run's workflow, reusing the steps it completed before
+        ``from_step`` (none: from the start), with ``input`` instead of its own if given."""
+        headers = {"Idempotency-Key": key} if key else None
+        body = {"from_step": from_step, "input": input}
+        resp = self.http.post(f"/v1/runs/{run_id}/rerun", json=body, headers=headers)
+        result: dict[str, Any] = self._check(resp)
+        return result
+
+    def bulk(
+        self,
+        action: str,
+        filter: dict[str, Any],
+        *,
+        dry_run: bool = False,
+        limit: int | None = None,
+        key: str | None = None,
+        **more: Any,
+    ) -> dict[str, Any]:
+        """``cancel`` or ``rerun`` the runs ``filter`` chooses (``workflow``, ``status``,
+        ``tag``, ``created_after``, ``created_before``, ``ids``); ``more``: ``from`` for a
+        rerun. Returns ``{"matched", "done", "dry_run", "runs"}``."""
+        body: dict[str, Any] = {"filter": filter, "dry_run": dry_run, **more}
+        if limit is not None:
+            body["limit"] = limit
+        headers = {"Idempotency-Key": key} if key else None
+        timeout = httpx.Timeout(300, connect=10)  # thousands of runs take a while
+        resp = self.http.post(f"/v1/runs/bulk/{action}", json=body, headers=headers,
+                              timeout=timeout)  # fmt: skip
+        result: dict[str, Any] = self._check(resp)
+        return result
+
+    def cluster(self) -> dict[str, Any]:
+        """Workers and run hosts, the run queue, the LLM budgets in use."""
+        result: dict[str, Any] = self._check(self.http.get("/v1/cluster"))
         return result
 
     def events(

@@ -34,6 +34,8 @@ from genx_ray.store import EmbeddedRedis, EventStore, RunStore, async_redis
 # (empty: every test of the module that uses Redis).
 ON_CLUSTER_TOO: dict[str, tuple[str, ...]] = {
     "test_api": (),
+    "test_operator": (),  # reruns, bulk actions, tags
+    "test_search": ("index", "filters_intersect", "time_ranges", "stale"),  # the run indexes
     "test_durability": (),
     "test_crash": ("kill_9",),  # a worker, and a host with 200 runs, killed
     "test_client": ("cap", "budget", "retry_after", "slot"),  # the LLM limiter's

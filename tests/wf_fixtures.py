@@ -135,3 +135,65 @@ async def chatty(note: str = "") -> dict[str, str]:
     publish("note", {"key": key, "note": note})
     said = await recite(f"the key is {key}")
     return {"said": said, "key": key}
+
+
+# -- the operator's loop (reruns, bulk actions): four steps, the third failing while a flag file
+# exists; each step appends its name to the log file when it runs, so a test counts executions
+# whichever process ran them.
+
+
+def _ran(log: str, name: str, flag: str | None = None) -> bool:
+    """Count a step's execution; whether the ``flag`` file exists."""
+    with open(log, "a") as f:
+        f.write(f"{name}\n")
+    return flag is not None and os.path.exists(flag)
+
+
+@component
+async def fetch_page(url: str, log: str, delay: float = 0.0) -> str:
+    _ran(log, "fetch_page")
+    await asyncio.sleep(delay)
+    return f"<page of {url}>"
+
+
+@component
+async def parse_page(page: str, log: str, delay: float = 0.0) -> str:
+    _ran(log, "parse_page")
+    await asyncio.sleep(delay)
+    return page.strip("<>")
+
+
+@component
+async def enrich_page(text: str, log: str, flag: str, delay: float = 0.0) -> str:
+    failing = _ran(log, "enrich_page", flag)
+    await asyncio.sleep(delay)
+    if failing:
+        raise RuntimeError("the enrichment provider is down")
+    return f"{text}, enriched"
+
+
+@component
+async def store_page(text: str, log: str, delay: float = 0.0) -> str:
+    _ran(log, "store_page")
+    await asyncio.sleep(delay)
+    return f"stored: {text}"
+
+
+@workflow(name="ingest")
+async def ingest(url: str, log: str, flag: str, delay: float = 0.0) -> str:
+    """Four steps (each ``delay`` seconds long); the third fails while the file ``flag``
+    exists."""
+    page = await fetch_page(url, log, delay)
+    text = await parse_page(page, log, delay)
+    rich = await enrich_page(text, log, flag, delay)
+    return await store_page(rich, log, delay)
+
+
+def ran(log: str) -> dict[str, int]:
+    """How many times each step of ``ingest`` ran, from its log file."""
+    counts: dict[str, int] = {}
+    if os.path.exists(log):
+        with open(log) as f:
+            for line in f.read().split():
+                counts[line] = counts.get(line, 0) + 1
+    return counts

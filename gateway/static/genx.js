@@ -39,9 +39,19 @@ function apiUrl(baseUrl, path, params = {}) {
   const base = (baseUrl ?? "").replace(/\/+$/, "");
   const url = new URL(base + path, globalThis.location?.href);
   for (const [name, value] of Object.entries(params)) {
-    if (value !== undefined && value !== null) url.searchParams.set(name, String(value));
+    if (value === undefined || value === null) continue;
+    for (const one of Array.isArray(value) ? value : [value]) url.searchParams.append(name, String(one));
   }
   return url.toString();
+}
+
+/**
+ * Any call of the API: `path` under `baseUrl`, `params` as the query, `body` as JSON; resolves to
+ * the answer's JSON, or rejects with a GenxError. `apiKey` goes in the Authorization header
+ * (never in a URL); `token` (a run token) as ?token=.
+ */
+export function request(method, path, { baseUrl, apiKey, token, params, body, headers } = {}) {
+  return call(method, apiUrl(baseUrl, path, { ...params, token }), { apiKey, body, headers });
 }
 
 async function call(method, url, { apiKey, body, headers: extra } = {}) {
@@ -69,6 +79,12 @@ export function startRun(workflow, input, { baseUrl, apiKey, idempotencyKey } = 
 /** The run object (status, output, error, timings, usage). */
 export function getRun(runId, { baseUrl, token, apiKey } = {}) {
   return call("GET", apiUrl(baseUrl, `/v1/runs/${encodeURIComponent(runId)}`, { token }), { apiKey });
+}
+
+/** The run's steps, in the order its code called them (a map as one entry). */
+export async function getSteps(runId, { baseUrl, token, apiKey } = {}) {
+  const path = `/v1/runs/${encodeURIComponent(runId)}/steps`;
+  return (await request("GET", path, { baseUrl, token, apiKey })).steps;
 }
 
 /**

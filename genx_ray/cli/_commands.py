@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Annotated, Any
 
@@ -203,6 +204,9 @@ def run_cmd(
         float | None, typer.Option(help="Start it this many seconds from now.")
     ] = None,
     start_at: Annotated[str | None, typer.Option(help="Start it at this time (RFC 3339).")] = None,
+    tag: Annotated[
+        list[str] | None, typer.Option(help="A tag key:value to find it by (repeat for more).")
+    ] = None,
 ) -> None:
     """Start a run through the API; follow it with live progress and print its output."""
     from genx_ray.cli._console import follow
@@ -210,8 +214,9 @@ def run_cmd(
 
     client = Client()
     run = client.start(
-        workflow, _json_option("--input", input), delay_seconds=delay, start_at=start_at
-    )
+        workflow, _json_option("--input", input), delay_seconds=delay, start_at=start_at,
+        tags=_tags(tag),
+    )  # fmt: skip
     if detach:
         typer.echo(json.dumps(run, indent=2))
         return
@@ -233,25 +238,29 @@ def demo(
     from genx_ray.store import free_port
 
     port = free_port()
-    # The stack's own output (Ray, worker and server logs) is diagnostics: it goes to stderr, so
-    # stdout carries the report alone and can be piped.
-    stack = subprocess.Popen(
-        [sys.executable, "-m", "genx_ray.cli", "dev", "--port", str(port)],
-        start_new_session=True, stdout=sys.stderr,
-    )  # fmt: skip
+    # The stack's own output (Ray's, the worker's and the servers' logs) is diagnostics: it goes
+    # to a log file, said once, and shown when the stack fails. The terminal carries the run
+    # (stderr) and its report (stdout, alone: it can be piped).
+    fd, log_path = tempfile.mkstemp(prefix="genx-demo-", suffix=".log")
+    with os.fdopen(fd, "wb") as log:
+        stack = subprocess.Popen(
+            [sys.executable, "-m", "genx_ray.cli", "dev", "--port", str(port)],
+            start_new_session=True, stdout=log, stderr=log,
+        )  # fmt: skip
+    typer.echo(f"the stack's log (Redis, Ray, worker, gateway): {log_path}", err=True)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
         while True:
             if stack.poll() is not None:
-                raise GenxError("the stack exited before it was ready")
+                raise GenxError(f"the stack exited before it was ready:\n{_tail(log_path)}")
             try:
                 if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
-                raise GenxError("the stack did not become ready in 120 s")
+                raise GenxError(f"the stack did not become ready in 120 s:\n{_tail(log_path)}")
             time.sleep(0.3)
         client = Client(base)
         payload = _json_option("--input", input)
@@ -273,10 +282,22 @@ def demo(
     raise typer.Exit(0 if status == "succeeded" else 1)
 
 
+WorkflowOpt = Annotated[str | None, typer.Option(help="Only runs of this workflow.")]
+StatusOpt = Annotated[str | None, typer.Option(help="Only runs with this status.")]
+TagOpt = Annotated[
+    list[str] | None, typer.Option(help="Only runs tagged key:value (repeat: every one).")
+]
+AfterOpt = Annotated[str | None, typer.Option(help="Only runs created then or later (RFC 3339).")]
+BeforeOpt = Annotated[str | None, typer.Option(help="Only runs created before (RFC 3339).")]
+
+
 @runs_app.command("ls")
 def runs_ls(
-    workflow: Annotated[str | None, typer.Option(help="Only runs of this workflow.")] = None,
-    status: Annotated[str | None, typer.Option(help="Only runs with this status.")] = None,
+    workflow: WorkflowOpt = None,
+    status: StatusOpt = None,
+    tag: TagOpt = None,
+    created_after: AfterOpt = None,
+    created_before: BeforeOpt = None,
     limit: Annotated[int, typer.Option(help="How many.")] = 20,
 ) -> None:
     """List runs, newest first."""
@@ -285,22 +306,119 @@ def runs_ls(
 
     from genx_ray.client import Client
 
-    page = Client().list(workflow=workflow, status=status, limit=limit)
+    page = Client().list(
+        workflow=workflow, status=status, tag=tag or None, created_after=created_after,
+        created_before=created_before, limit=limit,
+    )  # fmt: skip
     rows = [
-        (r["id"], r["workflow"], r["status"], str(r["attempt"]), r["created_at"])
+        (r["id"], r["workflow"], r["status"], str(r["attempt"]), r["created_at"],
+         ",".join(f"{k}:{v}" for k, v in (r.get("tags") or {}).items()))
         for r in page["runs"]
-    ]
+    ]  # fmt: skip
     if not sys.stdout.isatty():  # piped: one tab-separated line a run, nothing truncated
         for row in rows:
             typer.echo("\t".join(row))
         return
     table = Table()
     table.add_column("id", no_wrap=True, min_width=30)
-    for name in ("workflow", "status", "attempt", "created"):
+    for name in ("workflow", "status", "attempt", "created", "tags"):
         table.add_column(name)
     for row in rows:
         table.add_row(*row)
     Console().print(table)
+
+
+@runs_app.command("steps")
+def runs_steps(run_id: Annotated[str, typer.Argument(help="The run.")]) -> None:
+    """A run's steps as a tree.
+
+    In the order its code called them: status, attempts, time, cached or reused, error; a map
+    as one line counting its items."""
+    from genx_ray.cli._console import step_tree
+    from genx_ray.client import Client
+
+    for line in step_tree(Client().steps(run_id)):
+        typer.echo(line)
+
+
+@runs_app.command("rerun")
+def runs_rerun(
+    run_id: Annotated[str, typer.Argument(help="The run to run again (one that ended).")],
+    from_step: Annotated[
+        str | None,
+        typer.Option(help="Reuse the steps it completed before this one (see `genx runs steps`)."),
+    ] = None,
+    input: Annotated[
+        str | None, typer.Option("--input", help="A new input, as JSON [default: the run's].")
+    ] = None,
+    detach: Annotated[bool, typer.Option(help="Print the new run and return at once.")] = False,
+) -> None:
+    """Run a run again, as a new run, from the start or from a step.
+
+    The run itself is left as it was. From a step, the new run reuses what the run completed
+    before that step (a map: only its failed items run again)."""
+    from genx_ray.cli._console import follow
+    from genx_ray.client import Client
+
+    client = Client()
+    payload = None if input is None else _json_option("--input", input)
+    run = client.rerun(run_id, from_step=from_step, input=payload)
+    if detach:
+        typer.echo(json.dumps(run, indent=2))
+        return
+    typer.echo(f"run {run['id']} (a rerun of {run_id})", err=True)
+    typer.echo(f"viewer: {client.viewer_url(run)}", err=True)
+    raise typer.Exit(0 if follow(client, run["id"]) == "succeeded" else 1)
+
+
+@runs_app.command("cancel")
+def runs_cancel(
+    run_id: Annotated[str | None, typer.Argument(help="One run [default: those filtered].")] = None,
+    workflow: WorkflowOpt = None,
+    status: StatusOpt = None,
+    tag: TagOpt = None,
+    created_after: AfterOpt = None,
+    created_before: BeforeOpt = None,
+    dry_run: Annotated[
+        bool, typer.Option(help="Say what would be cancelled; change nothing.")
+    ] = False,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Cancel a run, or every run the filters choose.
+
+    With filters, it says how many runs match and asks before cancelling (--yes: it does not
+    ask; --dry-run: it only says)."""
+    from genx_ray.client import Client
+
+    client = Client()
+    if run_id is not None:
+        run = client.cancel(run_id)
+        typer.echo(f"run {run['id']} {run['status']}")
+        return
+    found = {
+        "workflow": workflow, "status": status, "tag": tag or None,
+        "created_after": created_after, "created_before": created_before,
+    }  # fmt: skip
+    found = {k: v for k, v in found.items() if v is not None}
+    if not found:
+        raise typer.BadParameter("name a run, or filter: --workflow, --status, --tag, --created-*")
+    preview = client.bulk("cancel", found, dry_run=True)
+    live = [r for r in preview["runs"] if r["status"] not in ("succeeded", "failed", "cancelled")]
+    typer.echo(f"{preview['matched']} run(s) match, {len(live)} not ended", err=True)
+    if dry_run or not live:
+        for r in preview["runs"]:
+            typer.echo(f"{r['id']}\t{r['status']}")
+        return
+    if not yes:
+        if not sys.stdin.isatty():
+            raise typer.BadParameter(
+                "cancelling many runs needs --yes when not asked in a terminal"
+            )
+        typer.confirm(f"cancel {len(live)} run(s)?", abort=True, err=True)
+    done = client.bulk("cancel", found, key=f"cli-{os.getpid()}-{time.time_ns()}")
+    for r in done["runs"]:
+        typer.echo(f"{r['id']}\t{r['status']}")
+    typer.echo(f"{done['done']} run(s) cancelled or asked to stop", err=True)
 
 
 @runs_app.command("tail")
@@ -352,12 +470,30 @@ def schedules_add(
 
 @schedules_app.command("ls")
 def schedules_ls() -> None:
-    """The schedules: id, workflow, cron, time zone, next run (or why it is disabled)."""
+    """The schedules: id, workflow, cron, time zone, next run (or why it is disabled), paused."""
     from genx_ray.client import Client
 
     for s in Client().schedules():
+        paused = "paused" if s.get("paused") else ""
         when = f"disabled: {s['disabled']}" if s.get("disabled") else str(s["next_run_at"])
-        typer.echo("\t".join([s["id"], s["workflow"], s["cron"], s["timezone"], when]))
+        row = [s["id"], s["workflow"], s["cron"], s["timezone"], when, paused]
+        typer.echo("\t".join(row).rstrip("\t"))
+
+
+@schedules_app.command("pause")
+def schedules_pause(schedule_id: Annotated[str, typer.Argument(help="The schedule.")]) -> None:
+    """Pause a schedule: its ticks start no run until it is resumed."""
+    from genx_ray.client import Client
+
+    Client().pause_schedule(schedule_id)
+
+
+@schedules_app.command("resume")
+def schedules_resume(schedule_id: Annotated[str, typer.Argument(help="The schedule.")]) -> None:
+    """Resume a paused schedule, from its next tick."""
+    from genx_ray.client import Client
+
+    Client().pause_schedule(schedule_id, paused=False)
 
 
 @schedules_app.command("rm")
@@ -366,6 +502,23 @@ def schedules_rm(schedule_id: Annotated[str, typer.Argument(help="The schedule."
     from genx_ray.client import Client
 
     Client().delete_schedule(schedule_id)
+
+
+def _tags(values: list[str] | None) -> dict[str, str] | None:
+    """``--tag key:value`` options as a run's tags."""
+    tags: dict[str, str] = {}
+    for value in values or []:
+        key, sep, val = value.partition(":")
+        if not sep or not key:
+            raise typer.BadParameter(f"--tag {value!r}: expected key:value")
+        tags[key] = val
+    return tags or None
+
+
+def _tail(path: str, lines: int = 30) -> str:
+    """The end of a log file, to show what went wrong."""
+    with open(path, errors="replace") as f:
+        return "".join(f.readlines()[-lines:])
 
 
 def _json_option(name: str, value: str) -> Any:

@@ -1,4 +1,10 @@
-"""Showing a run as it happens in a terminal: a progress bar for batches, output as it streams."""
+"""Showing a run as it happens in a terminal: a progress bar for batches, output as it streams.
+
+What a reader sees must read right in a terminal and in a file alike (``genx demo > out.txt``):
+streamed output ends with a newline before anything else is printed; a line of machine-readable
+JSON is never wrapped (a terminal wraps it visually, a file keeps one line); off a terminal, a
+map is one line when it ends, not a progress bar drawn at the end.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.text import Text
 
 from genx_ray.client import ApiError, Client
 
@@ -17,33 +24,66 @@ WAIT_EVENTS = {"run.waiting", "run.resumed", "input.received", "child.started", 
 WAIT_DETAIL = {"reason", "until", "input", "child_id", "workflow", "status"}
 
 
+class _Lines:
+    """Prints to a console so that streamed output (no newline of its own) is ended with one
+    before any other line, and lines are never wrapped."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.open = False  # streamed output printed, its line not ended yet
+
+    def stream(self, text: str) -> None:
+        if text:
+            self.console.print(text, end="", markup=False, highlight=False, soft_wrap=True)
+            self.open = not text.endswith("\n")
+
+    def line(self, label: str, text: str = "", style: str = "dim") -> None:
+        self.end_stream()
+        line = Text(label, style=style)
+        if text:
+            line.append(" " + text)
+        self.console.print(line, soft_wrap=True, highlight=False)
+
+    def end_stream(self) -> None:
+        if self.open:
+            self.console.print(soft_wrap=True)
+            self.open = False
+
+
 def follow(client: Client, run_id: str) -> str:
     """Print a run's progress until it ends; returns its final status."""
     err = Console(stderr=True)
     out = Console()
     bars: dict[str, Any] = {}
+    live = err.is_terminal  # off a terminal (a file, a pipe), a line per map, once it ended
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        console=err, transient=False,
+        console=err, transient=False, disable=not live,
     ) as progress:  # fmt: skip
+        lines = _Lines(progress.console)
         for entry in client.events(run_id):
             e: Any = entry.event
             if e.type == "progress" and e.kind == "map" and isinstance(e.data, dict):
                 step = e.data.get("step", "map")
-                if step not in bars:
-                    bars[step] = progress.add_task(
-                        e.step.name if e.step else step, total=e.data["total"]
-                    )
-                progress.update(bars[step], completed=e.data["done"])
+                name = e.step.name if e.step else step
+                if live:
+                    if step not in bars:
+                        bars[step] = progress.add_task(name, total=e.data["total"])
+                    progress.update(bars[step], completed=e.data["done"])
+                elif e.data["done"] >= e.data["total"] and step not in bars:
+                    bars[step] = None
+                    failed = f", {e.data['failed']} failed" if e.data.get("failed") else ""
+                    lines.line(name, f"{e.data['done']}/{e.data['total']}{failed}", "")
             elif e.type == "progress":
-                progress.console.print(f"[dim]{e.kind}[/dim] {json.dumps(e.data)}")
+                lines.line(e.kind, json.dumps(e.data))
             elif e.type == "output":
-                progress.console.print(str(e.data), end="", markup=False, highlight=False)
+                lines.stream(e.data if isinstance(e.data, str) else json.dumps(e.data))
             elif e.type in ("step.retrying", "step.failed"):
-                progress.console.print(f"[yellow]{e.type}[/yellow] {e.step.id}: {e.error.message}")
+                lines.line(e.type, f"{e.step.id}: {e.error.message}", "yellow")
             elif e.type in ("run.started", "run.restarted"):
-                progress.console.print(f"[dim]{e.type} (attempt {e.attempt})[/dim]")
+                lines.line(f"{e.type} (attempt {e.attempt})")
             elif e.type == "input.requested":
+                lines.end_stream()
                 _ask(progress.console, client, run_id, e)
             elif e.type in WAIT_EVENTS:
                 if e.type == "input.received":
@@ -51,12 +91,14 @@ def follow(client: Client, run_id: str) -> str:
                 detail = {k: v for k, v in e.model_dump(mode="json").items() if k in WAIT_DETAIL}
                 if detail.get("until"):
                     detail["until"] = _clock(detail["until"])
-                progress.console.print(f"[dim]{e.type} {json.dumps(detail)}[/dim]")
+                lines.line(e.type, json.dumps(detail))
+        lines.end_stream()
     run = client.get(run_id)
     if run["status"] == "succeeded":
         out.print_json(json.dumps(run["output"]))
     else:
-        err.print(f"[red]run {run['status']}[/red] {json.dumps(run.get('error'))}")
+        err.print(Text(f"run {run['status']}", style="red"), json.dumps(run.get("error")),
+                  soft_wrap=True, highlight=False)  # fmt: skip
     return str(run["status"])
 
 
@@ -126,3 +168,57 @@ class _Answers:
             with cls.lock:
                 if cls.pending == pending:
                     cls.pending = None
+
+
+def step_tree(steps: list[dict[str, Any]]) -> list[str]:
+    """A run's steps (``GET /v1/runs/{id}/steps``) as the lines of a tree: each step under the
+    one that called it, with its status, attempts, time, and cached/reused/error; a map with
+    its items counted and its failed items listed (the first few)."""
+    children: dict[str, list[dict[str, Any]]] = {}
+    ids = {s["id"] for s in steps}
+    for s in steps:
+        parent = s.get("parent") or ""
+        children.setdefault(parent if parent in ids else "", []).append(s)
+    lines: list[str] = []
+
+    def walk(parent: str, prefix: str) -> None:
+        kids = children.get(parent, [])
+        for i, s in enumerate(kids):
+            last = i == len(kids) - 1
+            lines.append(f"{prefix}{'└─ ' if last else '├─ '}{_step_line(s)}")
+            inner = prefix + ("   " if last else "│  ")
+            for item in (s.get("failed_items") or [])[:5]:
+                error = item["error"]
+                lines.append(f"{inner}  item {item['index']} failed: "
+                             f"{error['type']}: {error['message']}")  # fmt: skip
+            if (s.get("failed") or 0) > 5:
+                lines.append(f"{inner}  ... {s['failed'] - 5} more failed items")
+            walk(s["id"], inner)
+
+    walk("", "")
+    return lines
+
+
+def _step_line(s: dict[str, Any]) -> str:
+    parts = [s["component"], s["status"], s["id"]]
+    if s.get("kind") == "map":
+        failed = f", {s['failed']} failed" if s.get("failed") else ""
+        parts.append(f"{s.get('done', 0)}/{s.get('items', 0)} items{failed}")
+    elif s.get("attempts"):
+        parts.append(f"{s['attempts']} attempt{'s' if s['attempts'] > 1 else ''}")
+    if s.get("started_at") and s.get("finished_at"):
+        seconds = _iso(s["finished_at"]) - _iso(s["started_at"])
+        parts.append(f"{seconds:.3f}s")
+    if s.get("cached"):
+        parts.append("cached")
+    if s.get("reused"):
+        parts.append("reused")
+    if s.get("error"):
+        parts.append(f"{s['error']['type']}: {s['error']['message']}")
+    return "  ".join(parts)
+
+
+def _iso(value: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()

@@ -59,6 +59,7 @@ class Host:
     idle_since: float = field(default_factory=time.monotonic)
     reported: Snapshot = field(default_factory=dict)  # its metrics, as last reported
     reported_mark: int | None = None
+    started: float = field(default_factory=time.time)  # unix seconds
 
     @property
     def up(self) -> bool:
@@ -109,6 +110,15 @@ class RunHosts:
     def reported_metrics(self) -> list[Snapshot]:
         """The metrics of every host this pool ever had, as last reported."""
         return [self._gone_metrics, *(h.reported for h in list(self.hosts))]
+
+    def describe(self) -> list[dict[str, Any]]:
+        """The hosts as the worker table shows them (the console's cluster page): name, runs
+        held, started (unix seconds), up and healthy. Safe from another thread (a snapshot)."""
+        return [
+            {"name": h.name, "runs": len(h.runs), "started": h.started, "up": h.up,
+             "healthy": h.healthy and not h.dead}
+            for h in list(self.hosts)
+        ]  # fmt: skip
 
     def attempts(self) -> list[tuple[str, int]]:
         """(run id, attempt) of every run on these hosts, as last reported."""

@@ -98,9 +98,9 @@ class Attempt:
                 journal = {k: JournalEntry.loads(v) for k, v in raw_journal.items()}
                 ctx = RunContext(
                     self.run_id, run.workflow, run.attempt, ex.redis,
-                    ex.writes.writer(self.run_id, run.attempt), journal, tenant=run.tenant,
-                    origin=run.origin or "", start_here=ex.start_child_here,
-                    observer=ex.observer,
+                    ex.writes.writer(self.run_id, run.attempt, tenant=run.tenant), journal,
+                    tenant=run.tenant, tags=run.tags, origin=run.origin or "",
+                    start_here=ex.start_child_here, observer=ex.observer,
                 )  # fmt: skip
                 ctx.cancel_requested = self.cancel_asked or run.cancel_requested
                 self.ctx = ctx

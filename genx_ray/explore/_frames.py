@@ -5,12 +5,10 @@ How it works: everything is read straight from Redis with a synchronous client, 
 gateway reads it. Runs and their usage come from the tenant's run index
 (:func:`genx_ray.store.keys.run_index`, newest first, like ``GET /v1/runs``) and each run's record;
 events, step attempts and map progress come from the run's event stream (``XRANGE`` in pages).
-Step attempts are rebuilt from the step events alone: ``step.started`` opens an attempt,
-``step.retrying`` ends one (the next starts after its ``delay``), ``step.completed`` /
-``step.failed`` end the last one, ``run.restarted`` and the terminal event end whatever was left
-open. Nothing here writes and nothing needs the process that executes the run, so it works on
-finished and running runs alike, from any machine that reaches the Redis; a frame of a running
-run is a snapshot (call again for news).
+Step attempts are rebuilt from the step events alone, as the API's steps view does
+(:func:`genx_ray.model.step_attempts`). Nothing here writes and nothing needs the process that
+executes the run, so it works on finished and running runs alike, from any machine that reaches
+the Redis; a frame of a running run is a snapshot (call again for news).
 
 Use the functions (``runs_frame(...)``, each taking ``redis_url=`` and, for listings,
 ``tenant=``), or an :class:`Explorer` holding one connection for many calls. Redis is
@@ -55,17 +53,11 @@ from genx_ray.model import (
     MapProgress,
     ProgressEvent,
     Run,
-    RunCancelledEvent,
     RunNotFound,
-    RunRestartedEvent,
-    RunStartedEvent,
     RunStatus,
-    StepCompletedEvent,
-    StepFailedEvent,
-    StepRetryingEvent,
-    StepStartedEvent,
     UserError,
     new_run_id,
+    step_attempts,
 )
 from genx_ray.store import (
     START,
@@ -112,7 +104,7 @@ EVENT_COLUMNS = [
 ]  # fmt: skip
 STEP_COLUMNS = [
     "run_id", "step_id", "name", "kind", "parent", "attempt", "status", "start", "end",
-    "duration_s", "retries", "cached", "replayed", "error_type", "error", "run_attempt",
+    "duration_s", "retries", "cached", "replayed", "error_type", "error", "run_attempt", "reused",
 ]  # fmt: skip
 MAP_COLUMNS = [
     "run_id", "step_id", "name", "ts", "elapsed_s", "done", "failed", "total", "rate", "eta",
@@ -373,7 +365,8 @@ class Explorer:
         ``status``, ``start``, ``end`` (UTC; NaT if not recorded or not over), ``duration_s``,
         ``retries`` (the step's retries so far: the same on each of its rows), ``cached`` (a
         cache hit: no attempt ran), ``replayed`` (from the journal of an earlier run attempt),
-        ``error_type``, ``error``, ``run_attempt``.
+        ``error_type``, ``error``, ``run_attempt``, ``reused`` (a rerun's step taken from the
+        journal of the run it reruns).
 
         ``status``: ``running``, ``succeeded``, ``retried`` (failed, and another attempt
         followed), ``failed``, ``interrupted`` (the run attempt stopped under it: a lost host,
@@ -424,7 +417,8 @@ class Explorer:
     # -- building the frames -------------------------------------------------------------------
 
     def _steps(self, run_id: str, entries: list[StreamEntry]) -> pd.DataFrame:
-        rows = _attempts(entries)
+        # The shared reading of step events (genx_ray.model: the API's steps view uses it too).
+        rows = step_attempts(typed(e) for e in entries if e.type.startswith(("step.", "run.")))
         retries: dict[str, int] = {}
         for row in rows:
             retries[row["step_id"]] = max(retries.get(row["step_id"], 0), row["attempt"] - 1)
@@ -436,7 +430,7 @@ class Explorer:
         frame = pd.DataFrame(rows, columns=STEP_COLUMNS)
         for name in ("attempt", "retries", "run_attempt"):
             frame[name] = frame[name].astype("int64")
-        for name in ("cached", "replayed"):
+        for name in ("cached", "replayed", "reused"):
             frame[name] = frame[name].astype(bool)
         frame["duration_s"] = frame["duration_s"].astype("float64")
         return _datetimes(frame, "start", "end")
@@ -455,89 +449,6 @@ class Explorer:
                 "failed": p.failed, "total": p.total, "rate": p.rate, "eta": p.eta,
             })  # fmt: skip
         return _datetimes(pd.DataFrame(rows, columns=MAP_COLUMNS), "ts")
-
-
-# -- rebuilding step attempts from events ------------------------------------------------------
-
-
-def _attempts(entries: list[StreamEntry]) -> list[dict[str, Any]]:
-    """Step attempt rows (start/end as unix seconds), in the order they started."""
-    rows: list[dict[str, Any]] = []
-    running: dict[str, dict[str, Any]] = {}  # step id -> its attempt in flight
-    run_attempt, order = 1, 0
-
-    def row(
-        step_id: str, name: str, attempt: int, start: float | None, at: float
-    ) -> dict[str, Any]:
-        nonlocal order
-        order += 1
-        parent, _, _ = step_id.rpartition("/")
-        is_item = parent.rpartition(":")[2].endswith(".map")
-        return {
-            "step_id": step_id, "name": name, "parent": parent, "attempt": attempt,
-            "kind": "item" if is_item else "map" if name.endswith(".map") else "step",
-            "status": "running", "start": start, "end": None, "cached": False, "replayed": False,
-            "error_type": None, "error": None, "run_attempt": run_attempt,
-            "_order": (at, order),
-        }  # fmt: skip
-
-    def close(r: dict[str, Any], status: str, at: float) -> None:
-        r["status"], r["end"] = status, at
-        rows.append(r)
-
-    def stop_all(status: str, at: float) -> None:
-        for r in running.values():
-            close(r, status, at)
-        running.clear()
-
-    for entry in entries:
-        if not entry.type.startswith(("step.", "run.")):
-            continue
-        e = typed(entry)
-        if isinstance(e, RunStartedEvent):
-            run_attempt = e.attempt
-        elif isinstance(e, RunRestartedEvent):
-            stop_all("interrupted", e.ts)
-            run_attempt = e.attempt
-        elif isinstance(e, StepStartedEvent):
-            if e.step.id in running:  # started again without an end: its attempt was cut off
-                close(running.pop(e.step.id), "interrupted", e.ts)
-            running[e.step.id] = row(e.step.id, e.step.name, e.step.attempt, e.ts, e.ts)
-        elif isinstance(e, StepRetryingEvent):
-            r = running.pop(e.step.id, None)
-            if r is None:  # a quiet map item: its attempts are not recorded but for this one
-                r = row(e.step.id, e.step.name, e.step.attempt, None, e.ts)
-            r["attempt"] = e.step.attempt
-            r["error_type"], r["error"] = e.error.type, e.error.message
-            close(r, "retried", e.ts)
-            if r["kind"] != "item":  # its next attempt starts after the backoff
-                nxt = e.step.attempt + 1
-                running[e.step.id] = row(
-                    e.step.id, e.step.name, nxt, e.ts + e.delay, e.ts + e.delay
-                )
-        elif isinstance(e, StepCompletedEvent):
-            r = running.pop(e.step.id, None)
-            if r is None:  # a cache hit or a replay: no attempt ran, it ends where it starts
-                r = row(e.step.id, e.step.name, e.step.attempt, e.ts, e.ts)
-            r["attempt"], r["cached"], r["replayed"] = e.step.attempt, e.cached, e.replayed
-            close(r, "succeeded", e.ts)
-        elif isinstance(e, StepFailedEvent):
-            r = running.pop(e.step.id, None)
-            if r is None:  # a replayed failure, or a quiet map item's (no start recorded)
-                start = e.ts if e.replayed else None
-                r = row(e.step.id, e.step.name, e.step.attempt, start, e.ts)
-            r["attempt"], r["replayed"] = e.step.attempt, e.replayed
-            r["error_type"], r["error"] = e.error.type, e.error.message
-            close(r, "failed", e.ts)
-        elif e is not None and e.terminal:
-            stop_all("cancelled" if isinstance(e, RunCancelledEvent) else "interrupted", e.ts)
-    for r in running.values():  # still in flight: the run is running
-        r["end"] = None
-        rows.append(r)
-    rows.sort(key=lambda r: r["_order"])
-    for r in rows:
-        del r["_order"]
-    return rows
 
 
 # -- small conversions -------------------------------------------------------------------------

@@ -100,7 +100,7 @@ async def start_child(workflow: Workflow[Any, R], raw_input: Any) -> ChildRun[R]
         extra.update(origin="local", queue=str(queue), runner=str(runner))
     await store.create(
         workflow.name, payload, tenant=ctx.tenant, run_id=child_id,  # type: ignore[arg-type]
-        enqueue=not here, extra=extra,
+        enqueue=not here, extra=extra, tags=ctx.tags,
     )  # fmt: skip
     await ctx.redis.sadd(keys.children(ctx.run_id), child_id)
     if here and ctx.start_here is not None:

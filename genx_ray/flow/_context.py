@@ -48,6 +48,7 @@ class RunContext:
     journal: dict[str, JournalEntry]
     cancel_requested: bool = False
     tenant: str = "default"
+    tags: dict[str, str] = field(default_factory=dict)  # the run's; its child runs inherit them
     origin: str = ""  # 'local': started from a script (genx_ray.start), its children run there
     # Starts a child run in this process (for a script's runs): (child id, workflow).
     start_here: Callable[[str, Any], Awaitable[object]] | None = None
@@ -72,6 +73,9 @@ class RunContext:
                 )
             return None
         if entry.input_hash != input_hash:
+            if entry.reused:  # a rerun's new input reached this step: it runs again
+                del self.journal[step_id]
+                return None
             raise NondeterminismError(
                 step_id,
                 f"{component!r} is called with another input than the journal recorded. Workflow "

@@ -296,11 +296,15 @@ def _replay(spec: StepSpec, ctx: RunContext, ref: StepRef, entry: JournalEntry, 
         error = ErrorInfo(type=entry.error["type"], message=entry.error["message"])
         if not quiet:
             ctx.writer.emit(
-                StepFailedEvent(run_id=ctx.run_id, step=ref, error=error, replayed=True)
-            )
+                StepFailedEvent(run_id=ctx.run_id, step=ref, error=error,
+                                replayed=not entry.reused, reused=entry.reused)
+            )  # fmt: skip
         raise item_error(spec, ref.id, entry.error)
     if not quiet:
-        ctx.writer.emit(StepCompletedEvent(run_id=ctx.run_id, step=ref, replayed=True))
+        ctx.writer.emit(
+            StepCompletedEvent(run_id=ctx.run_id, step=ref, replayed=not entry.reused,
+                               reused=entry.reused)
+        )  # fmt: skip
     return spec.codec.decode(entry.value)
 
 

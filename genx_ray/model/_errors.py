@@ -12,7 +12,8 @@
     ├── Conflict                   HTTP 409: the request contradicts the current state
     │   ├── InvalidTransition      a run status change that is not allowed (e.g. out of terminal)
     │   ├── NotWaitingForInput     input posted to a run that does not wait for it
-    │   └── IdempotencyConflict    an Idempotency-Key reused with another input
+    │   ├── IdempotencyConflict    an Idempotency-Key reused with another input
+    │   └── RunNotEnded            a rerun asked of a run that has not ended
     ├── QuotaExceeded              HTTP 429: a tenant over its GENX_TENANT_LIMITS (Retry-After)
     ├── RedisUnavailable           nothing answers at the Redis URL
     ├── StepError                  a step failed for good (after retries); raised into the workflow
@@ -141,6 +142,18 @@ class NotWaitingForInput(Conflict):
 
 class IdempotencyConflict(Conflict):
     code = "idempotency_conflict"
+
+
+class RunNotEnded(Conflict):
+    """A rerun of a run that has not ended (its journal is not final yet)."""
+
+    code = "run_not_ended"
+
+    def __init__(self, run_id: str, status: str) -> None:
+        super().__init__(
+            f"run {run_id} is {status}: only a run that ended is rerun (cancel it first)"
+        )
+        self.run_id, self.status = run_id, status
 
 
 class QuotaExceeded(GenxError):

@@ -164,6 +164,9 @@ class StepCompletedEvent(BaseEvent):
     step: StepRef
     cached: bool = False
     replayed: bool = False  # the result came from the journal of an earlier attempt
+    # The result came from the journal of the run this one reruns (POST /v1/runs/{id}/rerun):
+    # the step ran in that run, not in this one.
+    reused: bool = False
     duration_ms: float | None = None
 
 
@@ -172,6 +175,7 @@ class StepFailedEvent(BaseEvent):
     step: StepRef
     error: ErrorInfo
     replayed: bool = False
+    reused: bool = False  # the failure came from the journal of the run this one reruns
 
 
 class ProgressEvent(BaseEvent):

@@ -11,12 +11,20 @@ from typing import Any
 
 from pydantic import BaseModel, Field, JsonValue
 
+from genx_ray.model._errors import InputInvalid, UserError
 from genx_ray.model._events import ErrorInfo
 from genx_ray.model._status import RunStatus
 
-__all__ = ["DEFAULT_TENANT", "Run", "Wait"]
+__all__ = [
+    "DEFAULT_TENANT", "MAX_RERUN_LINKS", "MAX_TAGS", "MAX_TAG_KEY", "MAX_TAG_VALUE", "Run",
+    "Wait", "check_tags", "parse_tag",
+]  # fmt: skip
 
 DEFAULT_TENANT = "default"  # the one tenant of a gateway without API keys
+MAX_TAGS = 16  # tags of one run
+MAX_TAG_KEY = 64  # characters
+MAX_TAG_VALUE = 256
+MAX_RERUN_LINKS = 100  # the newest reruns a run lists (``reruns``)
 
 
 class Wait(BaseModel):
@@ -76,6 +84,14 @@ class Run(BaseModel):
     waiting: Wait | None = None
     # The OpenTelemetry trace every attempt of the run joins (None with tracing off).
     trace_id: str | None = None
+    # What the caller tagged it with at start (a child run inherits its parent's), searchable:
+    # GET /v1/runs?tag=key:value.
+    tags: dict[str, str] = Field(default_factory=dict)
+    # A rerun: the run it reruns, and the step it reran from (None: from the start). A run that
+    # was rerun: its reruns, oldest first (the newest MAX_RERUN_LINKS).
+    rerun_of: str | None = None
+    rerun_from_step: str | None = None
+    reruns: list[str] = Field(default_factory=list)
     # Not shown by the API: where the run was started, and where its outcome goes in its parent.
     origin: str | None = Field(default=None, exclude=True)
     parent_step: str | None = Field(default=None, exclude=True)
@@ -109,6 +125,10 @@ class Run(BaseModel):
             origin=h.get("origin") or None,
             parent_step=h.get("parent_step") or None,
             trace_id=trace_id_of(h.get("traceparent")),
+            tags=json.loads(h["tags"]) if h.get("tags") else {},
+            rerun_of=h.get("rerun_of") or None,
+            rerun_from_step=h.get("rerun_from_step") or None,
+            reruns=h["reruns"].split() if h.get("reruns") else [],
             traceparent=h.get("traceparent") or None,
         )
 
@@ -144,3 +164,35 @@ def trace_id_of(value: str | None) -> str | None:
     if len(parts) < 4 or len(parts[1]) != 32 or parts[1] == "0" * 32:
         return None
     return parts[1]
+
+
+def check_tags(tags: Any) -> dict[str, str]:
+    """``tags`` if they are valid run tags: a JSON object of at most :data:`MAX_TAGS` string
+    values (at most :data:`MAX_TAG_VALUE` characters), under keys of 1 to :data:`MAX_TAG_KEY`
+    characters without ``:`` (which separates key and value in a filter, ``tag=key:value``) or
+    control characters. Else :class:`InputInvalid` naming the field."""
+    if tags is None:
+        return {}
+    if not isinstance(tags, dict):
+        raise InputInvalid.field("tags", 'must be an object of strings: {"customer": "acme"}')
+    if len(tags) > MAX_TAGS:
+        raise InputInvalid.field("tags", f"at most {MAX_TAGS} tags, not {len(tags)}")
+    for key, value in tags.items():
+        if not 1 <= len(key) <= MAX_TAG_KEY or ":" in key or not key.isprintable():
+            raise InputInvalid.field(
+                f"tags.{key}"[:80],
+                f"a key has 1 to {MAX_TAG_KEY} printable characters and no ':'",
+            )
+        if not isinstance(value, str) or len(value) > MAX_TAG_VALUE:
+            raise InputInvalid.field(
+                f"tags.{key}", f"a value is a string of at most {MAX_TAG_VALUE} characters"
+            )
+    return dict(tags)
+
+
+def parse_tag(text: str) -> tuple[str, str]:
+    """A tag filter ``key:value`` as (key, value); :class:`UserError` if it is not one."""
+    key, sep, value = text.partition(":")
+    if not sep or not key or len(key) > MAX_TAG_KEY or len(value) > MAX_TAG_VALUE:
+        raise UserError(f"tag filter {text[:80]!r}: expected key:value (e.g. customer:acme)")
+    return key, value

@@ -35,17 +35,12 @@ from typing import Any, cast
 
 from genx_ray.model import Settings, new_run_id
 from genx_ray.service._timers import TICK_SECONDS, Timers
-from genx_ray.store import Quotas, RunStore, keys, notify
+from genx_ray.store import Quotas, RunStore, backfill_status_indexes, keys, notify, worker_alive
 
 log = logging.getLogger("genx_ray.supervisor")
 
 WORKER_BEAT_SECONDS = 0.5  # how often a worker writes its entry in the worker table
-WORKER_DEAD_SECONDS = 3.0  # a worker silent this long is gone
 TRIM_EVERY_SECONDS = 60.0
-
-
-def worker_alive(entry: dict[str, Any], now: float) -> bool:
-    return now - float(entry.get("seen", 0)) < WORKER_DEAD_SECONDS
 
 
 class Supervisor:
@@ -199,6 +194,8 @@ class Supervisor:
             if now - self._trimmed_at >= TRIM_EVERY_SECONDS:
                 self._trimmed_at = now
                 await self._duty("index trimming", self.trim_indexes)
+                # Once per Redis: runs indexed before the status indexes existed.
+                await self._duty("status indexes", lambda: backfill_status_indexes(self.redis))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), TICK_SECONDS)
 

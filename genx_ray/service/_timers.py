@@ -168,7 +168,9 @@ class Timers:
             await self.schedules.disable(schedule, f"it cannot tick: {exc.message}")
             log.warning("schedule %s disabled: %s", schedule_id, exc.message)
             return "disabled"
-        outcome, skipped = await self._start(schedule, tick)
+        outcome, skipped = (
+            ("paused", None) if schedule.paused else await self._start(schedule, tick)
+        )  # a paused schedule's ticks pass without a run
         nxt = next_tick(schedule.cron, schedule.timezone, max(now, tick))
         if nxt is None:
             when = datetime.fromtimestamp(tick, UTC).isoformat()

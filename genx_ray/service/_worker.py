@@ -47,7 +47,7 @@ from genx_ray.flow import Registry
 from genx_ray.flow import registry as default_registry
 from genx_ray.model import Fenced, InvalidTransition, RunNotFound, Settings
 from genx_ray.observe import OutageLog, exposition, serve_http, setup
-from genx_ray.service._supervisor import WORKER_BEAT_SECONDS, Supervisor, worker_alive
+from genx_ray.service._supervisor import WORKER_BEAT_SECONDS, Supervisor
 from genx_ray.service._webhooks import WebhookSender
 from genx_ray.store import (
     QueueEntry,
@@ -57,6 +57,7 @@ from genx_ray.store import (
     keys,
     queue_state,
     sync_redis,
+    worker_alive,
 )
 from genx_ray.store import scripts as lua
 
@@ -109,6 +110,7 @@ class Worker:
         )
         self.drain_timeout = drain_timeout
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
+        self.started = time.time()
         self.fate = fate or (
             "shared" if hosts == "inline" or self.settings.ray_address == "local" else "own"
         )
@@ -350,9 +352,12 @@ class _Heartbeat:
         entry = {
             "version": w.settings.deployment, "draining": w._stopping.is_set(),
             "seen": time.time(), "hosts": w.host_mode, "fate": w.fate, "runs": w.running,
-            "hosts_ready": (
-                w.run_hosts.ready if w.run_hosts is not None else int(w.executor is not None)
-            ),
+            "hosts_ready": (w.run_hosts.ready if w.run_hosts is not None
+                            else int(w.executor is not None)),
+            "started": w.started,
+            "run_hosts": w.run_hosts.describe() if w.run_hosts is not None else [
+                {"name": f"{w.name} (inline)", "runs": w.running, "started": w.started,
+                 "up": w.executor is not None, "healthy": True}],
         }  # fmt: skip
         with contextlib.suppress(OSError, redis.RedisError):
             self.redis.hset(keys.WORKERS, w.name, json.dumps(entry))

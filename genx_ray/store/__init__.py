@@ -10,6 +10,7 @@ run stays within one slot of a Redis Cluster.
 from genx_ray.store import _connections as connections
 from genx_ray.store import _keys as keys
 from genx_ray.store import _scripts as scripts
+from genx_ray.store._cluster import WORKER_DEAD_SECONDS, cluster_state, worker_alive
 from genx_ray.store._connections import (
     AsyncRedis,
     SyncRedis,
@@ -36,6 +37,7 @@ from genx_ray.store._schedules import (
     latest_tick,
     next_tick,
 )
+from genx_ray.store._search import RunFilter, backfill_status_indexes, time_prefix
 from genx_ray.store._streams import (
     MAX_BLOCK_MS,
     START,
@@ -56,6 +58,7 @@ __all__ = [
     "MAX_BLOCK_MS",
     "MAX_DELAY_SECONDS",
     "START",
+    "WORKER_DEAD_SECONDS",
     "AsyncRedis",
     "BatchWriter",
     "Claim",
@@ -65,6 +68,7 @@ __all__ = [
     "QueueEntry",
     "Quotas",
     "ResumePoint",
+    "RunFilter",
     "RunQueue",
     "RunStore",
     "RunWriter",
@@ -75,10 +79,12 @@ __all__ = [
     "StreamEntry",
     "SyncRedis",
     "async_redis",
+    "backfill_status_indexes",
     "before",
     "check",
     "check_event_id",
     "check_input",
+    "cluster_state",
     "connections",
     "die_with_parent",
     "find_redis_server",
@@ -100,5 +106,7 @@ __all__ = [
     "scripts",
     "start_time",
     "sync_redis",
+    "time_prefix",
     "trimmed_past",
+    "worker_alive",
 ]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 PREFIX = "genx"
 
@@ -40,7 +40,8 @@ SIGNALS_MAXLEN = 10_000
 WEBHOOKS = f"{PREFIX}:webhooks"
 WEBHOOK_GROUP = "senders"
 
-# Sorted set: tenant index keys (members) -> 0. The supervisor walks it to trim expired runs.
+# Sorted set: run index keys (members) -> 0: by tenant, workflow, tag and status. The
+# supervisor walks it to trim expired runs.
 INDEXES = f"{PREFIX}:indexes"
 
 # Sorted set: run id -> when something is due for it (unix seconds): a scheduled run's start, a
@@ -137,6 +138,57 @@ def run_index(tenant: str, workflow: str | None = None) -> str:
     """Sorted set (all scores 0, ordered by id = creation time): a tenant's runs, newest last."""
     base = f"{PREFIX}:runs:{part(tenant)}"
     return base if workflow is None else f"{base}:wf:{part(workflow)}"
+
+
+def tag_index(tenant: str, key: str, value: str) -> str:
+    """Sorted set (all scores 0, ordered by id): a tenant's runs tagged ``key: value`` (tags never
+    change, so it is written once, when the run is created)."""
+    return f"{run_index(tenant)}:tag:{part(key)}:{part(value)}"
+
+
+OPEN = "open"  # the status index of runs not ended yet (queued, scheduled, running, waiting)
+
+
+def status_index(tenant: str, status: str) -> str:
+    """Sorted set (all scores 0, ordered by id): a tenant's runs that ended with ``status``
+    (succeeded, failed, cancelled), or, for :data:`OPEN`, every run not known to have ended.
+    A run is added before its status is written and removed lazily, so an index may list a run
+    that is not (or not yet) in its status, never miss one: readers check each run's record
+    (see :meth:`genx_ray.store._runs.RunStore.list`)."""
+    return f"{run_index(tenant)}:st:{part(status)}"
+
+
+# String: set once every run indexed before the status indexes existed has been added to them
+# (genx_ray.store._search.backfill_status_indexes, run by the supervisor).
+STATUS_INDEXES_FILLED = f"{PREFIX}:indexes:status-filled"
+
+
+def tenant_of_index(index: str) -> str | None:
+    """The tenant of a tenant's own run index (:func:`run_index` without a workflow), else None
+    (a workflow's, a tag's or a status's index)."""
+    head = f"{PREFIX}:runs:"
+    if not index.startswith(head) or ":" in index[len(head) :]:
+        return None
+    return unquote(index[len(head) :])
+
+
+def status_indexes(tenant: str) -> list[str]:
+    """Every status index of a tenant (for the supervisor's trimming, see :data:`INDEXES`)."""
+    return [status_index(tenant, s) for s in (OPEN, "succeeded", "failed", "cancelled")]
+
+
+def rerun_idempotency(tenant: str, run_id: str, key: str) -> str:
+    """String: the rerun of ``run_id`` an ``Idempotency-Key`` made (kept 24 h, as
+    :func:`idempotency`)."""
+    digest = hashlib.sha256(key.encode()).hexdigest()[:32]
+    return f"{PREFIX}:idem-rerun:{part(tenant)}:{part(run_id)}:{digest}"
+
+
+def bulk_idempotency(tenant: str, action: str, key: str) -> str:
+    """String: a bulk action (cancel, rerun) an ``Idempotency-Key`` named: JSON {hash, as_of,
+    result}, kept 24 h, so a retried request is not done twice (see gateway/operator.py)."""
+    digest = hashlib.sha256(key.encode()).hexdigest()[:32]
+    return f"{PREFIX}:idem-bulk:{part(tenant)}:{part(action)}:{digest}"
 
 
 def schedule_index(tenant: str) -> str:

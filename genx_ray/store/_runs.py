@@ -24,6 +24,7 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from genx_ray.model import (
     DEFAULT_TENANT,
+    MAX_RERUN_LINKS,
     TERMINAL,
     ErrorInfo,
     Fenced,
@@ -45,6 +46,7 @@ from genx_ray.model import (
     RunStartedEvent,
     RunStatus,
     StepRef,
+    StepView,
     UserError,
     canonical_hash,
     dump_event,
@@ -54,7 +56,9 @@ from genx_ray.observe import observer
 from genx_ray.store import _keys as keys
 from genx_ray.store import _scripts as lua
 from genx_ray.store._connections import is_cluster
+from genx_ray.store._history import read_history, read_journal
 from genx_ray.store._quotas import Quotas
+from genx_ray.store._search import RunFilter, count, find_all, search
 
 __all__ = ["DEFAULT_TENANT", "TERMINAL", "Run", "RunStatus", "RunStore"]
 
@@ -108,17 +112,25 @@ class RunStore:
         enqueue: bool = False,
         extra: dict[str, str] | None = None,
         start_at: float | None = None,
+        tags: dict[str, str] | None = None,
+        journal: dict[str, str] | None = None,
+        also: Sequence[lua.Call] = (),
+        fresh: bool = False,
     ) -> Run:
         """Write a queued run and its ``run.queued`` event; put it on the run queue if asked.
         With ``start_at`` (unix seconds, in the future), a ``scheduled`` run instead, with its
-        ``run.scheduled`` event: the timer service queues it when its time comes.
+        ``run.scheduled`` event: the timer service queues it when its time comes. ``tags``
+        (checked by the caller: :func:`genx_ray.model.check_tags`) index it; ``journal`` (step
+        id -> entry) is what its journal starts with (a rerun's). ``also``: script calls that
+        go in the same pipeline, once the run exists (a rerun's link from the run it reruns).
+        ``fresh``: ``run_id`` was just made, so it cannot exist yet (one round trip).
 
         With a ``run_id`` that exists already, nothing is written and the existing run is
         returned: creating is idempotent, so a retried request cannot reset a run.
         """
-        fresh = run_id is None  # a new id: it cannot exist yet
-        run_id = run_id or new_run_id()
+        fresh = fresh or run_id is None  # a new id: it cannot exist yet
         now = time.time()
+        run_id = run_id or new_run_id(now)  # its time is created_at's (time filters use ids)
         scheduled = start_at is not None and start_at > now
         status = RunStatus.SCHEDULED if scheduled else RunStatus.QUEUED
         fields = {
@@ -126,6 +138,8 @@ class RunStore:
             "input": json.dumps(input, separators=(",", ":")), "attempt": "1",
             "created_at": repr(now), "tenant": tenant, **(extra or {}),
         }  # fmt: skip
+        if tags:
+            fields["tags"] = json.dumps(tags, separators=(",", ":"), ensure_ascii=False)
         if (parent := observer().run_context(run_id, workflow)) is not None:
             fields["traceparent"] = parent  # every attempt joins this trace
         first: BaseModel = RunQueuedEvent(run_id=run_id, workflow=workflow, ts=now)
@@ -135,8 +149,9 @@ class RunStore:
             first = RunScheduledEvent(run_id=run_id, workflow=workflow, start_at=start_at, ts=now)
             enqueue = False  # the timer service does, when its time comes
         event = dump_event(first)
-        create: lua.Call = (lua.CREATE, [keys.run(run_id), keys.events(run_id)],
-                            [first.type, event, self.maxlen, *_pairs(fields)])  # type: ignore[attr-defined]  # fmt: skip
+        create: lua.Call = (lua.CREATE, keys.run_keys(run_id),
+                            [first.type, event, self.maxlen, len(journal or {}),  # type: ignore[attr-defined]
+                             *_pairs(journal), *_pairs(fields)])  # fmt: skip
         # Index and queue live in other slots, so they are separate commands; the queue goes last
         # so a worker never sees a run that does not exist or is not indexed yet. One Redis runs
         # a pipeline in order: a fresh run goes in one round trip. A Redis Cluster runs each
@@ -144,15 +159,22 @@ class RunStore:
         one_trip = fresh and not is_cluster(self.redis)
         if not one_trip and not await lua.CREATE(self.redis, create[1], create[2]):
             return await self.get(run_id)
-        tenant_index, workflow_index = keys.run_index(tenant), keys.run_index(tenant, workflow)
+        # Its indexes (genx_ray.store._search): tenant, workflow, each tag, and open (it has
+        # not ended); every index of the tenant is listed in INDEXES for the supervisor's trim.
+        indexes = [keys.run_index(tenant), keys.run_index(tenant, workflow),
+                   keys.status_index(tenant, keys.OPEN),
+                   *(keys.tag_index(tenant, k, v) for k, v in (tags or {}).items())]  # fmt: skip
         async with self.redis.pipeline(transaction=False) as pipe:
             if one_trip:
-                pipe.execute_command("EVALSHA", lua.CREATE.sha, 2, *create[1], *create[2])
-            pipe.zadd(tenant_index, {run_id: 0})
-            pipe.zadd(workflow_index, {run_id: 0})
-            pipe.zadd(keys.INDEXES, {tenant_index: 0, workflow_index: 0})
+                pipe.execute_command("EVALSHA", lua.CREATE.sha, 3, *create[1], *create[2])
+            for index in indexes:
+                pipe.zadd(index, {run_id: 0})
+            listed = [*indexes, *keys.status_indexes(tenant)]
+            pipe.zadd(keys.INDEXES, dict.fromkeys(listed, 0))
             if scheduled:
                 pipe.zadd(keys.TIMERS, {run_id: start_at})
+            for script, script_keys, args in also:
+                pipe.execute_command("EVALSHA", script.sha, len(script_keys), *script_keys, *args)
             if enqueue:
                 pipe.xadd(keys.QUEUE, {"run": run_id, "attempt": "1", "workflow": workflow})
             results = await pipe.execute(raise_on_error=False)
@@ -167,8 +189,12 @@ class RunStore:
             if enqueue:
                 await self.redis.xadd(keys.QUEUE, {"run": run_id, "attempt": "1",
                                                    "workflow": workflow})  # fmt: skip
-        for result in results[1:]:
-            if isinstance(result, Exception):
+        first_also = len(results) - len(also) - int(enqueue)
+        for i, result in enumerate(results[1:], 1):
+            if isinstance(result, NoScriptError) and first_also <= i < first_also + len(also):
+                script, script_keys, args = also[i - first_also]
+                await script(self.redis, script_keys, args)  # loads it, and runs it
+            elif isinstance(result, Exception):
                 raise result
         observer().run_created(workflow)
         return Run.from_hash(fields)
@@ -183,6 +209,7 @@ class RunStore:
         start_at: float | None = None,
         extra: dict[str, str] | None = None,
         quotas: Quotas | None = None,
+        tags: dict[str, str] | None = None,
     ) -> tuple[Run, bool]:
         """The run an ``Idempotency-Key`` made before (and True), or a new queued run under it.
 
@@ -210,7 +237,7 @@ class RunStore:
                 if young or await self.redis.exists(keys.run(run_id)):
                     return await self.create(
                         workflow, input, tenant=tenant, run_id=run_id, enqueue=True,
-                        start_at=start_at, extra=extra,
+                        start_at=start_at, extra=extra, tags=tags,
                     ), True  # fmt: skip
             if quotas is not None:
                 await quotas.admit(tenant)  # over quota: raises, nothing taken
@@ -220,7 +247,7 @@ class RunStore:
             if await lua.TAKE_IDEMPOTENCY(self.redis, [ikey], args):
                 run = await self.create(
                     workflow, input, tenant=tenant, run_id=run_id, enqueue=True,
-                    start_at=start_at, extra=extra,
+                    start_at=start_at, extra=extra, tags=tags,
                 )  # fmt: skip
                 if quotas is not None:
                     await quotas.opened(tenant, run.id)
@@ -252,50 +279,91 @@ class RunStore:
         status: RunStatus | None = None,
         limit: int = 50,
         cursor: str | None = None,
-        max_scan: int = 2000,
+        max_scan: int = 20_000,
+        tags: Sequence[tuple[str, str]] = (),
+        created_after: float | None = None,
+        created_before: float | None = None,
     ) -> tuple[list[Run], str | None]:
-        """Newest first. Returns the page and the cursor of the next one (None at the end).
-
-        Ids sort by creation time, so the index is a lexicographic sorted set and the cursor is
-        the last id returned. A status filter scans at most ``max_scan`` ids per call; a page can
-        then come back short but with a cursor to go on from. Every run's tenant is checked
-        again: the index decides nothing on its own.
-        """
+        """Newest first, filtered (every filter from an index: :mod:`genx_ray.store._search`).
+        Returns the page and the cursor of the next one (None at the end): ids sort by creation
+        time, the cursor is the last id returned, or looked at when ``max_scan`` ids were looked
+        at without filling the page (which then comes back short, with a cursor to go on
+        from). Every run's tenant is checked again: the index decides nothing on its own."""
         if not 1 <= limit <= 500:
             raise UserError("limit must be between 1 and 500")
-        index = keys.run_index(tenant, workflow)
-        upper = f"({cursor}" if cursor else "+"
-        page: list[Run] = []
-        scanned, last = 0, cast(str | None, None)
-        while scanned < max_scan:
-            ids = cast(
-                list[str], await self.redis.zrevrangebylex(index, upper, "-", start=0, num=limit)
-            )
-            if not ids:
-                return page, None
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for run_id in ids:
-                    pipe.hgetall(keys.run(run_id))
-                hashes = await pipe.execute()
-            gone = []
-            for run_id, h in zip(ids, hashes, strict=True):
-                scanned, last = scanned + 1, run_id
-                if not h:
-                    gone.append(run_id)  # expired after its retention period
-                elif h.get("tenant", DEFAULT_TENANT) != tenant:
-                    continue
-                elif (workflow is None or h["workflow"] == workflow) and (
-                    status is None or h["status"] == status.value
-                ):
-                    page.append(Run.from_hash(h))
-                    if len(page) == limit:
-                        break
-            if gone:
-                await self.redis.zrem(index, *gone)
-            if len(page) == limit:
-                break
-            upper = f"({last}"
-        return page, last
+        found = RunFilter(workflow, status, tuple(tags), created_after, created_before)
+        return await search(self.redis, tenant, found, limit=limit, cursor=cursor,
+                            max_scan=max_scan)  # fmt: skip
+
+    async def find(
+        self,
+        found: RunFilter,
+        *,
+        tenant: str = DEFAULT_TENANT,
+        limit: int = 10_000,
+        ids: Sequence[str] | None = None,
+    ) -> builtins.list[Run]:
+        """Every run of the tenant that fits ``found`` (among ``ids`` if given), newest first,
+        at most ``limit``: what a bulk action acts on."""
+        return await find_all(self.redis, tenant, found, limit=limit, ids=ids)
+
+    async def counts(
+        self, *, tenant: str = DEFAULT_TENANT, found: RunFilter | None = None, cap: int = 10_000
+    ) -> tuple[dict[str, int], bool]:
+        """How many of the tenant's runs (that fit ``found``, its status aside) are in each
+        status, and whether that counts them all (False past ``cap``: the newest are counted)."""
+        return await count(self.redis, tenant, found or RunFilter(), cap=cap)
+
+    # -- what a run did, and doing it again ----------------------------------------------------
+
+    async def steps(self, run_id: str, *, tenant: str | None = None) -> builtins.list[StepView]:
+        """The run's steps in call order (:class:`RunNotFound` for another tenant's)."""
+        await self.get(run_id, tenant=tenant)
+        return (await read_history(self.redis, run_id))[0]
+
+    async def history(self, run_id: str) -> tuple[builtins.list[StepView], dict[str, str]]:
+        """The run's steps in call order, and its journal (step id -> entry, as stored)."""
+        return await read_history(self.redis, run_id)
+
+    async def journal(self, run_id: str) -> dict[str, str]:
+        """The run's journal: step id -> entry, as stored."""
+        return await read_journal(self.redis, run_id)
+
+    async def rerun(
+        self,
+        original: Run,
+        input: JsonValue,
+        *,
+        from_step: str | None,
+        journal: dict[str, str],
+        key: str | None = None,
+        request_hash: str = "",
+    ) -> tuple[Run, bool]:
+        """A new run of ``original``'s workflow (its tags, ``rerun_of`` pointing back), whose
+        journal starts with ``journal`` (:func:`genx_ray.model.rerun_entries`: what it reuses),
+        queued; ``original`` lists it in its ``reruns`` and is otherwise untouched. Returns the
+        run, and whether an earlier request with the same ``key`` (an ``Idempotency-Key``; the
+        same ``request_hash`` or :class:`IdempotencyConflict`) made it already."""
+        extra = {"rerun_of": original.id}
+        if from_step:
+            extra["rerun_from_step"] = from_step
+        run_id, replayed = new_run_id(), False
+        if key is not None:  # (without one, the id is new: created in one round trip)
+            ikey = keys.rerun_idempotency(original.tenant, original.id, key)
+            record = json.dumps({"run": run_id, "hash": request_hash})
+            if not await self.redis.set(ikey, record, nx=True, ex=IDEMPOTENCY_TTL):
+                held = json.loads(await self.redis.get(ikey) or record)
+                if held["hash"] != request_hash:
+                    raise IdempotencyConflict(
+                        "this Idempotency-Key was used with a different request for this run"
+                    )
+                run_id, replayed = held["run"], True  # created, or being created: idempotent
+        link: lua.Call = (lua.LINK_RERUN, [keys.run(original.id)], [run_id, MAX_RERUN_LINKS])
+        run = await self.create(
+            original.workflow, input, tenant=original.tenant, run_id=RunId(run_id), enqueue=True,
+            extra=extra, tags=original.tags, journal=journal, also=[link], fresh=key is None,
+        )  # fmt: skip
+        return run, replayed
 
     async def cancel_requested(self, run_id: str) -> bool:
         return bool(await self.redis.hget(keys.run(run_id), "cancel_requested") == "1")
@@ -328,11 +396,26 @@ class RunStore:
             self.retention_seconds if target.terminal else "",
             *_pairs(fields),  # strings as they are: JSON fields come encoded
         ]
+        tenant = await self._will_end(run_id, target) if target.terminal else None
         try:
             entry_id = await lua.TRANSITION(self.redis, keys.expiring(run_id), args)
         except ResponseError as exc:
             raise self._error(exc, run_id, target, fence_attempt) from None
+        if tenant is not None:
+            await self._ended(run_id, tenant)
         return str(entry_id) or None
+
+    async def _will_end(self, run_id: str, status: RunStatus, tenant: str | None = None) -> str:
+        """Put a run into its tenant's index of ``status`` before that status is written, so
+        the index never misses it (genx_ray.store._search); returns the tenant."""
+        if tenant is None:
+            tenant = str(await self.redis.hget(keys.run(run_id), "tenant") or DEFAULT_TENANT)
+        await self.redis.zadd(keys.status_index(tenant, status.value), {run_id: 0})
+        return tenant
+
+    async def _ended(self, run_id: str, tenant: str) -> None:
+        """A run that ended leaves its tenant's open index (readers would drop it anyway)."""
+        await self.redis.zrem(keys.status_index(tenant, keys.OPEN), run_id)
 
     async def claim(
         self,
@@ -423,6 +506,13 @@ class RunStore:
         ``host_dead`` (known, not inferred from a silent lease), a live lease protects the
         attempt. Returns 'requeued', 'failed', 'alive', 'raced' or 'gone'."""
         error = ErrorInfo(type="RunHostLost", message=reason)
+        # A run this loss fails goes into the failed index first. Whether it may fail is read
+        # now: 'lost' moves only by a reap of this attempt, and a reap that came first makes
+        # this one a no-op (the attempt moved on), so what is read here is what REAP sees.
+        tenant, lost, origin = await self.redis.hmget(keys.run(run_id), "tenant", "lost", "origin")
+        tenant = str(tenant or DEFAULT_TENANT)
+        if int(lost or 0) + 1 >= max_attempts or origin == "local":
+            await self._will_end(run_id, RunStatus.FAILED, tenant)
         args: list[Any] = [
             attempt, max_attempts,
             dump_event(RunRestartedEvent(run_id=run_id, attempt=attempt + 1, reason=reason)),
@@ -434,6 +524,7 @@ class RunStore:
         if outcome == "requeued":
             await self.enqueue(run_id, attempt + 1)
         elif outcome == "failed":
+            await self._ended(run_id, tenant)
             observer().run_ended(str(await self.redis.hget(keys.run(run_id), "workflow")), "failed")
         if outcome in ("requeued", "failed", "gone"):
             await self.redis.zrem(keys.LEASES, run_id)
@@ -445,12 +536,18 @@ class RunStore:
         Returns the status after the call."""
         event = dump_event(RunCancelledEvent(run_id=run_id, reason=reason))
         args = [event, self.maxlen, repr(time.time()), self.retention_seconds]
-        before, workflow = await self.redis.hmget(keys.run(run_id), "status", "workflow")
+        before, workflow, tenant = await self.redis.hmget(
+            keys.run(run_id), "status", "workflow", "tenant"
+        )
+        if before is not None and before not in TERMINAL:  # it may end now (or in its host,
+            # which indexes it again): in the index before its status is written
+            await self._will_end(run_id, RunStatus.CANCELLED, str(tenant or DEFAULT_TENANT))
         try:
             status = RunStatus(await lua.CANCEL(self.redis, keys.expiring(run_id), args))
         except ResponseError as exc:
             raise self._error(exc, run_id, RunStatus.CANCELLED, None) from None
         if status is RunStatus.CANCELLED and before in _CANCELLABLE:  # it ends here, no host
+            await self._ended(run_id, str(tenant or DEFAULT_TENANT))
             observer().run_ended(str(workflow), "cancelled")
         if status is RunStatus.RUNNING:
             await self.redis.xadd(

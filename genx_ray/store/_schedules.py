@@ -72,6 +72,7 @@ class Schedule(BaseModel):
     last_run_id: str | None = None
     last_skipped: Skipped | None = None
     disabled: str | None = None  # why the schedule never ticks again
+    paused: bool = False  # its ticks pass without starting a run, until it is resumed
 
 
 def _zone(timezone: str) -> ZoneInfo:
@@ -211,6 +212,14 @@ class ScheduleStore:
             out += page
             if cursor is None:
                 return out
+
+    async def set_paused(self, schedule_id: str, paused: bool, *, tenant: str) -> Schedule:
+        """Pause a schedule (its ticks pass without a run) or resume it (from its next tick:
+        the ticks missed meanwhile start nothing)."""
+        schedule = await self.get(schedule_id, tenant=tenant)  # 404 for another tenant's
+        schedule.paused = paused
+        await self.save(schedule)  # only if it still exists: a delete in between stays a delete
+        return await self.get(schedule_id, tenant=tenant)
 
     async def delete(self, schedule_id: str, *, tenant: str) -> None:
         await self.get(schedule_id, tenant=tenant)  # 404 for another tenant's

@@ -203,13 +203,33 @@ return id
 """
 )
 
-# KEYS: run hash, events stream. ARGV: first event type (run.queued or run.scheduled), its
-# JSON, maxlen, then field/value pairs.
-# Creates the run only if it does not exist yet (a retried create must never reset a run).
+# KEYS: run hash, events stream, journal hash. ARGV: first event type (run.queued or
+# run.scheduled), its JSON, maxlen, n journal entries, then n journal field/value pairs (a
+# rerun's entries reused from the run it reruns), then the run's field/value pairs.
+# Creates the run (and its journal) only if it does not exist yet (a retried create must never
+# reset a run).
 CREATE = Script("""
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+local n = tonumber(ARGV[4])
+for i = 5, 4 + 2 * n, 2 do redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end
+for i = 5 + 2 * n, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 't', ARGV[1], 'e', ARGV[2])
+return 1
+""")
+
+# KEYS: run hash. ARGV: a rerun's id, how many to keep.
+# Adds a rerun to the run it reruns (the ``reruns`` field: ids, oldest first, the newest kept),
+# if that run still exists. Nothing else of the run changes.
+LINK_RERUN = Script("""
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local ids = {}
+for id in string.gmatch(redis.call('HGET', KEYS[1], 'reruns') or '', '%S+') do
+  if id ~= ARGV[1] then ids[#ids + 1] = id end
+end
+ids[#ids + 1] = ARGV[1]
+local keep = tonumber(ARGV[2])
+while #ids > keep do table.remove(ids, 1) end
+redis.call('HSET', KEYS[1], 'reruns', table.concat(ids, ' '))
 return 1
 """)
 

@@ -11,8 +11,10 @@ Within a run, order is the order of emission. Each event is masked of secrets as
 ``emit`` queues an event and returns at once (``publish`` is not awaitable); ``commit`` queues
 and waits until the batch holding it is stored; ``queue`` queues without waiting; ``finish``
 ends the attempt (terminal status, event, lease released) after everything queued before it,
-in the same pipeline. A superseded attempt's write fails with
-:class:`~genx_ray.model.Fenced` for that run only.
+in the same pipeline; the runs of a batch that end are added to their tenant's status index
+first (a command of its own: the index lives in another slot) and leave its open index after.
+A superseded attempt's write fails with :class:`~genx_ray.model.Fenced` for that run
+only.
 """
 
 from __future__ import annotations
@@ -50,6 +52,10 @@ class End:
     script: lua.Script
     args: list[Any]  # after the attempt, which goes first
     done: asyncio.Future[Any]  # the script's reply, or the error (Fenced...)
+    # A terminal status: its tenant's status index, where the run goes before the status is
+    # written (so the index never misses it), and the open index it leaves once it is.
+    index: str | None = None
+    open_index: str | None = None
 
 
 Item = tuple[BaseModel | None, tuple[str, str] | None] | End
@@ -58,10 +64,13 @@ Item = tuple[BaseModel | None, tuple[str, str] | None] | End
 class RunWriter:
     """One attempt's writes. Made by :meth:`BatchWriter.writer`."""
 
-    def __init__(self, batch: BatchWriter, run_id: str, attempt: int) -> None:
+    def __init__(
+        self, batch: BatchWriter, run_id: str, attempt: int, tenant: str | None = None
+    ) -> None:
         self.batch = batch
         self.run_id = run_id
         self.attempt = attempt
+        self.tenant = tenant  # the run's: its status indexes (None: a writer that never ends it)
         self._queue: deque[Item] = deque()
         # (items queued when the waiter came, future): ``upto`` only grows, so this stays sorted.
         self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
@@ -119,7 +128,11 @@ class RunWriter:
         :class:`Fenced` (superseded), :class:`InvalidTransition` or :class:`RunNotFound`."""
         args = [status, _type(event), dump_event(event), self.batch.maxlen, self.batch.retention,
                 *[x for kv in fields.items() for x in kv]]  # fmt: skip
-        return str(await self._end(lua.FINISH, args, leased=leased))
+        indexes: tuple[str | None, str | None] = (None, None)
+        if self.tenant is not None:
+            indexes = (keys.status_index(self.tenant, status),
+                       keys.status_index(self.tenant, keys.OPEN))  # fmt: skip
+        return str(await self._end(lua.FINISH, args, leased=leased, indexes=indexes))
 
     async def park(
         self,
@@ -139,12 +152,19 @@ class RunWriter:
         args += [x for kv in fields.items() for x in kv]
         return str(await self._end(lua.PARK, args, leased=leased))
 
-    async def _end(self, script: lua.Script, args: list[Any], *, leased: bool) -> Any:
+    async def _end(
+        self,
+        script: lua.Script,
+        args: list[Any],
+        *,
+        leased: bool,
+        indexes: tuple[str | None, str | None] = (None, None),
+    ) -> Any:
         if self.error is not None:
             raise self.error
         done: asyncio.Future[Any] = self.batch.loop.create_future()
         self.leased = leased
-        self._queue.append(End(script, args, done))
+        self._queue.append(End(script, args, done, *indexes))
         self._queued += 1
         self.batch.dirty(self)
         return await done
@@ -202,8 +222,8 @@ class BatchWriter:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
-    def writer(self, run_id: str, attempt: int) -> RunWriter:
-        return RunWriter(self, run_id, attempt)
+    def writer(self, run_id: str, attempt: int, *, tenant: str | None = None) -> RunWriter:
+        return RunWriter(self, run_id, attempt, tenant)
 
     def dirty(self, writer: RunWriter) -> None:
         self._dirty[writer] = None
@@ -250,7 +270,11 @@ class BatchWriter:
                 calls.append((end.script, [*run_keys, lease, children], [w.attempt, *end.args]))
                 n += 1
             plan.append((w, n, len(items), end))
-        results = await self._execute(calls, batches)
+        indexed = [(end.index, w.run_id) for w, _, _, end in plan if end and end.index]
+        if indexed and not await self._index(indexed, batches):
+            results = None  # Redis stayed away: nothing of the batch was written
+        else:
+            results = await self._execute(calls, batches)
         if results is None:  # every writer failed; their ends with them
             for w, _, _, end in plan:
                 if end is not None and not end.done.done() and w.error is not None:
@@ -258,6 +282,7 @@ class BatchWriter:
             return
         at = 0
         ended = []
+        closed: dict[str, list[str]] = {}  # open index -> runs that ended
         for w, n, count, end in plan:
             outcome = results[at : at + n]
             at += n
@@ -271,11 +296,42 @@ class BatchWriter:
             if end is not None:
                 if w.leased and outcome[-1] != "ready":  # 'ready': a park that did not happen
                     ended.append(w.run_id)
+                if end.open_index is not None:
+                    closed.setdefault(end.open_index, []).append(w.run_id)
                 if not end.done.done():
                     end.done.set_result(outcome[-1])
-        if ended:  # the supervisor stops watching them (another slot: its own command)
-            with contextlib.suppress(Exception):
-                await self.redis.zrem(keys.LEASES, *ended)
+        if ended or closed:  # the supervisor stops watching them; they leave the open indexes
+            with contextlib.suppress(Exception):  # (other slots: commands of their own)
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    if ended:
+                        pipe.zrem(keys.LEASES, *ended)
+                    for index, run_ids in closed.items():
+                        pipe.zrem(index, *run_ids)
+                    await pipe.execute()
+
+    async def _index(
+        self, indexed: list[tuple[str, str]], batches: list[tuple[RunWriter, list[Item]]]
+    ) -> bool:
+        """Add runs about to end to their status indexes, before their status is written (then
+        an index never misses a run that has the status). False when Redis stayed unreachable
+        past the outage budget (every writer of the batch has failed then)."""
+        deadline = self.loop.time() + REDIS_OUTAGE_BUDGET
+        delay = 0.05
+        while True:
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for index, run_id in indexed:
+                        pipe.zadd(index, {run_id: 0})
+                    await pipe.execute()
+                return True
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                if self.loop.time() > deadline:
+                    for w, _ in batches:
+                        w._fail(exc)
+                    return False
+                self.outage.failed(exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     def _append_args(self, w: RunWriter, items: list[Item]) -> list[Any]:
         events: list[BaseModel] = []

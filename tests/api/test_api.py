@@ -41,7 +41,8 @@ async def test_async_start_then_full_replay(api: httpx.AsyncClient) -> None:
     assert set(run) == {"id", "workflow", "status", "input", "output", "error", "attempt",
                         "created_at", "started_at", "finished_at", "cancel_requested", "usage",
                         "usage_by_model", "parent_id", "start_at", "schedule_id", "waiting",
-                        "trace_id", "stream_token"}  # fmt: skip
+                        "trace_id", "tags", "rerun_of", "rerun_from_step", "reruns",
+                        "stream_token"}  # fmt: skip
     frames = await _events(api, run["id"])
     assert [f["event"] for f in frames] == [
         "run.queued", "run.started", "step.started", "step.completed", "run.succeeded",

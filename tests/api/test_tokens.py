@@ -372,7 +372,7 @@ async def test_a_star_origin_never_lets_any_site_frame_the_viewer(make_api: ApiF
 async def test_the_viewer_and_its_files_are_served_safely(api: httpx.AsyncClient) -> None:
     run = await start(api)
     page = await api.get(f"/ui/runs/{run['id']}", params={"token": run["stream_token"]})
-    assert page.status_code == 200 and 'id="status"' in page.text and 'id="output"' in page.text
+    assert page.status_code == 200 and 'id="app"' in page.text and "viewer.js" in page.text
     csp = page.headers["content-security-policy"]
     assert "script-src 'self'" in csp and "default-src 'none'" in csp and "unsafe" not in csp
     assert "frame-ancestors 'none'" in csp
@@ -380,16 +380,25 @@ async def test_the_viewer_and_its_files_are_served_safely(api: httpx.AsyncClient
     assert "<script>" not in page.text  # no inline script: the CSP would refuse it anyway
     assert run["stream_token"] not in page.text  # the page is the same bytes for every run
     assert (await api.get("/ui/runs/run_nope")).status_code == 404
-    for name, kind in (("genx.js", "text/javascript"), ("viewer.js", "text/javascript"),
-                       ("viewer.css", "text/css")):  # fmt: skip
+    scripts = ("genx.js", "viewer.js", "run-view.js", "console.js")
+    for name, kind in [*((s, "text/javascript") for s in scripts), ("viewer.css", "text/css"),
+                       ("console.css", "text/css")]:  # fmt: skip
         resp = await api.get(f"/ui/{name}")
         assert resp.status_code == 200 and resp.headers["content-type"].startswith(kind)
         again = await api.get(f"/ui/{name}", headers={"If-None-Match": resp.headers["etag"]})
         assert again.status_code == 304
-    js = (await api.get("/ui/viewer.js")).text + (await api.get("/ui/genx.js")).text
+    js = "".join([(await api.get(f"/ui/{name}")).text for name in scripts])
     assert "innerHTML" not in js and "insertAdjacentHTML" not in js and "eval(" not in js
-    for missing in ("viewer.html", "nope.js", "..%2Fapp.py"):
+    assert "document.write" not in js and "outerHTML" not in js
+    for missing in ("viewer.html", "console.html", "nope.js", "..%2Fapp.py"):
         assert (await api.get(f"/ui/{missing}")).status_code == 404
+    # The console: the same bytes for everyone, the same policy, no inline script.
+    console = await api.get("/ui/")
+    assert console.status_code == 200 and 'id="api-key"' in console.text
+    assert console.headers["content-security-policy"] == csp
+    assert "<script>" not in console.text and console.headers["cache-control"] == "no-store"
+    moved = await api.get("/ui", follow_redirects=False)
+    assert moved.status_code == 308 and moved.headers["location"] == "ui/"
 
 
 def test_genx_js_listens_for_every_event_type() -> None:

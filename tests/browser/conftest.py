@@ -58,7 +58,7 @@ class Stack:
         self.env = {
             **os.environ,
             "GENX_REDIS_URL": redis_url,
-            "GENX_WORKFLOWS": "genx_ray.examples,browser.wf_viewer",
+            "GENX_WORKFLOWS": "genx_ray.examples,browser.wf_viewer,wf_fixtures",
             "GENX_API_KEYS": f"{API_KEY}:{TENANT}",
             "PYTHONPATH": os.pathsep.join(filter(None, [TESTS, os.environ.get("PYTHONPATH")])),
             "OPENAI_API_KEY": "sim-key",

@@ -29,3 +29,19 @@ async def markup(times: int = 3) -> dict[str, str]:
 async def markup_fails() -> str:
     """Fail with markup in the error."""
     raise ValueError(PAYLOAD)
+
+
+# A component whose name is markup (a name may hold any character but "/:@{} \n"), for the
+# console's step waterfall.
+HOSTILE_STEP = "<img\tsrc=x\tonerror=window.__pwned=1>"
+
+
+@component(name=HOSTILE_STEP)
+async def hostile_step(text: str) -> str:
+    return text
+
+
+@workflow(name="hostile")
+async def hostile() -> str:
+    """A step named with markup, returning markup."""
+    return await hostile_step(PAYLOAD)
