@@ -108,9 +108,11 @@ class EmbeddedRedis:
                 contextlib.suppress(OSError),
                 socket.create_connection(("127.0.0.1", self.port or 0), timeout=0.2) as s,
             ):
-                s.sendall(b"PING\r\n")
-                if s.recv(16).startswith(b"+PONG"):
-                    return True
+                # Ours, not a server another process started on the port we probed: a PONG alone
+                # would make two sessions share one Redis (and each other's queues) unawares.
+                answered = _server_pid(s)
+                if answered is not None:
+                    return answered == self._proc.pid
             time.sleep(0.02)
         return False
 
@@ -149,3 +151,25 @@ class EmbeddedRedis:
         self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+def _server_pid(sock: socket.socket) -> int | None:
+    """The ``process_id`` of the Redis answering on ``sock`` (``INFO server``), or None while it
+    is not ready (a LOADING error, or nothing yet)."""
+    sock.sendall(b"*2\r\n$4\r\nINFO\r\n$6\r\nserver\r\n")
+    reply = b""
+    while not reply.endswith(b"\r\n") or (reply.startswith(b"$") and not _whole(reply)):
+        chunk = sock.recv(65536)
+        if not chunk:
+            return None
+        reply += chunk
+    for line in reply.split(b"\r\n"):
+        if line.startswith(b"process_id:"):
+            return int(line.partition(b":")[2])
+    return None
+
+
+def _whole(reply: bytes) -> bool:
+    """A RESP bulk string (``$<n>\\r\\n<n bytes>\\r\\n``) read to its end."""
+    head, _, body = reply.partition(b"\r\n")
+    return len(body) >= int(head[1:]) + 2

@@ -83,3 +83,28 @@ def test_context_manager() -> None:
     with EmbeddedRedis() as url:
         assert ping(url) is None
     assert ping(url, timeout=0.2) is not None
+
+
+def test_a_redis_of_someone_else_on_the_port_is_never_taken_for_ours() -> None:
+    """Two sessions starting at once may probe the same free port: the one whose server lost the
+    bind must not go on with the other's Redis (it would share its queues)."""
+    from genx_ray.store import find_redis_server, sync_redis
+
+    port = free_port()
+    other = subprocess.Popen(
+        [find_redis_server(), "--port", str(port), "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    ours = EmbeddedRedis(port=port)
+    try:
+        deadline = time.monotonic() + 10
+        while ping(f"redis://127.0.0.1:{port}/0") is not None:  # until the other one answers
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        url = ours.start()
+        assert url != f"redis://127.0.0.1:{port}/0"  # it moved on to a port of its own
+        assert sync_redis(url).info("server")["process_id"] == ours.pid
+    finally:
+        ours.stop()
+        other.kill()
+        other.wait()
