@@ -25,7 +25,7 @@ test: install system-deps  ## the whole suite (what CI runs): chaos, multi-node,
 	$(BIN)/pytest -q --durations=25 $(PYTEST_ARGS)
 
 test-fast: install  ## daily work: the lanes without Ray, a browser or root (unit, api, flow, llm)
-	$(BIN)/pytest -q -m "not slow" tests/unit tests/api tests/flow tests/llm $(PYTEST_ARGS)
+	$(BIN)/pytest -q -m "not slow" -n 2 --dist loadfile tests/unit tests/api tests/flow tests/llm $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check genx_ray gateway tests bench
