@@ -86,6 +86,9 @@ def single_redis_url() -> Iterator[str]:
         ) from None
     os.environ["GENX_REDIS_URL"] = url  # for everything a test starts (Ray workers, servers)
     yield url
+    from genx_ray.service import close_runners
+
+    close_runners()  # before their Redis goes: no supervisor left retrying at exit
     server.stop()
 
 
@@ -104,8 +107,11 @@ def redis_cluster() -> Iterator[LocalRedisCluster]:
 def redis_url(request: pytest.FixtureRequest, single_redis_url: str) -> Iterator[str]:
     """The Redis of a module's tests: the session's single Redis, or (parametrized
     ``cluster``) the session's Redis Cluster, emptied first."""
+    from genx_ray.service import close_runners
+
     if getattr(request, "param", "single") == "cluster":
         cluster: LocalRedisCluster = request.getfixturevalue("redis_cluster")
+        close_runners(cluster.url)  # an earlier module's (its supervisor would tick this one's)
         cluster.flush()
         url = cluster.url
     else:
@@ -113,6 +119,8 @@ def redis_url(request: pytest.FixtureRequest, single_redis_url: str) -> Iterator
     os.environ["GENX_REDIS_URL"] = url
     yield url
     os.environ["GENX_REDIS_URL"] = single_redis_url
+    if url != single_redis_url:
+        close_runners(url)
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ scheduled runs, cron schedules), webhook delivery, and :func:`run` / :func:`star
 or notebook.
 """
 
-from genx_ray.service._script import RunHandle, run, start
+from genx_ray.service._script import RunHandle, close_runners, run, start
 from genx_ray.service._supervisor import Supervisor
 from genx_ray.service._timers import Timers
 from genx_ray.service._webhooks import WebhookSender, sign
@@ -18,6 +18,7 @@ __all__ = [
     "Timers",
     "WebhookSender",
     "Worker",
+    "close_runners",
     "run",
     "serve_worker",
     "sign",

@@ -137,6 +137,7 @@ class _LocalRunner:
         )
         self._thread.start()
         self.settings = Settings.current()
+        self._closed = threading.Event()
         threading.Thread(target=self._alive, name="genx-runner-alive", daemon=True).start()
         self.redis, self.executor = self.call(self._start())
 
@@ -147,19 +148,40 @@ class _LocalRunner:
 
     def _alive(self) -> None:
         client = sync_redis(self.redis_url)
-        while True:
+        while not self._closed.is_set():
             with contextlib.suppress(RedisError, OSError):
                 client.set(keys.runner(self.id), "1", px=int(RUNNER_TTL * 1000))
-            time.sleep(RUNNER_TTL / 3)
+            self._closed.wait(RUNNER_TTL / 3)
+        with contextlib.suppress(RedisError, OSError):
+            client.delete(keys.runner(self.id))
+        client.close()
 
     async def _start(self) -> tuple[Any, Executor]:
         client = async_redis(self.redis_url)
         runtime = Executor(client, Registry(), self.settings, redis_url=self.redis_url)
         self.supervisor = Supervisor(client, self.settings)
         self._stop = asyncio.Event()
-        self.loop.create_task(self.supervisor.serve(self._stop))
-        self.loop.create_task(self._take(client, runtime))
+        self._tasks = [
+            self.loop.create_task(self.supervisor.serve(self._stop)),
+            self.loop.create_task(self._take(client, runtime)),
+        ]
         return client, runtime
+
+    def close(self) -> None:
+        """Stop this runner: its supervisor, its queue and its sign of life (its open runs then
+        fail when they resume, as when the process is gone)."""
+        self._closed.set()
+
+        async def stop() -> None:
+            self._stop.set()
+            await asyncio.wait_for(self._tasks[0], 10)  # the supervisor ends its pass
+            self._tasks[1].cancel()
+            await asyncio.gather(self._tasks[1], return_exceptions=True)
+            await self.redis.aclose()
+
+        with contextlib.suppress(Exception):  # closing is best effort: the thread is a daemon
+            self.call(stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
 
     async def _take(self, client: Any, runtime: Executor) -> None:
         """Start this process's runs as they come back on its queue."""
@@ -201,6 +223,19 @@ def _runner() -> _LocalRunner:
             runner = _runners.get(url) or _LocalRunner(url)
             _runners[configured] = _runners[url] = runner
         return runner
+
+
+def close_runners(redis_url: str | None = None) -> None:
+    """Stop this process's local runners (those of ``redis_url``, or all): their supervisors
+    stop ticking and their runs stop being taken. For a test or notebook that points
+    ``GENX_REDIS_URL`` elsewhere and empties the Redis it used; the next :func:`start` makes a
+    new runner."""
+    with _lock:
+        doomed = {id(r): r for url, r in _runners.items() if redis_url in (None, url, r.redis_url)}
+        for url in [u for u, r in _runners.items() if id(r) in doomed]:
+            del _runners[url]
+    for runner in doomed.values():
+        runner.close()
 
 
 def _resolve(wf: Workflow[Any, Any] | str) -> Workflow[Any, Any]:
