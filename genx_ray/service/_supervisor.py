@@ -35,7 +35,15 @@ from typing import Any, cast
 
 from genx_ray.model import Settings, new_run_id
 from genx_ray.service._timers import TICK_SECONDS, Timers
-from genx_ray.store import Quotas, RunStore, backfill_status_indexes, keys, notify, worker_alive
+from genx_ray.store import (
+    Quotas,
+    RunQueue,
+    RunStore,
+    backfill_status_indexes,
+    keys,
+    notify,
+    worker_alive,
+)
 
 log = logging.getLogger("genx_ray.supervisor")
 
@@ -145,7 +153,11 @@ class Supervisor:
             if worker in dead and status == "running":
                 outcome = await self._contained(run_id, dead_worker=worker)
                 counts[outcome] = counts.get(outcome, 0) + 1
-        await self.redis.hdel(keys.WORKERS, *dead)
+        # Its entry stays while it holds queue entries it had not started: the entry is how the
+        # other workers know it is dead, and take those over (genx_ray.store._queue).
+        gone = set(dead) - await RunQueue(self.redis).holding(dead)
+        if gone:
+            await self.redis.hdel(keys.WORKERS, *gone)
         return counts
 
     async def trim_indexes(self, batch: int = 500) -> int:

@@ -50,6 +50,7 @@ from genx_ray.observe import OutageLog, exposition, serve_http, setup
 from genx_ray.service._supervisor import WORKER_BEAT_SECONDS, Supervisor
 from genx_ray.service._webhooks import WebhookSender
 from genx_ray.store import (
+    WORKER_DEAD_SECONDS,
     QueueEntry,
     RunQueue,
     RunStore,
@@ -63,6 +64,12 @@ from genx_ray.store import scripts as lua
 
 log = logging.getLogger("genx_ray.worker")
 TAKE_BATCH = 64  # queue entries taken per read, at most
+# Entries taken and not yet started (claimed by a host, or handed back), at most: what a worker
+# that dies can strand (others take them over once it is known dead, see genx_ray.store._queue).
+IN_FLIGHT = 2 * TAKE_BATCH
+# Debug hook (tests, bench): log each batch taken, then hold it this many seconds before placing
+# it, so that a test can kill the worker between taking runs and starting them.
+HOLD_TAKEN_ENV = "GENX_DEBUG_HOLD_TAKEN"
 
 
 ISOLATED_MAX_RUNS = 32  # with a process per run (GENX_HOST_RUNS=1): ~110 MB each
@@ -114,7 +121,13 @@ class Worker:
         self.fate = fate or (
             "shared" if hosts == "inline" or self.settings.ray_address == "local" else "own"
         )
-        self.queue = RunQueue(client)
+        # Entries a dead worker took are taken over once its heartbeat is this old: never later
+        # than the lease, the bound a started run's restart has.
+        self.queue = RunQueue(
+            client, dead_after=min(WORKER_DEAD_SECONDS, float(self.settings.lease_seconds))
+        )
+        hold = os.environ.get(HOLD_TAKEN_ENV)
+        self._hold_taken = float(hold) if hold else 0.0
         self.runs = RunStore(
             client, maxlen=self.settings.stream_maxlen,
             retention_seconds=self.settings.retention_seconds,
@@ -186,7 +199,9 @@ class Worker:
     async def _take_runs(self) -> None:
         outage = OutageLog(f"worker {self.name}: queue", log)
         while not self._stopping.is_set():
-            free = self.max_runs - self.running
+            # Room on its hosts, and no more in flight than it starts in a moment: what a death
+            # between taking runs and starting them strands.
+            free = min(self.max_runs - self.running, IN_FLIGHT - self._placing)
             if free <= 0:
                 await asyncio.sleep(0.05)  # room comes back as runs end (hosts report it)
                 continue
@@ -199,6 +214,9 @@ class Worker:
             outage.ok()
             if not taken:
                 continue
+            if self._hold_taken:
+                log.warning("worker %s: took %d run(s); holding them %ss (%s)", self.name,
+                            len(taken), self._hold_taken, HOLD_TAKEN_ENV)  # fmt: skip
             if self._stopping.is_set():  # stopped while waiting on the queue: not ours
                 for entry in taken:
                     await self.queue.put(entry.run_id, entry.attempt)
@@ -224,6 +242,8 @@ class Worker:
         """Start a batch of runs: each on a host (or here), acknowledged once claimed (from then
         on its lease covers it) or refused (not its attempt's to run any more)."""
         try:
+            if self._hold_taken:
+                await asyncio.sleep(self._hold_taken)
             if all(self._fresh(e) for e in taken):
                 ready = taken
             else:

@@ -10,7 +10,7 @@ run stays within one slot of a Redis Cluster.
 from genx_ray.store import _connections as connections
 from genx_ray.store import _keys as keys
 from genx_ray.store import _scripts as scripts
-from genx_ray.store._cluster import WORKER_DEAD_SECONDS, cluster_state, worker_alive
+from genx_ray.store._cluster import cluster_state
 from genx_ray.store._connections import (
     AsyncRedis,
     SyncRedis,
@@ -25,7 +25,13 @@ from genx_ray.store._connections import (
 from genx_ray.store._embedded import EmbeddedRedis, die_with_parent, find_redis_server, free_port
 from genx_ray.store._leases import Leases
 from genx_ray.store._outbox import notify
-from genx_ray.store._queue import QueueEntry, RunQueue, queue_state
+from genx_ray.store._queue import (
+    WORKER_DEAD_SECONDS,
+    QueueEntry,
+    RunQueue,
+    queue_state,
+    worker_alive,
+)
 from genx_ray.store._quotas import Quotas
 from genx_ray.store._runs import MAX_DELAY_SECONDS, Claim, RunStore, check_input, start_time
 from genx_ray.store._schedules import (
