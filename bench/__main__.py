@@ -5,7 +5,17 @@ from __future__ import annotations
 import importlib
 import sys
 
-SUITES = ("runtime", "gateway", "serving", "llm", "batch", "tracing", "redaction", "search")
+SUITES = (
+    "runtime",
+    "gateway",
+    "serving",
+    "llm",
+    "batch",
+    "tracing",
+    "redaction",
+    "search",
+    "strand",
+)
 
 
 def main(argv: list[str]) -> None:
