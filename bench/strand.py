@@ -23,7 +23,7 @@ import time
 
 from bench.stack import CLI, bench_env, pct
 from genx_ray import component, workflow
-from genx_ray.store import EmbeddedRedis, RunStore, async_redis, keys
+from genx_ray.store import EmbeddedRedis, RunQueue, RunStore, async_redis, keys
 
 KILLS = 20
 RUNS = 40
@@ -79,11 +79,7 @@ async def _round(runs: RunStore, env: dict[str, str]) -> tuple[list[float], list
     killed_at = time.time()
     victim.kill()
     # What it held when it died (nothing changes them before the others find it dead).
-    pending = await runs.redis.xpending_range(keys.QUEUE, keys.QUEUE_GROUP, "-", "+", 1000,
-                                              consumername=victim.name)  # fmt: skip
-    held_ids = [p["message_id"] for p in pending]
-    entries = await runs.redis.xrange(keys.QUEUE, "-", "+")
-    held = {f["run"] for i, f in entries if i in held_ids}
+    held = {e.run_id for e in await RunQueue(runs.redis).held(victim.name)}
     got = await asyncio.gather(*(runs.get(r) for r in ids))
     taken = {r.id for r in got if r.id in held and r.status.value == "queued" and r.attempt == 1}
     workers = await asyncio.gather(*(runs.redis.hget(keys.run(r), "worker") for r in ids))

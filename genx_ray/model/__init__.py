@@ -95,6 +95,7 @@ from genx_ray.model._redaction import (
     redact_json,
 )
 from genx_ray.model._run import (
+    DEFAULT_PRIORITY,
     DEFAULT_TENANT,
     MAX_RERUN_LINKS,
     MAX_TAG_KEY,
@@ -102,6 +103,7 @@ from genx_ray.model._run import (
     MAX_TAGS,
     Run,
     Wait,
+    check_priority,
     check_tags,
     parse_tag,
     trace_id_of,
@@ -141,6 +143,7 @@ from genx_ray.model._values import (
 )
 
 __all__ = [
+    "DEFAULT_PRIORITY",
     "DEFAULT_REDIS_URL",
     "DEFAULT_SCHEDULES",
     "DEFAULT_TENANT",
@@ -226,6 +229,7 @@ __all__ = [
     "attempt_scope_id",
     "build_steps",
     "canonical_hash",
+    "check_priority",
     "check_tags",
     "dump_event",
     "dump_value",

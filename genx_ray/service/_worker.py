@@ -64,6 +64,7 @@ from genx_ray.store import scripts as lua
 
 log = logging.getLogger("genx_ray.worker")
 TAKE_BATCH = 64  # queue entries taken per read, at most
+IDLE_POLL_SECONDS = 0.02  # how long a worker that found the queue empty waits to look again
 # Entries taken and not yet started (claimed by a host, or handed back), at most: what a worker
 # that dies can strand (others take them over once it is known dead, see genx_ray.store._queue).
 IN_FLIGHT = 2 * TAKE_BATCH
@@ -161,7 +162,10 @@ class Worker:
         return exposition(gauges, hosts)
 
     async def serve(self) -> None:
-        await self.queue.ensure_group()
+        await self.queue.set_weights(
+            {t: lim.weight for t, lim in self.settings.tenant_limits.items() if lim.weight}
+        )
+        await self.queue.move_old_queue()
         if self.host_mode == "ray":
             assert self.redis_url is not None
             self.run_hosts = RunHosts(
@@ -206,21 +210,21 @@ class Worker:
                 await asyncio.sleep(0.05)  # room comes back as runs end (hosts report it)
                 continue
             try:
-                taken = await self.queue.take(self.name, min(free, TAKE_BATCH), block_ms=500)
+                taken = await self.queue.take(self.name, min(free, TAKE_BATCH))
             except Exception as exc:  # whatever a client raises: a worker that stopped taking
                 outage.failed(exc)  # runs would look alive and do nothing
                 await asyncio.sleep(1)
                 continue
             outage.ok()
             if not taken:
+                await asyncio.sleep(IDLE_POLL_SECONDS)
                 continue
             if self._hold_taken:
                 log.warning("worker %s: took %d run(s); holding them %ss (%s)", self.name,
                             len(taken), self._hold_taken, HOLD_TAKEN_ENV)  # fmt: skip
-            if self._stopping.is_set():  # stopped while waiting on the queue: not ours
+            if self._stopping.is_set():  # stopped while taking: not ours
                 for entry in taken:
-                    await self.queue.put(entry.run_id, entry.attempt)
-                await self.queue.ack(*(e.id for e in taken))
+                    await self._put_back(entry)
                 break
             # Placed in the background: the next entries are read meanwhile. Fresh runs go as
             # one batch; the others (a restart to check, a cluster-wide slot to wait for) each
@@ -269,7 +273,8 @@ class Worker:
             if attempt is None:
                 await self.queue.ack(entry.id)  # expired, or never existed
                 return None
-            entry = QueueEntry(entry.id, entry.run_id, int(attempt), str(workflow))
+            entry = QueueEntry(entry.id, entry.run_id, int(attempt), str(workflow),
+                               entry.priority, entry.tenant, entry.queued_ms)  # fmt: skip
             if version and await self._belongs_elsewhere(str(version)):
                 await self._later(entry)
                 return None
@@ -298,7 +303,12 @@ class Worker:
     async def _later(self, entry: QueueEntry) -> None:
         """Not now (another deployment's, or over the cluster-wide cap): back on the queue."""
         await asyncio.sleep(0.2)
-        await self.queue.put(entry.run_id, entry.attempt)
+        await self._put_back(entry)
+
+    async def _put_back(self, entry: QueueEntry) -> None:
+        """Back on the queue, where it was (its priority, its tenant's turn)."""
+        await self.queue.put(entry.run_id, entry.attempt, entry.workflow, tenant=entry.tenant,
+                             priority=entry.priority)  # fmt: skip
         await self.queue.ack(entry.id)
 
     async def _admit(self, run_id: str) -> bool:

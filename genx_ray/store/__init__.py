@@ -27,8 +27,10 @@ from genx_ray.store._leases import Leases
 from genx_ray.store._outbox import notify
 from genx_ray.store._queue import (
     WORKER_DEAD_SECONDS,
+    QueueDepth,
     QueueEntry,
     RunQueue,
+    queue_depths,
     queue_state,
     worker_alive,
 )
@@ -71,6 +73,7 @@ __all__ = [
     "EmbeddedRedis",
     "EventStore",
     "Leases",
+    "QueueDepth",
     "QueueEntry",
     "Quotas",
     "ResumePoint",
@@ -106,6 +109,7 @@ __all__ = [
     "on_node_of",
     "parse_entries",
     "ping",
+    "queue_depths",
     "queue_state",
     "resolve_redis_url",
     "resume_point",

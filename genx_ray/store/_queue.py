@@ -1,18 +1,27 @@
-"""The run queue: a Redis stream the gateway appends run ids to, read by workers through one
-consumer group, so each queued run is delivered to one worker at a time.
+"""The run queue: runs waiting to start, taken by workers most urgent first and, within one
+priority, fairly across tenants, weighted (``GENX_TENANT_LIMITS`` ``"weight"``), then FIFO.
 
-An entry names the run, and usually its attempt and workflow (so a host claims it in one round
-trip). It is acknowledged once its run has been claimed (its lease covers it from then on) or handed
-back.
+Every key lives in one Redis Cluster slot (the hash tag ``{genx:queue}``), so one script takes a
+whole batch in one round trip:
 
-Entries a worker took and had not started when it died stay pending under its name. Every
-worker looks for such entries twice a second (:meth:`RunQueue.take`): those of a worker whose
-heartbeat in the worker table is older than ``dead_after`` (``WORKER_DEAD_SECONDS``, or
-``GENX_LEASE_SECONDS`` if shorter) are claimed at once, so a run taken by a dead worker starts
-again within the bound a started run's restart has. A live worker keeps its entries, however
-slow it is (and if two workers ever start the same entry, the run's attempt fencing lets one
-claim it). Entries of a live worker that sat idle ``STALE_PENDING_MS`` (its placement failed,
-say) and of a process that never heartbeats are claimed after that long.
+- per priority (1 most urgent .. 5) and tenant, a sorted set of entries by when they were
+  queued (us): the tenant's FIFO at that priority;
+- per priority, a sorted set of the tenants with entries there, by virtual time: the script takes
+  from the tenant whose virtual time is lowest, and advances it by ``1 / weight``. A tenant that
+  joins (or comes back) starts at the priority's clock, the virtual time of the last entry
+  taken: never behind the others by more than one round, never ahead of them by its history.
+  Taking an entry is O(log n) in the backlog;
+- the entries taken and not yet acknowledged, with who took each (a set per worker) and when.
+
+An entry is acknowledged once its run has been claimed (its lease covers it from then on) or
+handed back. Entries a worker took and had not started when it died stay held under its name.
+Every worker looks for such entries twice a second (:meth:`RunQueue.take`): those of a worker
+whose heartbeat in the worker table is older than ``dead_after`` (``WORKER_DEAD_SECONDS``, or
+``GENX_LEASE_SECONDS`` if shorter) are taken over at once, so a run taken by a dead worker
+starts again within the bound a started run's restart has. A live worker keeps its entries,
+however slow it is (and if two workers ever start the same entry, the run's attempt fencing lets
+one claim it). Entries held ``STALE_HELD_MS`` (a live worker whose placement failed, a process
+that never heartbeats) are taken over whoever holds them.
 """
 
 from __future__ import annotations
@@ -23,16 +32,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
-from redis.exceptions import ResponseError
-
+from genx_ray.model import DEFAULT_PRIORITY, DEFAULT_TENANT
 from genx_ray.store import _keys as keys
-from genx_ray.store._connections import is_cluster, on_node_of
+from genx_ray.store._scripts import Script
 
-# A pending entry untouched this long is claimed whoever holds it (a worker alive but whose
-# placement failed, a process with no heartbeat). Generous on purpose: a dead worker's entries
-# are claimed as soon as it is known dead (below); the run's attempt decides who starts it.
-STALE_PENDING_MS = 60_000
-CLAIM_EVERY_SECONDS = 5.0  # how often a worker looks for such entries
+PRIORITIES = range(1, 6)  # 1 most urgent
+
+# An entry held this long is taken over whoever holds it. Generous on purpose: a dead worker's
+# entries are taken over as soon as it is known dead (below); the run's attempt decides.
+STALE_HELD_MS = 60_000
+STALE_EVERY_SECONDS = 5.0  # how often a worker looks for such entries
 STRANDED_EVERY_SECONDS = 0.5  # how often a worker looks for entries of dead workers
 WORKER_DEAD_SECONDS = 3.0  # a worker whose heartbeat is older than this is gone
 
@@ -44,138 +53,299 @@ def worker_alive(
     return now - float(entry.get("seen", 0)) < dead_after
 
 
+# KEYS[1]: the queue's tag (keys.QUEUE). ARGV: worker, count, now ms.
+# Takes up to count entries: most urgent priority first; within it, the tenant with the lowest
+# virtual time (raised to the priority's clock if behind), advanced by 1/weight per entry.
+# Returns {entry, queued (us), priority, tenant, ...}.
+TAKE = Script("""
+local base, worker, want, now = KEYS[1], ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local out = {}
+local got = 0
+for p = 1, 5 do
+  local ready = base .. ':ready:' .. p
+  local clock_key = base .. ':clock:' .. p
+  while got < want do
+    local top = redis.call('ZRANGE', ready, 0, 0, 'WITHSCORES')
+    if #top == 0 then break end
+    local tenant, vt = top[1], tonumber(top[2])
+    local clock = tonumber(redis.call('GET', clock_key) or '0')
+    if vt < clock then vt = clock end
+    local q = base .. ':q:' .. p .. ':' .. tenant
+    local e = redis.call('ZPOPMIN', q)
+    if #e == 0 then
+      redis.call('ZREM', ready, tenant)
+    else
+      got = got + 1
+      out[#out + 1] = e[1]; out[#out + 1] = e[2]; out[#out + 1] = p; out[#out + 1] = tenant
+      redis.call('ZADD', base .. ':taken', now, e[1])
+      redis.call('HSET', base .. ':owner', e[1], worker)
+      redis.call('SADD', base .. ':held:' .. worker, e[1])
+      redis.call('SADD', base .. ':holders', worker)
+      redis.call('SET', clock_key, tostring(vt))
+      if redis.call('ZCARD', q) == 0 then
+        redis.call('ZREM', ready, tenant)
+      else
+        local wk = base .. ':weights'
+        local w = tonumber(redis.call('HGET', wk, tenant) or redis.call('HGET', wk, '*') or '1')
+        redis.call('ZADD', ready, vt + 1 / w, tenant)
+      end
+    end
+  end
+end
+return out
+""")
+
+# KEYS[1]: the queue's tag. ARGV: entries. Forgets each (its run was claimed or handed back).
+ACK = Script("""
+local base = KEYS[1]
+for i = 1, #ARGV do
+  local owner = redis.call('HGET', base .. ':owner', ARGV[i])
+  if owner then
+    local held = base .. ':held:' .. owner
+    redis.call('SREM', held, ARGV[i])
+    if redis.call('SCARD', held) == 0 then redis.call('SREM', base .. ':holders', owner) end
+    redis.call('HDEL', base .. ':owner', ARGV[i])
+  end
+  redis.call('ZREM', base .. ':taken', ARGV[i])
+end
+return #ARGV
+""")
+
+# KEYS[1]: the queue's tag. ARGV: worker taking over, now ms, count, then the entries to take
+# over (if still held by someone) or, with none, a dead worker's name in ARGV[4] prefixed '@'.
+# Returns the entries taken over.
+TAKE_OVER = Script("""
+local base, me, now, want = KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3])
+local entries = {}
+if string.sub(ARGV[4], 1, 1) == '@' then
+  entries = redis.call('SRANDMEMBER', base .. ':held:' .. string.sub(ARGV[4], 2), want)
+else
+  for i = 4, #ARGV do entries[#entries + 1] = ARGV[i] end
+end
+local out = {}
+for _, entry in ipairs(entries) do
+  local owner = redis.call('HGET', base .. ':owner', entry)
+  if owner and owner ~= me then
+    local held = base .. ':held:' .. owner
+    redis.call('SREM', held, entry)
+    if redis.call('SCARD', held) == 0 then redis.call('SREM', base .. ':holders', owner) end
+    redis.call('HSET', base .. ':owner', entry, me)
+    redis.call('SADD', base .. ':held:' .. me, entry)
+    redis.call('SADD', base .. ':holders', me)
+    redis.call('ZADD', base .. ':taken', now, entry)
+    out[#out + 1] = entry
+  end
+end
+return out
+""")
+
+# KEYS[1]: the queue's tag. Returns {priority, tenant, depth, oldest queued (us), ...}.
+STATE = Script("""
+local base = KEYS[1]
+local out = {}
+for p = 1, 5 do
+  for _, tenant in ipairs(redis.call('ZRANGE', base .. ':ready:' .. p, 0, -1)) do
+    local q = base .. ':q:' .. p .. ':' .. tenant
+    local first = redis.call('ZRANGE', q, 0, 0, 'WITHSCORES')
+    if #first > 0 then
+      out[#out + 1] = p; out[#out + 1] = tenant
+      out[#out + 1] = redis.call('ZCARD', q); out[#out + 1] = first[2]
+    end
+  end
+end
+return out
+""")
+
+
+def _tenant_queue(priority: int, tenant: str) -> str:
+    return f"{keys.QUEUE}:q:{priority}:{keys.part(tenant)}"
+
+
+def _ready(priority: int) -> str:
+    return f"{keys.QUEUE}:ready:{priority}"
+
+
+def entry_of(
+    run_id: str, attempt: int | None, workflow: str | None, tenant: str, priority: int
+) -> str:
+    """An entry as the queue holds it (one per run attempt: queued twice, it is one)."""
+    return json.dumps([run_id, attempt, workflow, tenant, priority], separators=(",", ":"))
+
+
+_last_us = 0
+
+
+def _queued_us(now: float | None) -> int:
+    """When queued, in microseconds: the FIFO order of a tenant's entries (increasing within
+    a process; exact in a sorted set's double up to year 2255)."""
+    global _last_us
+    us = time.time_ns() // 1000 if now is None else int(now * 1e6)
+    _last_us = us = max(us, _last_us + 1)
+    return us
+
+
+def put_commands(
+    pipe: Any, run_id: str, attempt: int | None, workflow: str | None, tenant: str,
+    priority: int = DEFAULT_PRIORITY, now: float | None = None,
+) -> None:  # fmt: skip
+    """Queue a run's attempt, as two commands on ``pipe`` (one slot; the tenant is listed after
+    its entry is in: a take between the two finds it at the next one)."""
+    if priority not in PRIORITIES:
+        raise ValueError(f"priority must be 1..5, not {priority!r}")
+    entry = entry_of(run_id, attempt, workflow, tenant, priority)
+    pipe.zadd(_tenant_queue(priority, tenant), {entry: _queued_us(now)})
+    pipe.zadd(_ready(priority), {keys.part(tenant): 0}, nx=True)
+
+
 @dataclass(frozen=True, slots=True)
 class QueueEntry:
-    id: str  # the stream entry's id, to acknowledge
+    id: str  # the entry as the queue holds it, to acknowledge
     run_id: str
     attempt: int | None = None
     workflow: str | None = None
+    priority: int = DEFAULT_PRIORITY
+    tenant: str = DEFAULT_TENANT
+    queued_ms: int | None = None  # when it was queued (unix ms), as taken from the queue
 
     @classmethod
-    def of(cls, entry_id: str, fields: dict[str, str]) -> QueueEntry:
-        attempt = fields.get("attempt")
-        return cls(str(entry_id), fields["run"], int(attempt) if attempt else None,
-                   fields.get("workflow"))  # fmt: skip
+    def of(cls, entry: str, queued_ms: int | None = None) -> QueueEntry:
+        run_id, attempt, workflow, tenant, priority = json.loads(entry)
+        return cls(entry, run_id, attempt, workflow, priority, tenant, queued_ms)
 
 
 class RunQueue:
-    def __init__(
-        self, client: Any, stream: str = keys.QUEUE, *, dead_after: float = WORKER_DEAD_SECONDS
-    ) -> None:
-        """``dead_after``: seconds after its last heartbeat a worker's taken entries are
-        claimed by others."""
+    def __init__(self, client: Any, *, dead_after: float = WORKER_DEAD_SECONDS) -> None:
+        """``dead_after``: seconds after its last heartbeat a worker's held entries are taken
+        over by others."""
         self.redis = client
-        self.stream = stream
         self.dead_after = dead_after
-        self._claimed_at = 0.0
+        self._stale_at = 0.0
         self._stranded_at = 0.0
 
-    async def ensure_group(self) -> None:
-        try:
-            await self.redis.xgroup_create(self.stream, keys.QUEUE_GROUP, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+    async def put(
+        self, run_id: str, attempt: int | None = None, workflow: str | None = None, *,
+        tenant: str, priority: int = DEFAULT_PRIORITY,
+    ) -> None:  # fmt: skip
+        async with self.redis.pipeline(transaction=False) as pipe:
+            put_commands(pipe, run_id, attempt, workflow, tenant, priority)
+            await pipe.execute()
 
-    async def put(self, run_id: str, attempt: int | None = None) -> str:
-        fields = {"run": run_id} if attempt is None else {"run": run_id, "attempt": str(attempt)}
-        return str(await self.redis.xadd(self.stream, fields))
+    async def set_weights(self, weights: Mapping[str, int]) -> None:
+        """Tenants' weights (``GENX_TENANT_LIMITS`` ``"weight"``; ``"*"``'s for the others,
+        else 1), for every worker: the last worker started says."""
+        if weights:
+            mapping = {t if t == "*" else keys.part(t): w for t, w in weights.items()}
+            await self.redis.hset(f"{keys.QUEUE}:weights", mapping=mapping)
 
-    async def take(self, consumer: str, count: int, block_ms: int) -> list[QueueEntry]:
-        """Up to ``count`` entries: those of dead workers first (looked for twice a second),
-        then stale pending ones (every few seconds), then new ones."""
+    async def move_old_queue(self) -> int:
+        """Runs left in the queue of a version before priorities (a stream): queued here, at
+        their tenant's default priority (once; returns how many)."""
+        entries = await self.redis.xrange(keys.OLD_QUEUE, "-", "+")
+        if not entries:
+            return 0
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for _, fields in entries:
+                pipe.hmget(keys.run(fields["run"]), "attempt", "workflow", "tenant", "priority")
+            found = await pipe.execute()
+        for (_, fields), (attempt, workflow, tenant, priority) in zip(entries, found, strict=True):
+            if attempt is not None:
+                await self.put(fields["run"], int(fields.get("attempt") or attempt), str(workflow),
+                               tenant=str(tenant or DEFAULT_TENANT),
+                               priority=int(priority or DEFAULT_PRIORITY))  # fmt: skip
+        await self.redis.delete(keys.OLD_QUEUE)
+        return len(entries)
+
+    async def take(self, consumer: str, count: int) -> list[QueueEntry]:
+        """Up to ``count`` entries (one round trip): those of dead workers first (looked for
+        twice a second), then long-held ones (every few seconds), then queued ones."""
         now = time.monotonic()
         if now - self._stranded_at >= STRANDED_EVERY_SECONDS:
             self._stranded_at = now
             stranded = await self.stranded(consumer, count)
             if stranded:
                 return stranded
-        if now - self._claimed_at >= CLAIM_EVERY_SECONDS:
-            claimed: list[Any] = await self.redis.xautoclaim(
-                self.stream, keys.QUEUE_GROUP, consumer, STALE_PENDING_MS, "0-0", count=count
-            )
-            entries = [QueueEntry.of(i, f) for i, f in claimed[1] if f]
-            if entries:
-                return entries  # there may be more: look again next time
-            self._claimed_at = now
-        if is_cluster(self.redis):
-            resp = await on_node_of(
-                self.redis, self.stream, "XREADGROUP", "GROUP", keys.QUEUE_GROUP, consumer,
-                "COUNT", count, "BLOCK", block_ms, "STREAMS", self.stream, ">",
-            )  # fmt: skip
-        else:
-            resp = await self.redis.xreadgroup(
-                keys.QUEUE_GROUP, consumer, {self.stream: ">"}, count=count, block=block_ms
-            )
-        resp = cast(list[Any], resp)
-        return [QueueEntry.of(i, f) for i, f in resp[0][1]] if resp else []
+        if now - self._stale_at >= STALE_EVERY_SECONDS:
+            stale = await self._stale(consumer, count)
+            if stale:
+                return stale  # there may be more: look again next time
+            self._stale_at = now
+        got = cast(list[Any], await TAKE(self.redis, [keys.QUEUE],
+                                         [consumer, count, int(time.time() * 1000)]))  # fmt: skip
+        return [
+            QueueEntry.of(str(got[i]), int(float(got[i + 1])) // 1000)
+            for i in range(0, len(got), 4)
+        ]
 
     async def stranded(self, consumer: str, count: int) -> list[QueueEntry]:
-        """Claim for ``consumer`` up to ``count`` entries taken by workers whose heartbeat is
-        older than ``dead_after`` (two round trips when none is dead, four when one is)."""
-        summary = await self._pending_summary()
-        others = [str(c["name"]) for c in summary.get("consumers") or ()
-                  if str(c["name"]) != consumer and int(c["pending"])]  # fmt: skip
-        if not others:
-            return []
+        """Take over for ``consumer`` up to ``count`` entries held by workers whose heartbeat
+        is older than ``dead_after`` (one round trip when none is dead)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.smembers(f"{keys.QUEUE}:holders")
+            pipe.hgetall(keys.WORKERS)
+            holders, table = await pipe.execute()
         now = time.time()
-        table = await self.redis.hmget(keys.WORKERS, others)
         dead = [
-            name for name, raw in zip(others, table, strict=True)
-            if raw is not None and not worker_alive(json.loads(raw), now, self.dead_after)
+            str(name) for name in holders
+            if name != consumer and (raw := table.get(name)) is not None
+            and not worker_alive(json.loads(raw), now, self.dead_after)
         ]  # fmt: skip
-        claimed: list[QueueEntry] = []
+        taken: list[QueueEntry] = []
         for name in dead:
-            pending = await self.redis.xpending_range(
-                self.stream, keys.QUEUE_GROUP, "-", "+", count - len(claimed), consumername=name
-            )
-            if not pending:
-                continue
-            ids = [p["message_id"] for p in pending]
-            # min idle 1 ms: of two workers claiming at once, the second finds it just claimed.
-            got = await self.redis.xclaim(self.stream, keys.QUEUE_GROUP, consumer, 1, ids)
-            claimed += [QueueEntry.of(i, f) for i, f in got if f]
-            if len(claimed) >= count:
+            args = [consumer, int(now * 1000), count - len(taken), f"@{name}"]
+            got = await TAKE_OVER(self.redis, [keys.QUEUE], args)
+            taken += [QueueEntry.of(str(e)) for e in got]
+            if len(taken) >= count:
                 break
-        return claimed
+        return taken
+
+    async def _stale(self, consumer: str, count: int) -> list[QueueEntry]:
+        cutoff = int(time.time() * 1000) - STALE_HELD_MS
+        old = await self.redis.zrangebyscore(f"{keys.QUEUE}:taken", "-inf", cutoff, 0, count)
+        if not old:
+            return []
+        got = await TAKE_OVER(self.redis, [keys.QUEUE],
+                              [consumer, int(time.time() * 1000), count, *old])  # fmt: skip
+        return [QueueEntry.of(str(e)) for e in got]
 
     async def holding(self, workers: list[str]) -> set[str]:
-        """Those of these workers that hold queue entries (taken, not yet claimed or handed
-        back)."""
-        summary = await self._pending_summary()
-        names = set(workers)
-        return {str(c["name"]) for c in summary.get("consumers") or ()
-                if str(c["name"]) in names and int(c["pending"])}  # fmt: skip
+        """Those of these workers that hold entries (taken, not yet claimed or handed back)."""
+        holders = await self.redis.smembers(f"{keys.QUEUE}:holders")
+        return {str(h) for h in holders} & set(workers)
 
-    async def _pending_summary(self) -> dict[str, Any]:
-        """XPENDING's summary (consumers with entries pending); empty before the first worker
-        made the group."""
-        try:
-            return dict(await self.redis.xpending(self.stream, keys.QUEUE_GROUP))
-        except ResponseError as exc:
-            if "NOGROUP" not in str(exc):
-                raise
-            return {}
+    async def held(self, worker: str) -> list[QueueEntry]:
+        """The entries a worker holds."""
+        return [QueueEntry.of(str(e)) for e in await self.redis.smembers(
+            f"{keys.QUEUE}:held:{worker}")]  # fmt: skip
 
     async def ack(self, *entry_ids: str) -> None:
-        if not entry_ids:
-            return
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.xack(self.stream, keys.QUEUE_GROUP, *entry_ids)
-            pipe.xdel(self.stream, *entry_ids)
-            await pipe.execute()
+        if entry_ids:
+            await ACK(self.redis, [keys.QUEUE], list(entry_ids))
+
+
+@dataclass(frozen=True, slots=True)
+class QueueDepth:
+    priority: int
+    tenant: str
+    depth: int
+    oldest_age: float  # seconds
+
+
+async def queue_depths(redis: Any) -> list[QueueDepth]:
+    """What waits, by priority and tenant (one round trip)."""
+    got = cast(list[Any], await STATE(redis, [keys.QUEUE], []))
+    now = time.time()
+    return [
+        QueueDepth(
+            int(got[i]),
+            keys.unpart(str(got[i + 1])),
+            int(got[i + 2]),
+            max(0.0, now - float(got[i + 3]) / 1e6),
+        )
+        for i in range(0, len(got), 4)
+    ]
 
 
 async def queue_state(redis: Any) -> tuple[int, float]:
-    """The run queue's depth and the age of its oldest entry (seconds; its id is when it was
-    added, on Redis's clock), read now."""
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.xlen(keys.QUEUE)
-        pipe.xrange(keys.QUEUE, "-", "+", count=1)
-        depth, first = await pipe.execute()
-    if not first:
-        return int(depth), 0.0
-    entry_id = first[0][0]
-    entry_id = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
-    added = int(entry_id.partition("-")[0])
-    return int(depth), max(0.0, time.time() - added / 1000)
+    """The run queue's depth and the age of its oldest entry (seconds), read now."""
+    depths = await queue_depths(redis)
+    return sum(d.depth for d in depths), max((d.oldest_age for d in depths), default=0.0)

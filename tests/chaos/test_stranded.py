@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 
 from genx_ray.model import RunStatus
-from genx_ray.store import EventStore, RunStore, keys
+from genx_ray.store import EventStore, RunQueue, RunStore
 
 from .conftest import TESTS, WorkerFactory
 
@@ -88,9 +89,10 @@ async def test_runs_a_killed_worker_took_but_had_not_started_start_elsewhere_wit
     await asyncio.to_thread(lines.wait_for, "holding them", 60)  # it took a batch, holds it
     second = spawn_worker("--hosts", "inline", GENX_LEASE_SECONDS=str(LEASE))
 
+    first_name = f"{socket.gethostname()}-{first.pid}"
+
     async def taken_by_first() -> list[str]:
-        pending = await runs.redis.xpending_range(keys.QUEUE, keys.QUEUE_GROUP, "-", "+", 1000)
-        return [p["message_id"] for p in pending if p["consumer"].endswith(f"-{first.pid}")]
+        return [e.run_id for e in await RunQueue(runs.redis).held(first_name)]
 
     # The second worker starts every run the first did not take; the first, alive, keeps its own
     # for longer than a lease (it is slow, not dead: nobody takes them from it).
@@ -105,9 +107,7 @@ async def test_runs_a_killed_worker_took_but_had_not_started_start_elsewhere_wit
     # It took no more than it could start at once: what its death can strand.
     assert 0 < len(held) <= 128, len(held)
     waiting = [r.id for r in await _all(runs, ids) if r.status is RunStatus.QUEUED]
-    # (The first run on a fresh Redis may be queued twice: see RunStore.create.)
-    held_runs = {f["run"] for i, f in await runs.redis.xrange(keys.QUEUE, "-", "+") if i in held}
-    assert set(waiting) == held_runs
+    assert set(waiting) == set(held)
 
     killed_at = time.time()
     os.killpg(first.pid, signal.SIGKILL)
