@@ -56,7 +56,7 @@ from genx_ray.store import (
     RunStore,
     async_redis,
     keys,
-    queue_state,
+    queue_gauges,
     sync_redis,
     worker_alive,
 )
@@ -64,6 +64,7 @@ from genx_ray.store import scripts as lua
 
 log = logging.getLogger("genx_ray.worker")
 TAKE_BATCH = 64  # queue entries taken per read, at most
+WHY_HEAD = 20  # runs at the head of the queue told why they wait, when the cap is reached
 IDLE_POLL_SECONDS = 0.02  # how long a worker that found the queue empty waits to look again
 # Entries taken and not yet started (claimed by a host, or handed back), at most: what a worker
 # that dies can strand (others take them over once it is known dead, see genx_ray.store._queue).
@@ -136,6 +137,7 @@ class Worker:
         self.run_hosts: RunHosts | None = None
         self.executor: Executor | None = None
         self._placing = 0  # runs taken from the queue, not yet claimed or refused
+        self._said_why_at = 0.0
         self._stopping = asyncio.Event()
         self._batches: set[asyncio.Task[None]] = set()
         self.supervisor = Supervisor(client, self.settings)
@@ -155,11 +157,10 @@ class Worker:
     async def render_metrics(self) -> bytes:
         """``GET /metrics``: this worker's metrics, its run hosts' (as they last reported them),
         and the queue's state read from Redis now."""
-        depth, age = await queue_state(self.redis)
-        gauges = {"genx_runs_running": self.running, "genx_queue_depth": depth,
-                  "genx_queue_oldest_age_seconds": age}  # fmt: skip
+        gauges, labelled = await queue_gauges(self.redis)
+        gauges["genx_runs_running"] = self.running
         hosts = self.run_hosts.reported_metrics() if self.run_hosts is not None else []
-        return exposition(gauges, hosts)
+        return exposition(gauges, hosts, labelled)
 
     async def serve(self) -> None:
         await self.queue.set_weights(
@@ -206,7 +207,16 @@ class Worker:
             # Room on its hosts, and no more in flight than it starts in a moment: what a death
             # between taking runs and starting them strands.
             free = min(self.max_runs - self.running, IN_FLIGHT - self._placing)
+            if free > 0 and self.settings.max_running:
+                try:
+                    free = min(free, await self._cluster_room())
+                except Exception as exc:  # as a take's failure, below
+                    outage.failed(exc)
+                    await asyncio.sleep(1)
+                    continue
             if free <= 0:
+                if self.settings.max_running:
+                    await self._say_why("max_running")
                 await asyncio.sleep(0.05)  # room comes back as runs end (hosts report it)
                 continue
             try:
@@ -274,11 +284,12 @@ class Worker:
                 await self.queue.ack(entry.id)  # expired, or never existed
                 return None
             entry = QueueEntry(entry.id, entry.run_id, int(attempt), str(workflow),
-                               entry.priority, entry.tenant, entry.queued_ms)  # fmt: skip
+                               entry.priority, entry.tenant, entry.queued_us)  # fmt: skip
             if version and await self._belongs_elsewhere(str(version)):
                 await self._later(entry)
                 return None
         if not await self._admit(entry.run_id):
+            await self.runs.queued_because(entry.run_id, entry.attempt, "max_running")
             await self._later(entry)
             return None
         return entry
@@ -306,24 +317,45 @@ class Worker:
         await self._put_back(entry)
 
     async def _put_back(self, entry: QueueEntry) -> None:
-        """Back on the queue, where it was (its priority, its tenant's turn)."""
-        await self.queue.put(entry.run_id, entry.attempt, entry.workflow, tenant=entry.tenant,
-                             priority=entry.priority)  # fmt: skip
+        """Back on the queue, where it was (its priority, its place in its tenant's FIFO)."""
+        at = entry.queued_us / 1e6 if entry.queued_us is not None else None
+        # As it came (a worker that takes it checks again what _ready checked: not "fresh").
+        came = QueueEntry.of(entry.id)
+        await self.queue.put(came.run_id, came.attempt, came.workflow, tenant=came.tenant,
+                             priority=came.priority, queued_at=at)  # fmt: skip
         await self.queue.ack(entry.id)
 
-    async def _admit(self, run_id: str) -> bool:
-        """Wait for a cluster-wide slot (``GENX_MAX_RUNNING``); False if stopping first."""
+    async def _say_why(self, reason: str) -> None:
+        """At the cap: tell the runs at the head of the queue why they wait (a ``run.queued``
+        with ``reason``, once per attempt), at most once a second; a run further back is told
+        when it gets to the head."""
+        now = time.monotonic()
+        if now - self._said_why_at < 1.0:
+            return
+        self._said_why_at = now
+        with contextlib.suppress(OSError, redis.RedisError):
+            for entry in await self.queue.peek(WHY_HEAD):
+                await self.runs.queued_because(entry.run_id, entry.attempt, reason)
+
+    async def _cluster_room(self) -> int:
+        """Runs this worker may take now under ``GENX_MAX_RUNNING``: the cap less the live
+        leases and what this worker is admitting. Taking no more than that keeps the queue the
+        one place that orders runs (an urgent run is not stuck behind runs a worker holds)."""
         cap = self.settings.max_running
-        while cap:
-            now = time.time()
-            # A stale lease (a dead host the supervisor has not requeued yet) holds no slot.
-            live = now - self.settings.lease_seconds
-            if await lua.ADMIT(self.redis, [keys.LEASES], [cap, run_id, now, live]):
-                return True
-            if self._stopping.is_set():
-                return False
-            await asyncio.sleep(0.2)  # polled: slots free up in other processes
-        return True
+        if not cap:
+            return self.max_runs
+        live = time.time() - self.settings.lease_seconds
+        return cap - int(await self.redis.zcount(keys.LEASES, live, "+inf")) - self._placing
+
+    async def _admit(self, run_id: str) -> bool:
+        """A cluster-wide slot (``GENX_MAX_RUNNING``) for the run, if one is free now."""
+        cap = self.settings.max_running
+        if not cap:
+            return True
+        now = time.time()
+        # A stale lease (a dead host the supervisor has not requeued yet) holds no slot.
+        live = now - self.settings.lease_seconds
+        return bool(await lua.ADMIT(self.redis, [keys.LEASES], [cap, run_id, now, live]))
 
     async def _belongs_elsewhere(self, version: str) -> bool:
         if version == self.settings.deployment:

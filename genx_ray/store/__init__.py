@@ -31,6 +31,7 @@ from genx_ray.store._queue import (
     QueueEntry,
     RunQueue,
     queue_depths,
+    queue_gauges,
     queue_state,
     worker_alive,
 )
@@ -110,6 +111,7 @@ __all__ = [
     "parse_entries",
     "ping",
     "queue_depths",
+    "queue_gauges",
     "queue_state",
     "resolve_redis_url",
     "resume_point",

@@ -139,6 +139,22 @@ end
 return out
 """)
 
+# KEYS[1]: the queue's tag. ARGV: how many. The entries at the head of the queue, roughly in
+# the order they will be taken (most urgent first, each tenant's first few), without taking them.
+PEEK = Script("""
+local base, want = KEYS[1], tonumber(ARGV[1])
+local out = {}
+for p = 1, 5 do
+  for _, tenant in ipairs(redis.call('ZRANGE', base .. ':ready:' .. p, 0, want - 1)) do
+    for _, e in ipairs(redis.call('ZRANGE', base .. ':q:' .. p .. ':' .. tenant, 0, want - 1)) do
+      out[#out + 1] = e
+      if #out >= want then return out end
+    end
+  end
+end
+return out
+""")
+
 # KEYS[1]: the queue's tag. Returns {priority, tenant, depth, oldest queued (us), ...}.
 STATE = Script("""
 local base = KEYS[1]
@@ -179,8 +195,9 @@ def _queued_us(now: float | None) -> int:
     """When queued, in microseconds: the FIFO order of a tenant's entries (increasing within
     a process; exact in a sorted set's double up to year 2255)."""
     global _last_us
-    us = time.time_ns() // 1000 if now is None else int(now * 1e6)
-    _last_us = us = max(us, _last_us + 1)
+    if now is not None:  # put back where it was
+        return int(now * 1e6)
+    _last_us = us = max(time.time_ns() // 1000, _last_us + 1)
     return us
 
 
@@ -205,12 +222,12 @@ class QueueEntry:
     workflow: str | None = None
     priority: int = DEFAULT_PRIORITY
     tenant: str = DEFAULT_TENANT
-    queued_ms: int | None = None  # when it was queued (unix ms), as taken from the queue
+    queued_us: int | None = None  # when it was queued (unix us), as taken from the queue
 
     @classmethod
-    def of(cls, entry: str, queued_ms: int | None = None) -> QueueEntry:
+    def of(cls, entry: str, queued_us: int | None = None) -> QueueEntry:
         run_id, attempt, workflow, tenant, priority = json.loads(entry)
-        return cls(entry, run_id, attempt, workflow, priority, tenant, queued_ms)
+        return cls(entry, run_id, attempt, workflow, priority, tenant, queued_us)
 
 
 class RunQueue:
@@ -224,10 +241,11 @@ class RunQueue:
 
     async def put(
         self, run_id: str, attempt: int | None = None, workflow: str | None = None, *,
-        tenant: str, priority: int = DEFAULT_PRIORITY,
+        tenant: str, priority: int = DEFAULT_PRIORITY, queued_at: float | None = None,
     ) -> None:  # fmt: skip
+        """Queue a run's attempt (``queued_at``: where it was, for one put back)."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            put_commands(pipe, run_id, attempt, workflow, tenant, priority)
+            put_commands(pipe, run_id, attempt, workflow, tenant, priority, queued_at)
             await pipe.execute()
 
     async def set_weights(self, weights: Mapping[str, int]) -> None:
@@ -271,10 +289,7 @@ class RunQueue:
             self._stale_at = now
         got = cast(list[Any], await TAKE(self.redis, [keys.QUEUE],
                                          [consumer, count, int(time.time() * 1000)]))  # fmt: skip
-        return [
-            QueueEntry.of(str(got[i]), int(float(got[i + 1])) // 1000)
-            for i in range(0, len(got), 4)
-        ]
+        return [QueueEntry.of(str(got[i]), int(float(got[i + 1]))) for i in range(0, len(got), 4)]
 
     async def stranded(self, consumer: str, count: int) -> list[QueueEntry]:
         """Take over for ``consumer`` up to ``count`` entries held by workers whose heartbeat
@@ -305,6 +320,11 @@ class RunQueue:
             return []
         got = await TAKE_OVER(self.redis, [keys.QUEUE],
                               [consumer, int(time.time() * 1000), count, *old])  # fmt: skip
+        return [QueueEntry.of(str(e)) for e in got]
+
+    async def peek(self, count: int) -> list[QueueEntry]:
+        """About the next ``count`` entries to be taken, left in place."""
+        got = await PEEK(self.redis, [keys.QUEUE], [count])
         return [QueueEntry.of(str(e)) for e in got]
 
     async def holding(self, workers: list[str]) -> set[str]:
@@ -349,3 +369,19 @@ async def queue_state(redis: Any) -> tuple[int, float]:
     """The run queue's depth and the age of its oldest entry (seconds), read now."""
     depths = await queue_depths(redis)
     return sum(d.depth for d in depths), max((d.oldest_age for d in depths), default=0.0)
+
+
+async def queue_gauges(redis: Any) -> tuple[dict[str, float], dict[str, list[Any]]]:
+    """The queue's gauges for ``/metrics`` (one round trip): its depth and oldest age, and the
+    same by tenant and priority."""
+    depths = await queue_depths(redis)
+    gauges = {
+        "genx_queue_depth": float(sum(d.depth for d in depths)),
+        "genx_queue_oldest_age_seconds": max((d.oldest_age for d in depths), default=0.0),
+    }
+    by = [({"tenant": d.tenant, "priority": str(d.priority)}, d) for d in depths]
+    labelled = {
+        "genx_queue_tenant_depth": [(labels, float(d.depth)) for labels, d in by],
+        "genx_queue_tenant_oldest_age_seconds": [(labels, d.oldest_age) for labels, d in by],
+    }
+    return gauges, labelled

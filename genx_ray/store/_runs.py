@@ -637,6 +637,20 @@ class RunStore:
         await self.enqueue(run_id, 1, str(workflow))
         return True
 
+    async def queued_because(self, run_id: str, attempt: int | None, reason: str) -> bool:
+        """Say in the run's events why its queued attempt still waits (a ``run.queued`` with
+        ``reason``), once per attempt and reason; nothing once it left ``queued``."""
+        if attempt is None:
+            return False
+        workflow = await self.redis.hget(keys.run(run_id), "workflow")
+        if workflow is None:
+            return False
+        event = dump_event(RunQueuedEvent(run_id=run_id, workflow=str(workflow), attempt=attempt,
+                                          reason=reason))  # fmt: skip
+        args = [attempt, reason, event, self.maxlen]
+        return bool(await lua.QUEUED_BECAUSE(self.redis, [keys.run(run_id), keys.events(run_id)],
+                                             args))  # fmt: skip
+
     async def enqueue(self, run_id: str, attempt: int, workflow: str | None = None) -> None:
         """Put a queued run's attempt where it is taken from: the workers' queue, or, for a run
         of a script (``genx_ray.start``), the queue of the process that runs it, if it is

@@ -368,6 +368,18 @@ return {redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[3])}
 """
 )
 
+# KEYS: run hash, events stream. ARGV: attempt, reason, event JSON, stream maxlen.
+# A run.queued event saying why a queued attempt still waits, once per attempt and reason (and
+# only while it is queued: never after its end). Returns 1 if written.
+QUEUED_BECAUSE = Script("""
+local st = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'queued_because')
+local mark = ARGV[1] .. ':' .. ARGV[2]
+if st[1] ~= 'queued' or st[2] ~= ARGV[1] or st[3] == mark then return 0 end
+redis.call('HSET', KEYS[1], 'queued_because', mark)
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 't', 'run.queued', 'e', ARGV[3])
+return 1
+""")
+
 # KEYS: the leases set. ARGV: cap, run id, now, oldest renewal of a live lease.
 # Admits (and watches) the run if the live leases are under the cluster-wide cap.
 ADMIT = Script("""

@@ -167,3 +167,12 @@ async def test_cluster_wide_cap_on_running_runs(
         await watcher
     assert peak == 2
     assert [(await runs.get(r)).status for r in ids] == [RunStatus.SUCCEEDED] * len(ids)
+    # The runs that waited for a slot said why, once each, before they started.
+    told = []
+    for run_id in ids[2:]:
+        seq = [(e.type, getattr(e.event, "reason", None)) for e in await events.read(run_id)]
+        assert seq[0] == ("run.queued", None) and seq.count(("run.queued", "max_running")) <= 1
+        if ("run.queued", "max_running") in seq:
+            assert seq.index(("run.queued", "max_running")) < seq.index(("run.started", None))
+            told.append(run_id)
+    assert told, "no run said it waited for GENX_MAX_RUNNING"
