@@ -12,6 +12,7 @@ from genx_ray.model import _events as events
 from genx_ray.model import _ids as ids
 from genx_ray.model import _redaction as redaction
 from genx_ray.model import _settings as settings_module
+from genx_ray.model._concurrency import Concurrency
 from genx_ray.model._errors import (
     ChildFailed,
     ConfigError,
@@ -168,6 +169,7 @@ __all__ = [
     "ChildFinishedEvent",
     "ChildStartedEvent",
     "Codec",
+    "Concurrency",
     "ConfigError",
     "Conflict",
     "ErrorInfo",

@@ -36,6 +36,7 @@ from typing import Any, cast
 from genx_ray.model import Settings, new_run_id
 from genx_ray.service._timers import TICK_SECONDS, Timers
 from genx_ray.store import (
+    ConcurrencyKeys,
     Quotas,
     RunQueue,
     RunStore,
@@ -59,6 +60,7 @@ class Supervisor:
             client, maxlen=settings.stream_maxlen, retention_seconds=settings.retention_seconds
         )
         self._trimmed_at = 0.0
+        self.concurrency = ConcurrencyKeys(client)
         self.timers = Timers(self.runs, Quotas(client, settings.tenant_limits))
         self._failing: set[str] = set()  # duties whose failure was logged (one line per outage)
 
@@ -200,6 +202,7 @@ class Supervisor:
             now = time.monotonic()
             await self._duty("timers", self.timers.tick)
             await self._duty("worker sweep", self.sweep_workers)
+            await self._duty("concurrency keys", self.concurrency.release)
             if now >= next_lease_sweep:
                 await self._duty("lease sweep", self.sweep)
                 next_lease_sweep = now + lease_every

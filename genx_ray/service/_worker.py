@@ -45,16 +45,25 @@ from genx_ray.compute import RunHosts, cluster_cpus
 from genx_ray.engine import Executor
 from genx_ray.flow import Registry
 from genx_ray.flow import registry as default_registry
-from genx_ray.model import Fenced, InvalidTransition, RunNotFound, Settings
+from genx_ray.model import (
+    Concurrency,
+    Fenced,
+    InvalidTransition,
+    RunNotFound,
+    Settings,
+    WorkflowNotFound,
+)
 from genx_ray.observe import OutageLog, exposition, serve_http, setup
 from genx_ray.service._supervisor import WORKER_BEAT_SECONDS, Supervisor
 from genx_ray.service._webhooks import WebhookSender
 from genx_ray.store import (
     WORKER_DEAD_SECONDS,
+    ConcurrencyKeys,
     QueueEntry,
     RunQueue,
     RunStore,
     async_redis,
+    concurrency_key,
     keys,
     queue_gauges,
     sync_redis,
@@ -128,6 +137,7 @@ class Worker:
         self.queue = RunQueue(
             client, dead_after=min(WORKER_DEAD_SECONDS, float(self.settings.lease_seconds))
         )
+        self.concurrency = ConcurrencyKeys(client, self.queue, leased=redis_url is not None)
         hold = os.environ.get(HOLD_TAKEN_ENV)
         self._hold_taken = float(hold) if hold else 0.0
         self.runs = RunStore(
@@ -141,6 +151,7 @@ class Worker:
         self._stopping = asyncio.Event()
         self._batches: set[asyncio.Task[None]] = set()
         self.supervisor = Supervisor(client, self.settings)
+        self.supervisor.concurrency = self.concurrency
         self.webhooks = WebhookSender(client, self.settings, self.name)
 
     @property
@@ -241,7 +252,11 @@ class Worker:
             # when they are ready, so none waits for another.
             fresh = [e for e in taken if self._fresh(e)]
             batches = [fresh] if fresh else []
-            batches += [[e] for e in taken if not self._fresh(e)]
+            # Runs with a concurrency key go as one batch admitted in queue order (FIFO per
+            # key); the others each on its own.
+            keyed = [e for e in taken if e.workflow and self._limit(e.workflow) is not None]
+            batches += [keyed] if keyed else []
+            batches += [[e] for e in taken if not self._fresh(e) and e not in keyed]
             for batch in batches:
                 self._placing += len(batch)
                 task = asyncio.create_task(self._place(batch))
@@ -249,8 +264,17 @@ class Worker:
                 task.add_done_callback(self._batches.discard)
 
     def _fresh(self, entry: QueueEntry) -> bool:
-        """A first attempt whose entry says all, with no cluster-wide cap to wait for."""
-        return entry.attempt == 1 and entry.workflow is not None and not self.settings.max_running
+        """A first attempt whose entry says all, with no cluster-wide cap or concurrency key
+        to wait for."""
+        if entry.attempt != 1 or entry.workflow is None or self.settings.max_running:
+            return False
+        return self._limit(entry.workflow) is None
+
+    def _limit(self, workflow: str) -> Concurrency | None:
+        try:
+            return self.registry.get(workflow).concurrency
+        except WorkflowNotFound:
+            return None  # the claim says so
 
     async def _place(self, taken: list[QueueEntry]) -> None:
         """Start a batch of runs: each on a host (or here), acknowledged once claimed (from then
@@ -260,6 +284,8 @@ class Worker:
                 await asyncio.sleep(self._hold_taken)
             if all(self._fresh(e) for e in taken):
                 ready = taken
+            elif len(taken) > 1:  # keyed: one after the other, in queue order
+                ready = [r for e in taken if (r := await self._ready(e)) is not None]
             else:
                 ready = [e for e in await asyncio.gather(*(self._ready(e) for e in taken)) if e]
             if self.run_hosts is not None:
@@ -287,6 +313,17 @@ class Worker:
                                entry.priority, entry.tenant, entry.queued_us)  # fmt: skip
             if version and await self._belongs_elsewhere(str(version)):
                 await self._later(entry)
+                return None
+        limit = self._limit(str(entry.workflow))
+        if limit is not None:
+            assert entry.attempt is not None
+            raw = await self.redis.hget(keys.run(entry.run_id), "input")
+            key = concurrency_key(str(entry.workflow), limit.value(json.loads(raw or "null")))
+            if not await self.concurrency.admit(key, limit.limit, entry.run_id, entry.attempt,
+                                                entry):  # fmt: skip
+                # Filed under its key (it starts when one with its key ends): off the queue.
+                await self.runs.queued_because(entry.run_id, entry.attempt, "concurrency_key")
+                await self.queue.ack(entry.id)
                 return None
         if not await self._admit(entry.run_id):
             await self.runs.queued_because(entry.run_id, entry.attempt, "max_running")

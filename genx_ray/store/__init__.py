@@ -11,6 +11,8 @@ from genx_ray.store import _connections as connections
 from genx_ray.store import _keys as keys
 from genx_ray.store import _scripts as scripts
 from genx_ray.store._cluster import cluster_state
+from genx_ray.store._concurrency import ConcurrencyKeys
+from genx_ray.store._concurrency import tag as concurrency_key
 from genx_ray.store._connections import (
     AsyncRedis,
     SyncRedis,
@@ -71,6 +73,7 @@ __all__ = [
     "AsyncRedis",
     "BatchWriter",
     "Claim",
+    "ConcurrencyKeys",
     "EmbeddedRedis",
     "EventStore",
     "Leases",
@@ -95,6 +98,7 @@ __all__ = [
     "check_event_id",
     "check_input",
     "cluster_state",
+    "concurrency_key",
     "connections",
     "die_with_parent",
     "find_redis_server",
