@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from genx_ray.observe import CONTENT_TYPE, exposition, sse_clients
-from genx_ray.store import queue_gauges
+from genx_ray.store import ConcurrencyKeys, queue_gauges
 
 router = APIRouter()
 
@@ -19,4 +19,7 @@ router = APIRouter()
 async def scrape(request: Request) -> Response:
     gauges, labelled = await queue_gauges(request.app.state.redis)
     gauges["genx_sse_clients"] = sse_clients()
+    gauges["genx_runs_held_by_concurrency_key"] = await ConcurrencyKeys(
+        request.app.state.redis
+    ).held()
     return Response(exposition(gauges, labelled=labelled), media_type=CONTENT_TYPE)

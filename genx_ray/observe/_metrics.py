@@ -120,6 +120,8 @@ GAUGES = {
     "how long runs wait for a worker.",
     "genx_sse_clients": "Event streams (SSE or NDJSON) this gateway is serving now.",
     "genx_queue_tenant_depth": "Run attempts waiting in the run queue, by tenant and priority.",
+    "genx_runs_held_by_concurrency_key": "Queued runs held back by their workflow's concurrency "
+    "key (the limit of runs at once for their key is reached).",
     "genx_queue_tenant_oldest_age_seconds": "Age of the oldest run attempt waiting in the run "
     "queue, by tenant and priority.",
 }

@@ -170,6 +170,7 @@ class Worker:
         and the queue's state read from Redis now."""
         gauges, labelled = await queue_gauges(self.redis)
         gauges["genx_runs_running"] = self.running
+        gauges["genx_runs_held_by_concurrency_key"] = await self.concurrency.held()
         hosts = self.run_hosts.reported_metrics() if self.run_hosts is not None else []
         return exposition(gauges, hosts, labelled)
 

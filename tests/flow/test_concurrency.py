@@ -15,7 +15,7 @@ import wf_fixtures  # noqa: F401 - registers the test workflows
 from genx_ray.flow import registry
 from genx_ray.model import RunStatus, Settings
 from genx_ray.service import Worker
-from genx_ray.store import EventStore, RunStore, async_redis
+from genx_ray.store import ConcurrencyKeys, EventStore, RunStore, async_redis
 
 
 @asynccontextmanager
@@ -82,6 +82,7 @@ async def test_a_run_held_by_its_key_can_be_cancelled(
             assert time.monotonic() < deadline
             await asyncio.sleep(0.05)
         assert (await runs.get(ids[2])).status is RunStatus.QUEUED
+        assert await ConcurrencyKeys(runs.redis).held() >= 1  # /metrics shows it
         await runs.request_cancel(ids[2], "not needed")
         done = await _done(runs, ids)
     assert [r.status for r in done] == [RunStatus.SUCCEEDED] * 2 + [RunStatus.CANCELLED]
