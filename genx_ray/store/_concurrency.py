@@ -23,38 +23,12 @@ import time
 from typing import Any, cast
 
 from genx_ray.store import _keys as keys
+from genx_ray.store import _scripts as lua
 from genx_ray.store._queue import QueueEntry, RunQueue
-from genx_ray.store._scripts import Script
 
 # Hash: key tag -> limit, for every key with waiting runs (the supervisors' work list).
 WAITING_KEYS = f"{keys.PREFIX}:conc:waiting"
 PENDING_CLAIM_MS = 60_000  # an admitted run not claimed by then (its placing failed) is dropped
-
-# KEYS: holders, waiting. ARGV: member, limit, now ms, entry, queued us.
-# 1: admitted (or already); 0: over the limit, the entry filed under waiting.
-ADMIT_KEY = Script("""
-if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 1 end
-if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
-  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
-  redis.call('ZREM', KEYS[2], ARGV[4])
-  return 1
-end
-redis.call('ZADD', KEYS[2], 'NX', ARGV[5], ARGV[4])
-return 0
-""")
-
-# KEYS: holders, waiting. ARGV: limit. The waiting entries there is room for (left in place:
-# removed once back on the run queue), and how many wait in all.
-ROOM = Script("""
-local room = tonumber(ARGV[1]) - redis.call('ZCARD', KEYS[1])
-local out = {redis.call('ZCARD', KEYS[2])}
-if room > 0 then
-  for _, e in ipairs(redis.call('ZRANGE', KEYS[2], 0, room - 1, 'WITHSCORES')) do
-    out[#out + 1] = e
-  end
-end
-return out
-""")
 
 
 def tag(workflow: str, value: str) -> str:
@@ -76,7 +50,7 @@ class ConcurrencyKeys:
         await self.recount(key)
         queued = entry.queued_us if entry.queued_us is not None else time.time_ns() // 1000
         args = [f"{run_id}:{attempt}", limit, int(time.time() * 1000), entry.id, queued]
-        if await ADMIT_KEY(self.redis, [f"{key}:holders", f"{key}:waiting"], args):
+        if await lua.CONC_ADMIT(self.redis, [f"{key}:holders", f"{key}:waiting"], args):
             return True
         await self.redis.hset(WAITING_KEYS, key, limit)
         return False
@@ -113,8 +87,8 @@ class ConcurrencyKeys:
         moved = 0
         for key, limit in (await self.redis.hgetall(WAITING_KEYS)).items():
             await self.recount(str(key))
-            got = cast(list[Any], await ROOM(self.redis, [f"{key}:holders", f"{key}:waiting"],
-                                             [int(limit)]))  # fmt: skip
+            sets = [f"{key}:holders", f"{key}:waiting"]
+            got = cast(list[Any], await lua.CONC_ROOM(self.redis, sets, [int(limit)]))
             waiting, heads = int(got[0]), got[1:]
             entries = [(str(heads[i]), float(heads[i + 1])) for i in range(0, len(heads), 2)]
             for entry, queued_us in entries:

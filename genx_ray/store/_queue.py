@@ -34,7 +34,7 @@ from typing import Any, cast
 
 from genx_ray.model import DEFAULT_PRIORITY, DEFAULT_TENANT
 from genx_ray.store import _keys as keys
-from genx_ray.store._scripts import Script
+from genx_ray.store import _scripts as lua
 
 PRIORITIES = range(1, 6)  # 1 most urgent
 
@@ -51,126 +51,6 @@ def worker_alive(
 ) -> bool:
     """Whether a worker table entry heartbeated within ``dead_after`` seconds."""
     return now - float(entry.get("seen", 0)) < dead_after
-
-
-# KEYS[1]: the queue's tag (keys.QUEUE). ARGV: worker, count, now ms.
-# Takes up to count entries: most urgent priority first; within it, the tenant with the lowest
-# virtual time (raised to the priority's clock if behind), advanced by 1/weight per entry.
-# Returns {entry, queued (us), priority, tenant, ...}.
-TAKE = Script("""
-local base, worker, want, now = KEYS[1], ARGV[1], tonumber(ARGV[2]), ARGV[3]
-local out = {}
-local got = 0
-for p = 1, 5 do
-  local ready = base .. ':ready:' .. p
-  local clock_key = base .. ':clock:' .. p
-  while got < want do
-    local top = redis.call('ZRANGE', ready, 0, 0, 'WITHSCORES')
-    if #top == 0 then break end
-    local tenant, vt = top[1], tonumber(top[2])
-    local clock = tonumber(redis.call('GET', clock_key) or '0')
-    if vt < clock then vt = clock end
-    local q = base .. ':q:' .. p .. ':' .. tenant
-    local e = redis.call('ZPOPMIN', q)
-    if #e == 0 then
-      redis.call('ZREM', ready, tenant)
-    else
-      got = got + 1
-      out[#out + 1] = e[1]; out[#out + 1] = e[2]; out[#out + 1] = p; out[#out + 1] = tenant
-      redis.call('ZADD', base .. ':taken', now, e[1])
-      redis.call('HSET', base .. ':owner', e[1], worker)
-      redis.call('SADD', base .. ':held:' .. worker, e[1])
-      redis.call('SADD', base .. ':holders', worker)
-      redis.call('SET', clock_key, tostring(vt))
-      if redis.call('ZCARD', q) == 0 then
-        redis.call('ZREM', ready, tenant)
-      else
-        local wk = base .. ':weights'
-        local w = tonumber(redis.call('HGET', wk, tenant) or redis.call('HGET', wk, '*') or '1')
-        redis.call('ZADD', ready, vt + 1 / w, tenant)
-      end
-    end
-  end
-end
-return out
-""")
-
-# KEYS[1]: the queue's tag. ARGV: entries. Forgets each (its run was claimed or handed back).
-ACK = Script("""
-local base = KEYS[1]
-for i = 1, #ARGV do
-  local owner = redis.call('HGET', base .. ':owner', ARGV[i])
-  if owner then
-    local held = base .. ':held:' .. owner
-    redis.call('SREM', held, ARGV[i])
-    if redis.call('SCARD', held) == 0 then redis.call('SREM', base .. ':holders', owner) end
-    redis.call('HDEL', base .. ':owner', ARGV[i])
-  end
-  redis.call('ZREM', base .. ':taken', ARGV[i])
-end
-return #ARGV
-""")
-
-# KEYS[1]: the queue's tag. ARGV: worker taking over, now ms, count, then the entries to take
-# over (if still held by someone) or, with none, a dead worker's name in ARGV[4] prefixed '@'.
-# Returns the entries taken over.
-TAKE_OVER = Script("""
-local base, me, now, want = KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3])
-local entries = {}
-if string.sub(ARGV[4], 1, 1) == '@' then
-  entries = redis.call('SRANDMEMBER', base .. ':held:' .. string.sub(ARGV[4], 2), want)
-else
-  for i = 4, #ARGV do entries[#entries + 1] = ARGV[i] end
-end
-local out = {}
-for _, entry in ipairs(entries) do
-  local owner = redis.call('HGET', base .. ':owner', entry)
-  if owner and owner ~= me then
-    local held = base .. ':held:' .. owner
-    redis.call('SREM', held, entry)
-    if redis.call('SCARD', held) == 0 then redis.call('SREM', base .. ':holders', owner) end
-    redis.call('HSET', base .. ':owner', entry, me)
-    redis.call('SADD', base .. ':held:' .. me, entry)
-    redis.call('SADD', base .. ':holders', me)
-    redis.call('ZADD', base .. ':taken', now, entry)
-    out[#out + 1] = entry
-  end
-end
-return out
-""")
-
-# KEYS[1]: the queue's tag. ARGV: how many. The entries at the head of the queue, roughly in
-# the order they will be taken (most urgent first, each tenant's first few), without taking them.
-PEEK = Script("""
-local base, want = KEYS[1], tonumber(ARGV[1])
-local out = {}
-for p = 1, 5 do
-  for _, tenant in ipairs(redis.call('ZRANGE', base .. ':ready:' .. p, 0, want - 1)) do
-    for _, e in ipairs(redis.call('ZRANGE', base .. ':q:' .. p .. ':' .. tenant, 0, want - 1)) do
-      out[#out + 1] = e
-      if #out >= want then return out end
-    end
-  end
-end
-return out
-""")
-
-# KEYS[1]: the queue's tag. Returns {priority, tenant, depth, oldest queued (us), ...}.
-STATE = Script("""
-local base = KEYS[1]
-local out = {}
-for p = 1, 5 do
-  for _, tenant in ipairs(redis.call('ZRANGE', base .. ':ready:' .. p, 0, -1)) do
-    local q = base .. ':q:' .. p .. ':' .. tenant
-    local first = redis.call('ZRANGE', q, 0, 0, 'WITHSCORES')
-    if #first > 0 then
-      out[#out + 1] = p; out[#out + 1] = tenant
-      out[#out + 1] = redis.call('ZCARD', q); out[#out + 1] = first[2]
-    end
-  end
-end
-return out
-""")
 
 
 def _tenant_queue(priority: int, tenant: str) -> str:
@@ -287,7 +167,7 @@ class RunQueue:
             if stale:
                 return stale  # there may be more: look again next time
             self._stale_at = now
-        got = cast(list[Any], await TAKE(self.redis, [keys.QUEUE],
+        got = cast(list[Any], await lua.QUEUE_TAKE(self.redis, [keys.QUEUE],
                                          [consumer, count, int(time.time() * 1000)]))  # fmt: skip
         return [QueueEntry.of(str(got[i]), int(float(got[i + 1]))) for i in range(0, len(got), 4)]
 
@@ -307,7 +187,7 @@ class RunQueue:
         taken: list[QueueEntry] = []
         for name in dead:
             args = [consumer, int(now * 1000), count - len(taken), f"@{name}"]
-            got = await TAKE_OVER(self.redis, [keys.QUEUE], args)
+            got = await lua.QUEUE_TAKE_OVER(self.redis, [keys.QUEUE], args)
             taken += [QueueEntry.of(str(e)) for e in got]
             if len(taken) >= count:
                 break
@@ -318,13 +198,13 @@ class RunQueue:
         old = await self.redis.zrangebyscore(f"{keys.QUEUE}:taken", "-inf", cutoff, 0, count)
         if not old:
             return []
-        got = await TAKE_OVER(self.redis, [keys.QUEUE],
+        got = await lua.QUEUE_TAKE_OVER(self.redis, [keys.QUEUE],
                               [consumer, int(time.time() * 1000), count, *old])  # fmt: skip
         return [QueueEntry.of(str(e)) for e in got]
 
     async def peek(self, count: int) -> list[QueueEntry]:
         """About the next ``count`` entries to be taken, left in place."""
-        got = await PEEK(self.redis, [keys.QUEUE], [count])
+        got = await lua.QUEUE_PEEK(self.redis, [keys.QUEUE], [count])
         return [QueueEntry.of(str(e)) for e in got]
 
     async def holding(self, workers: list[str]) -> set[str]:
@@ -339,7 +219,7 @@ class RunQueue:
 
     async def ack(self, *entry_ids: str) -> None:
         if entry_ids:
-            await ACK(self.redis, [keys.QUEUE], list(entry_ids))
+            await lua.QUEUE_ACK(self.redis, [keys.QUEUE], list(entry_ids))
 
 
 @dataclass(frozen=True, slots=True)
@@ -352,7 +232,7 @@ class QueueDepth:
 
 async def queue_depths(redis: Any) -> list[QueueDepth]:
     """What waits, by priority and tenant (one round trip)."""
-    got = cast(list[Any], await STATE(redis, [keys.QUEUE], []))
+    got = cast(list[Any], await lua.QUEUE_STATE(redis, [keys.QUEUE], []))
     now = time.time()
     return [
         QueueDepth(
