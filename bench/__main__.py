@@ -15,6 +15,7 @@ SUITES = (
     "redaction",
     "search",
     "strand",
+    "flow",
 )
 
 
