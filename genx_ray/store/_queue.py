@@ -15,7 +15,7 @@ whole batch in one round trip:
 
 An entry is acknowledged once its run has been claimed (its lease covers it from then on) or
 handed back. Entries a worker took and had not started when it died stay held under its name.
-Every worker looks for such entries twice a second (:meth:`RunQueue.take`): those of a worker
+Every worker looks for such entries five times a second (:meth:`RunQueue.take`): those of a worker
 whose heartbeat in the worker table is older than ``dead_after`` (``WORKER_DEAD_SECONDS``, or
 ``GENX_LEASE_SECONDS`` if shorter) are taken over at once, so a run taken by a dead worker
 starts again within the bound a started run's restart has. A live worker keeps its entries,
@@ -42,7 +42,7 @@ PRIORITIES = range(1, 6)  # 1 most urgent
 # entries are taken over as soon as it is known dead (below); the run's attempt decides.
 STALE_HELD_MS = 60_000
 STALE_EVERY_SECONDS = 5.0  # how often a worker looks for such entries
-STRANDED_EVERY_SECONDS = 0.5  # how often a worker looks for entries of dead workers
+STRANDED_EVERY_SECONDS = 0.2  # how often a worker looks for entries of dead workers
 WORKER_DEAD_SECONDS = 3.0  # a worker whose heartbeat is older than this is gone
 
 
@@ -155,7 +155,7 @@ class RunQueue:
 
     async def take(self, consumer: str, count: int) -> list[QueueEntry]:
         """Up to ``count`` entries (one round trip): those of dead workers first (looked for
-        twice a second), then long-held ones (every few seconds), then queued ones."""
+        five times a second), then long-held ones (every few seconds), then queued ones."""
         now = time.monotonic()
         if now - self._stranded_at >= STRANDED_EVERY_SECONDS:
             self._stranded_at = now
