@@ -5,7 +5,18 @@ from __future__ import annotations
 import importlib
 import sys
 
-SUITES = ("runtime", "gateway", "serving", "llm", "batch", "tracing", "redaction", "search")
+SUITES = (
+    "runtime",
+    "gateway",
+    "serving",
+    "llm",
+    "batch",
+    "tracing",
+    "redaction",
+    "search",
+    "strand",
+    "flow",
+)
 
 
 def main(argv: list[str]) -> None:

@@ -10,14 +10,16 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from genx_ray.observe import CONTENT_TYPE, exposition, sse_clients
-from genx_ray.store import queue_state
+from genx_ray.store import ConcurrencyKeys, queue_gauges
 
 router = APIRouter()
 
 
 @router.get("/metrics", tags=["ops"], response_class=Response)
 async def scrape(request: Request) -> Response:
-    depth, age = await queue_state(request.app.state.redis)
-    gauges = {"genx_queue_depth": depth, "genx_queue_oldest_age_seconds": age,
-              "genx_sse_clients": sse_clients()}  # fmt: skip
-    return Response(exposition(gauges), media_type=CONTENT_TYPE)
+    gauges, labelled = await queue_gauges(request.app.state.redis)
+    gauges["genx_sse_clients"] = sse_clients()
+    gauges["genx_runs_held_by_concurrency_key"] = await ConcurrencyKeys(
+        request.app.state.redis
+    ).held()
+    return Response(exposition(gauges, labelled=labelled), media_type=CONTENT_TYPE)

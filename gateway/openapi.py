@@ -221,6 +221,8 @@ def _start_run(wf: Workflow[Any, Any], generic: Any, schemas: dict[str, Any]) ->
                 "delay_seconds": {"type": ["number", "null"], "minimum": 0,
                                   "maximum": MAX_DELAY_SECONDS,
                                   "description": "start this many seconds from now"},
+                "priority": {"type": ["integer", "null"], "minimum": 1, "maximum": 5,
+                             "description": "1 most urgent .. 5; default 3"},
             },
         }}},
     }  # fmt: skip

@@ -30,6 +30,7 @@ from genx_ray.model import (
     Run,
     RunStatus,
     UserError,
+    check_priority,
     check_tags,
     parse_tag,
 )
@@ -45,7 +46,7 @@ from genx_ray.store import (
 )
 
 MAX_WAIT_SECONDS = 300.0
-RUN_BODY_FIELDS = {"input", "start_at", "delay_seconds", "tags"}
+RUN_BODY_FIELDS = {"input", "start_at", "delay_seconds", "tags", "priority"}
 STREAM_TOKEN_HEADER = "Genx-Stream-Token"  # a start answered with its event stream carries it
 MAX_JSON_DEPTH = 64  # arrays and objects within each other in a request body
 MAX_DIGITS = sys.get_int_max_str_digits() or 4300  # the longest integer a body may hold
@@ -137,6 +138,7 @@ async def start_run(
     payload = wf.encode_input(body.get("input"))  # 422 on schema failure; nothing created
     start_at = start_time(_rfc3339(body.get("start_at")), _seconds(body.get("delay_seconds")))
     tags = check_tags(body.get("tags"))
+    priority = check_priority(body.get("priority"))
     quotas: Quotas = request.app.state.quotas
     replayed = False
     if idempotency_key:  # a replay is no new run: not counted; a new run is (429: nothing made)
@@ -148,12 +150,14 @@ async def start_run(
             start_at=start_at,
             quotas=quotas,
             tags=tags,
+            priority=priority,
         )
     else:
         await quotas.admit(who)  # 429 over quota: nothing created
         run = await runs.create(
-            name, payload, tenant=who, enqueue=True, start_at=start_at, tags=tags
-        )
+            name, payload, tenant=who, enqueue=True, start_at=start_at, tags=tags,
+            priority=priority,
+        )  # fmt: skip
         await quotas.opened(who, run.id)
     headers = {"Location": f"/v1/runs/{run.id}"}
     if replayed:

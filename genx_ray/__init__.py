@@ -38,6 +38,7 @@ from genx_ray.flow import (
 )
 from genx_ray.model import (
     ChildFailed,
+    Concurrency,
     ConfigError,
     GenxError,
     InputTimeout,
@@ -71,6 +72,7 @@ __all__ = [
     "ChildFailed",
     "ChildRun",
     "Component",
+    "Concurrency",
     "ConfigError",
     "GenxError",
     "InputTimeout",

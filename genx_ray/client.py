@@ -58,10 +58,11 @@ class Client:
         delay_seconds: float | None = None,
         start_at: str | None = None,
         tags: dict[str, str] | None = None,
+        priority: int | None = None,
     ) -> dict[str, Any]:
         """Start a run (later, with ``delay_seconds`` or an RFC 3339 ``start_at``; ``tags`` to
-        find it by); returns the run object, with its ``stream_token`` (read-only, this run
-        only: for a browser, see :meth:`viewer_url`)."""
+        find it by; ``priority`` 1 most urgent .. 5, default 3); returns the run object, with
+        its ``stream_token`` (read-only, this run only: for a browser, see :meth:`viewer_url`)."""
         params = {"wait": wait} if wait else None
         headers = {"Idempotency-Key": key} if key else None
         body: dict[str, Any] = {"input": input}
@@ -69,6 +70,8 @@ class Client:
             body["tags"] = tags
         if delay_seconds is not None:
             body["delay_seconds"] = delay_seconds
+        if priority is not None:
+            body["priority"] = priority
         if start_at is not None:
             body["start_at"] = start_at
         resp = self.http.post(

@@ -37,6 +37,8 @@ ON_CLUSTER_TOO: dict[str, tuple[str, ...]] = {
     "test_operator": (),  # reruns, bulk actions, tags
     "test_search": ("index", "filters_intersect", "time_ranges", "stale"),  # the run indexes
     "test_durability": (),
+    "test_queue_order": (),
+    "test_concurrency": (),  # the concurrency keys' scripts (a key's two sets in one slot)  # the run queue's scripts: every key in one slot
     "test_crash": ("kill_9",),  # a worker, and a host with 200 runs, killed
     "test_client": ("cap", "budget", "retry_after", "slot"),  # the LLM limiter's
     # The schedule, quota and idempotency scripts (a tenant's index, its quota keys, a key).

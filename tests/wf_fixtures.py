@@ -5,11 +5,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
+import uuid
 from typing import Any
 
 from pydantic import BaseModel
 
-from genx_ray import InputTimeout, RetryPolicy, component, publish, sleep, wait_for_input, workflow
+from genx_ray import (
+    Concurrency,
+    InputTimeout,
+    RetryPolicy,
+    component,
+    publish,
+    sleep,
+    wait_for_input,
+    workflow,
+)
 
 
 @component
@@ -197,3 +208,30 @@ def ran(log: str) -> dict[str, int]:
             for line in f.read().split():
                 counts[line] = counts.get(line, 0) + 1
     return counts
+
+
+@workflow(name="keyed", concurrency=Concurrency(limit=2, key="user"))
+async def keyed(user: str, hold: float = 0.5, park: float = 0.0) -> int:
+    """Counts, from inside, how many runs of its user are inside at once (each refreshes a 1 s
+    marker while it runs: a killed run's marker lapses); returns the most it saw. With
+    ``park``, first sleeps durably (parked: it does not count against its key)."""
+    from genx_ray.store import async_redis
+
+    if park:
+        await sleep(park)
+    r = async_redis(os.environ["GENX_REDIS_URL"])
+    marker, me, peak = f"test:keyed:{{{user}}}", uuid.uuid4().hex, 0
+    try:
+        end = time.time() + hold
+        while True:
+            now = time.time()
+            await r.zadd(marker, {me: now + 1})
+            await r.zremrangebyscore(marker, "-inf", now)
+            peak = max(peak, int(await r.zcard(marker)))
+            if now >= end:
+                break
+            await asyncio.sleep(0.1)
+        await r.zrem(marker, me)
+    finally:
+        await r.aclose()
+    return peak

@@ -207,6 +207,7 @@ def run_cmd(
     tag: Annotated[
         list[str] | None, typer.Option(help="A tag key:value to find it by (repeat for more).")
     ] = None,
+    priority: Annotated[int | None, typer.Option(help="1 (most urgent) .. 5 [default: 3].")] = None,
 ) -> None:
     """Start a run through the API; follow it with live progress and print its output."""
     from genx_ray.cli._console import follow
@@ -215,7 +216,7 @@ def run_cmd(
     client = Client()
     run = client.start(
         workflow, _json_option("--input", input), delay_seconds=delay, start_at=start_at,
-        tags=_tags(tag),
+        tags=_tags(tag), priority=priority,
     )  # fmt: skip
     if detach:
         typer.echo(json.dumps(run, indent=2))
@@ -310,18 +311,23 @@ def runs_ls(
         workflow=workflow, status=status, tag=tag or None, created_after=created_after,
         created_before=created_before, limit=limit,
     )  # fmt: skip
-    rows = [
+    rows: list[tuple[str, ...]] = [
         (r["id"], r["workflow"], r["status"], str(r["attempt"]), r["created_at"],
          ",".join(f"{k}:{v}" for k, v in (r.get("tags") or {}).items()))
         for r in page["runs"]
     ]  # fmt: skip
+    columns = ["workflow", "status", "attempt", "created", "tags"]
+    if status == "queued":  # what decides which starts first
+        columns.append("priority")
+        rows = [(*row, str(r.get("priority", 3))) for row, r in zip(rows, page["runs"],
+                                                                     strict=True)]  # fmt: skip
     if not sys.stdout.isatty():  # piped: one tab-separated line a run, nothing truncated
         for row in rows:
             typer.echo("\t".join(row))
         return
     table = Table()
     table.add_column("id", no_wrap=True, min_width=30)
-    for name in ("workflow", "status", "attempt", "created", "tags"):
+    for name in columns:
         table.add_column(name)
     for row in rows:
         table.add_row(*row)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from genx_ray.flow._context import current_run, current_scope
 from genx_ray.flow._waits import CHILD_CHECK_SECONDS, Parked
 from genx_ray.model import (
+    DEFAULT_PRIORITY,
     ChildFailed,
     ChildStartedEvent,
     JournalEntry,
@@ -95,12 +96,15 @@ async def start_child(workflow: Workflow[Any, R], raw_input: Any) -> ChildRun[R]
     store = RunStore(ctx.redis)
     extra = {"parent_id": ctx.run_id, "parent_step": result_step}
     here = ctx.origin == "local"  # a script's run: its children run in the same process
+    queue, runner, priority = await ctx.redis.hmget(
+        keys.run(ctx.run_id), "queue", "runner", "priority"
+    )
     if here:
-        queue, runner = await ctx.redis.hmget(keys.run(ctx.run_id), "queue", "runner")
         extra.update(origin="local", queue=str(queue), runner=str(runner))
     await store.create(
         workflow.name, payload, tenant=ctx.tenant, run_id=child_id,  # type: ignore[arg-type]
         enqueue=not here, extra=extra, tags=ctx.tags,
+        priority=int(priority or DEFAULT_PRIORITY),  # its parent's
     )  # fmt: skip
     await ctx.redis.sadd(keys.children(ctx.run_id), child_id)
     if here and ctx.start_here is not None:

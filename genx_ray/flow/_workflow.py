@@ -14,7 +14,14 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, cast, overlo
 
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, create_model
 
-from genx_ray.model import Codec, InputInvalid, UserError, WorkflowNotFound, type_hints
+from genx_ray.model import (
+    Codec,
+    Concurrency,
+    InputInvalid,
+    UserError,
+    WorkflowNotFound,
+    type_hints,
+)
 
 if TYPE_CHECKING:
     from genx_ray.flow._children import ChildRun
@@ -33,10 +40,12 @@ class Workflow(Generic[P, R]):
         *,
         name: str | None = None,
         description: str | None = None,
+        concurrency: Concurrency | None = None,
     ) -> None:
         if not inspect.iscoroutinefunction(fn):
             raise UserError(f"@workflow needs an async function; {fn.__qualname__} is not one")
         self.fn = fn
+        self.concurrency = concurrency
         self.name = name or fn.__name__.replace("_", "-")
         if not self.name.replace("-", "").replace("_", "").replace(".", "").isalnum():
             raise UserError(f"workflow name {self.name!r}: use letters, digits, '-', '_', '.'")
@@ -172,7 +181,11 @@ registry = Registry()
 def workflow(fn: Callable[P, Awaitable[R]], /) -> Workflow[P, R]: ...
 @overload
 def workflow(
-    *, name: str | None = None, description: str | None = None, registry: Registry | None = None
+    *,
+    name: str | None = None,
+    description: str | None = None,
+    registry: Registry | None = None,
+    concurrency: Concurrency | None = None,
 ) -> Callable[[Callable[P, Awaitable[R]]], Workflow[P, R]]: ...
 def workflow(
     fn: Any = None,
@@ -181,13 +194,17 @@ def workflow(
     name: str | None = None,
     description: str | None = None,
     registry: Registry | None = None,
+    concurrency: Concurrency | None = None,
 ) -> Any:
     """Make an async function a workflow, registered under ``name`` (default: the function's
-    name with ``-`` for ``_``) so the gateway serves it at ``/v1/workflows/{name}/runs``."""
+    name with ``-`` for ``_``) so the gateway serves it at ``/v1/workflows/{name}/runs``.
+    ``concurrency``: at most so many of its runs at once (per value of an input field)."""
     target = registry if registry is not None else globals()["registry"]
 
     def wrap(f: Callable[..., Awaitable[Any]]) -> Workflow[Any, Any]:
-        wf: Workflow[Any, Any] = Workflow(f, name=name, description=description)
+        wf: Workflow[Any, Any] = Workflow(
+            f, name=name, description=description, concurrency=concurrency
+        )
         target.add(wf)
         return wf
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from redis.exceptions import NoScriptError
 
-from genx_ray.model import LLMLimit
+from genx_ray.model import LLMLimit, TenantLimit
 from genx_ray.store import keys
 from genx_ray.store import scripts as lua
 
@@ -48,11 +48,26 @@ def match(limits: Mapping[str, LLMLimit], model: str) -> str | None:
 Booking = tuple[str, Mapping[str, int]]
 
 
+# The budget name of a tenant's own LLM budget (GENX_TENANT_LIMITS llm_*), "*" for the others'.
+TENANT_BUDGET = "genx-tenant:"
+
+
+def tenant_budgets(tenant_limits: Mapping[str, TenantLimit]) -> dict[str, LLMLimit]:
+    """The tenants' own LLM budgets, by budget name."""
+    return {
+        f"{TENANT_BUDGET}{tenant}": LLMLimit(concurrency=lim.llm_concurrency,
+                                            tpm=lim.llm_tokens_per_minute)
+        for tenant, lim in tenant_limits.items()
+        if lim.llm_concurrency or lim.llm_tokens_per_minute
+    }  # fmt: skip
+
+
 @dataclass
 class Slot:
     glob: str
     id: str
     tokens: int
+    tenant: Slot | None = None  # the slot of the caller's tenant's budget, held with this one
 
 
 class Limiter:
@@ -90,12 +105,31 @@ class Limiter:
 
     def budget(self, model: str) -> tuple[str, LLMLimit]:
         """The budget a model draws on: its glob's, or (no limits) its own, which only a
-        ``Retry-After`` pause applies to."""
+        ``Retry-After`` pause applies to. (A tenant's budget: its own, or ``"*"``'s.)"""
+        if model.startswith(TENANT_BUDGET):
+            limit = self.limits.get(model) or self.limits.get(f"{TENANT_BUDGET}*")
+            return model, limit or LLMLimit()
         glob = match(self.limits, model)
         return (glob, self.limits[glob]) if glob is not None else (model, LLMLimit())
 
-    async def acquire(self, model: str, tokens: int) -> Slot:
-        """Wait for room in the model's budget (and for any pause on it to end)."""
+    async def acquire(self, model: str, tokens: int, tenant: str | None = None) -> Slot:
+        """Wait for room in the caller's tenant's budget, if it has one, then in the model's
+        (and for any pause on it to end): a tenant at its budget holds no model slot while it
+        waits, so it slows only itself. :meth:`release` frees both."""
+        own_budget = f"{TENANT_BUDGET}{tenant}"
+        mine = self.budget(own_budget)[1] if tenant is not None else LLMLimit()
+        if not (mine.concurrency or mine.tpm):
+            return await self._acquire(model, tokens)
+        own = await self._acquire(own_budget, tokens)
+        try:
+            slot = await self._acquire(model, tokens)
+        except BaseException:
+            await self.release(own)
+            raise
+        slot.tenant = own
+        return slot
+
+    async def _acquire(self, model: str, tokens: int) -> Slot:
         glob, limit = self.budget(model)
         if not (limit.concurrency or limit.rpm or limit.tpm):
             await self._wait_out_pause(glob)  # no budget to take from: only a pause applies
@@ -194,6 +228,12 @@ class Limiter:
     ) -> None:
         """Free the slot, correcting its token estimate, and add ``booking`` (a key and counters
         to increment) in the same write. Returns once written; concurrent releases share it."""
+        if slot.tenant is not None:
+            own, slot.tenant = slot.tenant, None
+            await asyncio.gather(
+                self.release(own, actual_tokens), self.release(slot, actual_tokens, booking)
+            )
+            return
         held = self._held.get(slot.glob)
         if held is not None:
             held.discard(slot.id)

@@ -13,7 +13,7 @@ from typing import Any
 import httpx2 as httpx  # the HTTP client openai >= 3 is built on
 from openai._constants import DEFAULT_CONNECTION_LIMITS
 
-from genx_ray.llm._limits import Limiter
+from genx_ray.llm._limits import Limiter, tenant_budgets
 from genx_ray.model import Settings
 from genx_ray.store import async_redis, resolve_redis_url
 
@@ -59,14 +59,11 @@ _shared: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[Any, ..
 def shared_state(settings: Settings) -> Shared:
     """This loop's shared state for these settings (made on first use)."""
     per_loop = _shared.setdefault(asyncio.get_running_loop(), {})
-    key = (
-        settings.redis_url,
-        tuple(sorted(settings.llm_limits.items())),
-        settings.llm_lease_seconds,
-    )
+    limits = {**settings.llm_limits, **tenant_budgets(settings.tenant_limits)}
+    key = (settings.redis_url, tuple(sorted(limits.items())), settings.llm_lease_seconds)
     state = per_loop.get(key)
     if state is None:
         client = async_redis(resolve_redis_url(settings))  # pings: once per loop, not per call
-        limiter = Limiter(client, settings.llm_limits, settings.llm_lease_seconds)
+        limiter = Limiter(client, limits, settings.llm_lease_seconds)
         state = per_loop[key] = Shared(Pools(), client, limiter)
     return state

@@ -129,7 +129,9 @@ class GenxTransport(httpx.AsyncBaseTransport):
         while call.attempts < self.policy.max_attempts:
             call.attempts += 1
             waited = time.perf_counter()
-            slot = await limiter.acquire(call.model, estimate)
+            slot = await limiter.acquire(  # the run's tenant's budget too, if it has one
+                call.model, estimate, tenant=run.tenant if run is not None else None
+            )
             waited = time.perf_counter() - waited
             observer.llm_waited(call.model, waited)
             step = current_step()

@@ -12,6 +12,7 @@ from genx_ray.model import _events as events
 from genx_ray.model import _ids as ids
 from genx_ray.model import _redaction as redaction
 from genx_ray.model import _settings as settings_module
+from genx_ray.model._concurrency import Concurrency
 from genx_ray.model._errors import (
     ChildFailed,
     ConfigError,
@@ -95,6 +96,7 @@ from genx_ray.model._redaction import (
     redact_json,
 )
 from genx_ray.model._run import (
+    DEFAULT_PRIORITY,
     DEFAULT_TENANT,
     MAX_RERUN_LINKS,
     MAX_TAG_KEY,
@@ -102,6 +104,7 @@ from genx_ray.model._run import (
     MAX_TAGS,
     Run,
     Wait,
+    check_priority,
     check_tags,
     parse_tag,
     trace_id_of,
@@ -141,6 +144,7 @@ from genx_ray.model._values import (
 )
 
 __all__ = [
+    "DEFAULT_PRIORITY",
     "DEFAULT_REDIS_URL",
     "DEFAULT_SCHEDULES",
     "DEFAULT_TENANT",
@@ -165,6 +169,7 @@ __all__ = [
     "ChildFinishedEvent",
     "ChildStartedEvent",
     "Codec",
+    "Concurrency",
     "ConfigError",
     "Conflict",
     "ErrorInfo",
@@ -226,6 +231,7 @@ __all__ = [
     "attempt_scope_id",
     "build_steps",
     "canonical_hash",
+    "check_priority",
     "check_tags",
     "dump_event",
     "dump_value",

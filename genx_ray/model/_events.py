@@ -73,6 +73,10 @@ class RunQueuedEvent(BaseEvent):
     type: Literal["run.queued"] = "run.queued"
     workflow: str
     attempt: int = 1
+    # Why a queued run still waits, once a worker found it could not start it yet:
+    # "max_running" (GENX_MAX_RUNNING reached), "concurrency_key" (its workflow's Concurrency
+    # limit reached for its key). None on the first, when the run is queued.
+    reason: str | None = None
 
 
 class RunStartedEvent(BaseEvent):

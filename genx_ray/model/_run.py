@@ -16,12 +16,22 @@ from genx_ray.model._events import ErrorInfo
 from genx_ray.model._status import RunStatus
 
 __all__ = [
-    "DEFAULT_TENANT", "MAX_RERUN_LINKS", "MAX_TAGS", "MAX_TAG_KEY", "MAX_TAG_VALUE", "Run",
-    "Wait", "check_tags", "parse_tag",
+    "DEFAULT_PRIORITY",
+    "DEFAULT_TENANT",
+    "MAX_RERUN_LINKS",
+    "MAX_TAGS",
+    "MAX_TAG_KEY",
+    "MAX_TAG_VALUE",
+    "Run",
+    "Wait",
+    "check_priority",
+    "check_tags",
+    "parse_tag",
 ]  # fmt: skip
 
 DEFAULT_TENANT = "default"  # the one tenant of a gateway without API keys
 MAX_TAGS = 16  # tags of one run
+DEFAULT_PRIORITY = 3  # a run's priority unless told: 1 most urgent .. 5 least
 MAX_TAG_KEY = 64  # characters
 MAX_TAG_VALUE = 256
 MAX_RERUN_LINKS = 100  # the newest reruns a run lists (``reruns``)
@@ -87,6 +97,8 @@ class Run(BaseModel):
     # What the caller tagged it with at start (a child run inherits its parent's), searchable:
     # GET /v1/runs?tag=key:value.
     tags: dict[str, str] = Field(default_factory=dict)
+    # 1 (most urgent) .. 5: among runs waiting to start, a more urgent one starts first.
+    priority: int = DEFAULT_PRIORITY
     # A rerun: the run it reruns, and the step it reran from (None: from the start). A run that
     # was rerun: its reruns, oldest first (the newest MAX_RERUN_LINKS).
     rerun_of: str | None = None
@@ -126,6 +138,7 @@ class Run(BaseModel):
             parent_step=h.get("parent_step") or None,
             trace_id=trace_id_of(h.get("traceparent")),
             tags=json.loads(h["tags"]) if h.get("tags") else {},
+            priority=int(h.get("priority") or DEFAULT_PRIORITY),
             rerun_of=h.get("rerun_of") or None,
             rerun_from_step=h.get("rerun_from_step") or None,
             reruns=h["reruns"].split() if h.get("reruns") else [],
@@ -164,6 +177,16 @@ def trace_id_of(value: str | None) -> str | None:
     if len(parts) < 4 or len(parts[1]) != 32 or parts[1] == "0" * 32:
         return None
     return parts[1]
+
+
+def check_priority(priority: Any) -> int:
+    """``priority`` if it is one (an integer 1..5), :data:`DEFAULT_PRIORITY` for None, else
+    :class:`InputInvalid` naming the field."""
+    if priority is None:
+        return DEFAULT_PRIORITY
+    if isinstance(priority, bool) or not isinstance(priority, int) or not 1 <= priority <= 5:
+        raise InputInvalid.field("priority", "must be an integer from 1 (most urgent) to 5")
+    return priority
 
 
 def check_tags(tags: Any) -> dict[str, str]:

@@ -57,6 +57,12 @@ class TenantLimit:
     runs_per_minute: int | None = None  # a token bucket: bursts up to this, refilled evenly
     running: int | None = None  # runs started and not finished (queued, running or waiting)
     schedules: int | None = None  # schedules it may have (None: "*"'s, else DEFAULT_SCHEDULES)
+    # Its share of the run queue against other tenants' at one priority (None: "*"'s, else 1).
+    weight: int | None = None
+    # Its own LLM budget, every process of the cluster sharing it, beside GENX_LLM_LIMITS' per
+    # model (a call waits for both): tokens per minute, and calls at once.
+    llm_tokens_per_minute: int | None = None
+    llm_concurrency: int | None = None
 
 
 def _var(name: str, default: Any, **kw: Any) -> Any:
@@ -334,7 +340,8 @@ def _tenant_limits(value: str) -> dict[str, TenantLimit]:
         raise ConfigError(name, f"not JSON ({exc}); e.g. {example}") from None
     if not isinstance(raw, dict):
         raise ConfigError(name, f"expected an object of tenant -> limits, e.g. {example}")
-    fields = ("runs_per_minute", "running", "schedules")
+    fields = ("runs_per_minute", "running", "schedules", "weight", "llm_tokens_per_minute",
+              "llm_concurrency")  # fmt: skip
     limits: dict[str, TenantLimit] = {}
     for tenant, spec in raw.items():
         if tenant != "*" and not TENANT_NAME.fullmatch(tenant):

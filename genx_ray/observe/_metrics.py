@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from contextvars import ContextVar
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -119,7 +119,14 @@ GAUGES = {
     "genx_queue_oldest_age_seconds": "Age of the oldest entry of the run queue (0 when empty): "
     "how long runs wait for a worker.",
     "genx_sse_clients": "Event streams (SSE or NDJSON) this gateway is serving now.",
+    "genx_queue_tenant_depth": "Run attempts waiting in the run queue, by tenant and priority.",
+    "genx_runs_held_by_concurrency_key": "Queued runs held back by their workflow's concurrency "
+    "key (the limit of runs at once for their key is reached).",
+    "genx_queue_tenant_oldest_age_seconds": "Age of the oldest run attempt waiting in the run "
+    "queue, by tenant and priority.",
 }
+# A labelled gauge's samples: (labels, value) each.
+Labelled = Mapping[str, Sequence[tuple[Mapping[str, str], float]]]
 
 # -- recording ------------------------------------------------------------------------------------
 
@@ -363,12 +370,18 @@ def add(total: Snapshot, more: Snapshot) -> None:
 
 
 class _Exposed(Collector):
-    def __init__(self, gauges: Mapping[str, float], remote: Snapshot) -> None:
-        self.gauges, self.remote = gauges, remote
+    def __init__(self, gauges: Mapping[str, float], remote: Snapshot, labelled: Labelled) -> None:
+        self.gauges, self.remote, self.labelled = gauges, remote, labelled
 
     def collect(self) -> Iterable[Metric]:
         for name, value in self.gauges.items():
             yield GaugeMetricFamily(name, GAUGES[name], value=value)
+        for name, samples in self.labelled.items():
+            names = sorted({k for labels, _ in samples for k in labels})
+            gauge = GaugeMetricFamily(name, GAUGES[name], labels=names)
+            for labels, value in samples:
+                gauge.add_metric([labels.get(k, "") for k in names], value)
+            yield gauge
         for family in REGISTRY.collect():
             merged = Metric(family.name, family.documentation, family.type, family.unit)
             seen = set()
@@ -384,14 +397,17 @@ class _Exposed(Collector):
             yield merged
 
 
-def exposition(gauges: Mapping[str, float], remote: Iterable[Snapshot] = ()) -> bytes:
-    """The text exposition: ``gauges`` (names of :data:`GAUGES`), this process's counters and
-    histograms plus the ``remote`` snapshots (its run hosts'), and the process's own figures."""
+def exposition(
+    gauges: Mapping[str, float], remote: Iterable[Snapshot] = (), labelled: Labelled | None = None
+) -> bytes:
+    """The text exposition: ``gauges`` and ``labelled`` gauges (names of :data:`GAUGES`), this
+    process's counters and histograms plus the ``remote`` snapshots (its run hosts'), and the
+    process's own figures."""
     total: Snapshot = {}
     for snap in remote:
         add(total, snap)
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Exposed(gauges, total))
+    registry.register(_Exposed(gauges, total, labelled or {}))
     registry.register(ProcessCollector(registry=None))
     return generate_latest(registry)
 

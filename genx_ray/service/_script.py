@@ -25,7 +25,15 @@ from redis.exceptions import RedisError
 
 from genx_ray.engine import Executor
 from genx_ray.flow import Registry, Workflow, registry
-from genx_ray.model import Run, RunCancelled, RunFailed, RunStatus, Settings
+from genx_ray.model import (
+    DEFAULT_PRIORITY,
+    Run,
+    RunCancelled,
+    RunFailed,
+    RunStatus,
+    Settings,
+    check_priority,
+)
 from genx_ray.service._supervisor import Supervisor
 from genx_ray.store import (
     MAX_BLOCK_MS,
@@ -249,6 +257,7 @@ def start(
     tenant: str = "default",
     start_at: datetime | None = None,
     delay_seconds: float | None = None,
+    priority: int = DEFAULT_PRIORITY,
 ) -> RunHandle:
     """Start a run of ``wf`` in the background; returns its handle at once.
 
@@ -256,8 +265,10 @@ def start(
     answers); Ray is started only if a step needs it. The input is validated first:
     :class:`InputInvalid` says what is wrong and nothing is created. With ``start_at`` (an aware
     datetime) or ``delay_seconds`` the run is ``scheduled`` until then, and this process starts
-    it when its time comes (if it is still alive).
+    it when its time comes (if it is still alive). ``priority`` (1 most urgent .. 5) is the
+    run's, and its children's (a script's runs start in its own process, in no queue).
     """
+    priority = check_priority(priority)
     when = start_time(start_at, delay_seconds)
     workflow = _resolve(wf)
     payload = workflow.encode_input(input)
@@ -272,8 +283,9 @@ def start(
             retention_seconds=settings.retention_seconds,
         )
         run = await store.create(
-            workflow.name, payload, tenant=tenant, extra=runner.fields, start_at=when
-        )
+            workflow.name, payload, tenant=tenant, extra=runner.fields, start_at=when,
+            priority=priority,
+        )  # fmt: skip
         return run.id
 
     run_id = runner.call(create())

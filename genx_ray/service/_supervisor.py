@@ -35,7 +35,16 @@ from typing import Any, cast
 
 from genx_ray.model import Settings, new_run_id
 from genx_ray.service._timers import TICK_SECONDS, Timers
-from genx_ray.store import Quotas, RunStore, backfill_status_indexes, keys, notify, worker_alive
+from genx_ray.store import (
+    ConcurrencyKeys,
+    Quotas,
+    RunQueue,
+    RunStore,
+    backfill_status_indexes,
+    keys,
+    notify,
+    worker_alive,
+)
 
 log = logging.getLogger("genx_ray.supervisor")
 
@@ -51,6 +60,7 @@ class Supervisor:
             client, maxlen=settings.stream_maxlen, retention_seconds=settings.retention_seconds
         )
         self._trimmed_at = 0.0
+        self.concurrency = ConcurrencyKeys(client)
         self.timers = Timers(self.runs, Quotas(client, settings.tenant_limits))
         self._failing: set[str] = set()  # duties whose failure was logged (one line per outage)
 
@@ -145,7 +155,11 @@ class Supervisor:
             if worker in dead and status == "running":
                 outcome = await self._contained(run_id, dead_worker=worker)
                 counts[outcome] = counts.get(outcome, 0) + 1
-        await self.redis.hdel(keys.WORKERS, *dead)
+        # Its entry stays while it holds queue entries it had not started: the entry is how the
+        # other workers know it is dead, and take those over (genx_ray.store._queue).
+        gone = set(dead) - await RunQueue(self.redis).holding(dead)
+        if gone:
+            await self.redis.hdel(keys.WORKERS, *gone)
         return counts
 
     async def trim_indexes(self, batch: int = 500) -> int:
@@ -188,6 +202,7 @@ class Supervisor:
             now = time.monotonic()
             await self._duty("timers", self.timers.tick)
             await self._duty("worker sweep", self.sweep_workers)
+            await self._duty("concurrency keys", self.concurrency.release)
             if now >= next_lease_sweep:
                 await self._duty("lease sweep", self.sweep)
                 next_lease_sweep = now + lease_every

@@ -45,17 +45,27 @@ from genx_ray.compute import RunHosts, cluster_cpus
 from genx_ray.engine import Executor
 from genx_ray.flow import Registry
 from genx_ray.flow import registry as default_registry
-from genx_ray.model import Fenced, InvalidTransition, RunNotFound, Settings
+from genx_ray.model import (
+    Concurrency,
+    Fenced,
+    InvalidTransition,
+    RunNotFound,
+    Settings,
+    WorkflowNotFound,
+)
 from genx_ray.observe import OutageLog, exposition, serve_http, setup
 from genx_ray.service._supervisor import WORKER_BEAT_SECONDS, Supervisor
 from genx_ray.service._webhooks import WebhookSender
 from genx_ray.store import (
+    WORKER_DEAD_SECONDS,
+    ConcurrencyKeys,
     QueueEntry,
     RunQueue,
     RunStore,
     async_redis,
+    concurrency_key,
     keys,
-    queue_state,
+    queue_gauges,
     sync_redis,
     worker_alive,
 )
@@ -63,6 +73,14 @@ from genx_ray.store import scripts as lua
 
 log = logging.getLogger("genx_ray.worker")
 TAKE_BATCH = 64  # queue entries taken per read, at most
+WHY_HEAD = 20  # runs at the head of the queue told why they wait, when the cap is reached
+IDLE_POLL_SECONDS = 0.02  # how long a worker that found the queue empty waits to look again
+# Entries taken and not yet started (claimed by a host, or handed back), at most: what a worker
+# that dies can strand (others take them over once it is known dead, see genx_ray.store._queue).
+IN_FLIGHT = 2 * TAKE_BATCH
+# Debug hook (tests, bench): log each batch taken, then hold it this many seconds before placing
+# it, so that a test can kill the worker between taking runs and starting them.
+HOLD_TAKEN_ENV = "GENX_DEBUG_HOLD_TAKEN"
 
 
 ISOLATED_MAX_RUNS = 32  # with a process per run (GENX_HOST_RUNS=1): ~110 MB each
@@ -114,7 +132,14 @@ class Worker:
         self.fate = fate or (
             "shared" if hosts == "inline" or self.settings.ray_address == "local" else "own"
         )
-        self.queue = RunQueue(client)
+        # Entries a dead worker took are taken over once its heartbeat is this old: never later
+        # than the lease, the bound a started run's restart has.
+        self.queue = RunQueue(
+            client, dead_after=min(WORKER_DEAD_SECONDS, float(self.settings.lease_seconds))
+        )
+        self.concurrency = ConcurrencyKeys(client, self.queue, leased=redis_url is not None)
+        hold = os.environ.get(HOLD_TAKEN_ENV)
+        self._hold_taken = float(hold) if hold else 0.0
         self.runs = RunStore(
             client, maxlen=self.settings.stream_maxlen,
             retention_seconds=self.settings.retention_seconds,
@@ -122,9 +147,11 @@ class Worker:
         self.run_hosts: RunHosts | None = None
         self.executor: Executor | None = None
         self._placing = 0  # runs taken from the queue, not yet claimed or refused
+        self._said_why_at = 0.0
         self._stopping = asyncio.Event()
         self._batches: set[asyncio.Task[None]] = set()
         self.supervisor = Supervisor(client, self.settings)
+        self.supervisor.concurrency = self.concurrency
         self.webhooks = WebhookSender(client, self.settings, self.name)
 
     @property
@@ -141,14 +168,17 @@ class Worker:
     async def render_metrics(self) -> bytes:
         """``GET /metrics``: this worker's metrics, its run hosts' (as they last reported them),
         and the queue's state read from Redis now."""
-        depth, age = await queue_state(self.redis)
-        gauges = {"genx_runs_running": self.running, "genx_queue_depth": depth,
-                  "genx_queue_oldest_age_seconds": age}  # fmt: skip
+        gauges, labelled = await queue_gauges(self.redis)
+        gauges["genx_runs_running"] = self.running
+        gauges["genx_runs_held_by_concurrency_key"] = await self.concurrency.held()
         hosts = self.run_hosts.reported_metrics() if self.run_hosts is not None else []
-        return exposition(gauges, hosts)
+        return exposition(gauges, hosts, labelled)
 
     async def serve(self) -> None:
-        await self.queue.ensure_group()
+        await self.queue.set_weights(
+            {t: lim.weight for t, lim in self.settings.tenant_limits.items() if lim.weight}
+        )
+        await self.queue.move_old_queue()
         if self.host_mode == "ray":
             assert self.redis_url is not None
             self.run_hosts = RunHosts(
@@ -186,30 +216,48 @@ class Worker:
     async def _take_runs(self) -> None:
         outage = OutageLog(f"worker {self.name}: queue", log)
         while not self._stopping.is_set():
-            free = self.max_runs - self.running
+            # Room on its hosts, and no more in flight than it starts in a moment: what a death
+            # between taking runs and starting them strands.
+            free = min(self.max_runs - self.running, IN_FLIGHT - self._placing)
+            if free > 0 and self.settings.max_running:
+                try:
+                    free = min(free, await self._cluster_room())
+                except Exception as exc:  # as a take's failure, below
+                    outage.failed(exc)
+                    await asyncio.sleep(1)
+                    continue
             if free <= 0:
+                if self.settings.max_running:
+                    await self._say_why("max_running")
                 await asyncio.sleep(0.05)  # room comes back as runs end (hosts report it)
                 continue
             try:
-                taken = await self.queue.take(self.name, min(free, TAKE_BATCH), block_ms=500)
+                taken = await self.queue.take(self.name, min(free, TAKE_BATCH))
             except Exception as exc:  # whatever a client raises: a worker that stopped taking
                 outage.failed(exc)  # runs would look alive and do nothing
                 await asyncio.sleep(1)
                 continue
             outage.ok()
             if not taken:
+                await asyncio.sleep(IDLE_POLL_SECONDS)
                 continue
-            if self._stopping.is_set():  # stopped while waiting on the queue: not ours
+            if self._hold_taken:
+                log.warning("worker %s: took %d run(s); holding them %ss (%s)", self.name,
+                            len(taken), self._hold_taken, HOLD_TAKEN_ENV)  # fmt: skip
+            if self._stopping.is_set():  # stopped while taking: not ours
                 for entry in taken:
-                    await self.queue.put(entry.run_id, entry.attempt)
-                await self.queue.ack(*(e.id for e in taken))
+                    await self._put_back(entry)
                 break
             # Placed in the background: the next entries are read meanwhile. Fresh runs go as
             # one batch; the others (a restart to check, a cluster-wide slot to wait for) each
             # when they are ready, so none waits for another.
             fresh = [e for e in taken if self._fresh(e)]
             batches = [fresh] if fresh else []
-            batches += [[e] for e in taken if not self._fresh(e)]
+            # Runs with a concurrency key go as one batch admitted in queue order (FIFO per
+            # key); the others each on its own.
+            keyed = [e for e in taken if e.workflow and self._limit(e.workflow) is not None]
+            batches += [keyed] if keyed else []
+            batches += [[e] for e in taken if not self._fresh(e) and e not in keyed]
             for batch in batches:
                 self._placing += len(batch)
                 task = asyncio.create_task(self._place(batch))
@@ -217,15 +265,28 @@ class Worker:
                 task.add_done_callback(self._batches.discard)
 
     def _fresh(self, entry: QueueEntry) -> bool:
-        """A first attempt whose entry says all, with no cluster-wide cap to wait for."""
-        return entry.attempt == 1 and entry.workflow is not None and not self.settings.max_running
+        """A first attempt whose entry says all, with no cluster-wide cap or concurrency key
+        to wait for."""
+        if entry.attempt != 1 or entry.workflow is None or self.settings.max_running:
+            return False
+        return self._limit(entry.workflow) is None
+
+    def _limit(self, workflow: str) -> Concurrency | None:
+        try:
+            return self.registry.get(workflow).concurrency
+        except WorkflowNotFound:
+            return None  # the claim says so
 
     async def _place(self, taken: list[QueueEntry]) -> None:
         """Start a batch of runs: each on a host (or here), acknowledged once claimed (from then
         on its lease covers it) or refused (not its attempt's to run any more)."""
         try:
+            if self._hold_taken:
+                await asyncio.sleep(self._hold_taken)
             if all(self._fresh(e) for e in taken):
                 ready = taken
+            elif len(taken) > 1:  # keyed: one after the other, in queue order
+                ready = [r for e in taken if (r := await self._ready(e)) is not None]
             else:
                 ready = [e for e in await asyncio.gather(*(self._ready(e) for e in taken)) if e]
             if self.run_hosts is not None:
@@ -249,11 +310,24 @@ class Worker:
             if attempt is None:
                 await self.queue.ack(entry.id)  # expired, or never existed
                 return None
-            entry = QueueEntry(entry.id, entry.run_id, int(attempt), str(workflow))
+            entry = QueueEntry(entry.id, entry.run_id, int(attempt), str(workflow),
+                               entry.priority, entry.tenant, entry.queued_us)  # fmt: skip
             if version and await self._belongs_elsewhere(str(version)):
                 await self._later(entry)
                 return None
+        limit = self._limit(str(entry.workflow))
+        if limit is not None:
+            assert entry.attempt is not None
+            raw = await self.redis.hget(keys.run(entry.run_id), "input")
+            key = concurrency_key(str(entry.workflow), limit.value(json.loads(raw or "null")))
+            if not await self.concurrency.admit(key, limit.limit, entry.run_id, entry.attempt,
+                                                entry):  # fmt: skip
+                # Filed under its key (it starts when one with its key ends): off the queue.
+                await self.runs.queued_because(entry.run_id, entry.attempt, "concurrency_key")
+                await self.queue.ack(entry.id)
+                return None
         if not await self._admit(entry.run_id):
+            await self.runs.queued_because(entry.run_id, entry.attempt, "max_running")
             await self._later(entry)
             return None
         return entry
@@ -278,22 +352,48 @@ class Worker:
     async def _later(self, entry: QueueEntry) -> None:
         """Not now (another deployment's, or over the cluster-wide cap): back on the queue."""
         await asyncio.sleep(0.2)
-        await self.queue.put(entry.run_id, entry.attempt)
+        await self._put_back(entry)
+
+    async def _put_back(self, entry: QueueEntry) -> None:
+        """Back on the queue, where it was (its priority, its place in its tenant's FIFO)."""
+        at = entry.queued_us / 1e6 if entry.queued_us is not None else None
+        # As it came (a worker that takes it checks again what _ready checked: not "fresh").
+        came = QueueEntry.of(entry.id)
+        await self.queue.put(came.run_id, came.attempt, came.workflow, tenant=came.tenant,
+                             priority=came.priority, queued_at=at)  # fmt: skip
         await self.queue.ack(entry.id)
 
-    async def _admit(self, run_id: str) -> bool:
-        """Wait for a cluster-wide slot (``GENX_MAX_RUNNING``); False if stopping first."""
+    async def _say_why(self, reason: str) -> None:
+        """At the cap: tell the runs at the head of the queue why they wait (a ``run.queued``
+        with ``reason``, once per attempt), at most once a second; a run further back is told
+        when it gets to the head."""
+        now = time.monotonic()
+        if now - self._said_why_at < 1.0:
+            return
+        self._said_why_at = now
+        with contextlib.suppress(OSError, redis.RedisError):
+            for entry in await self.queue.peek(WHY_HEAD):
+                await self.runs.queued_because(entry.run_id, entry.attempt, reason)
+
+    async def _cluster_room(self) -> int:
+        """Runs this worker may take now under ``GENX_MAX_RUNNING``: the cap less the live
+        leases and what this worker is admitting. Taking no more than that keeps the queue the
+        one place that orders runs (an urgent run is not stuck behind runs a worker holds)."""
         cap = self.settings.max_running
-        while cap:
-            now = time.time()
-            # A stale lease (a dead host the supervisor has not requeued yet) holds no slot.
-            live = now - self.settings.lease_seconds
-            if await lua.ADMIT(self.redis, [keys.LEASES], [cap, run_id, now, live]):
-                return True
-            if self._stopping.is_set():
-                return False
-            await asyncio.sleep(0.2)  # polled: slots free up in other processes
-        return True
+        if not cap:
+            return self.max_runs
+        live = time.time() - self.settings.lease_seconds
+        return cap - int(await self.redis.zcount(keys.LEASES, live, "+inf")) - self._placing
+
+    async def _admit(self, run_id: str) -> bool:
+        """A cluster-wide slot (``GENX_MAX_RUNNING``) for the run, if one is free now."""
+        cap = self.settings.max_running
+        if not cap:
+            return True
+        now = time.time()
+        # A stale lease (a dead host the supervisor has not requeued yet) holds no slot.
+        live = now - self.settings.lease_seconds
+        return bool(await lua.ADMIT(self.redis, [keys.LEASES], [cap, run_id, now, live]))
 
     async def _belongs_elsewhere(self, version: str) -> bool:
         if version == self.settings.deployment:

@@ -10,7 +10,9 @@ run stays within one slot of a Redis Cluster.
 from genx_ray.store import _connections as connections
 from genx_ray.store import _keys as keys
 from genx_ray.store import _scripts as scripts
-from genx_ray.store._cluster import WORKER_DEAD_SECONDS, cluster_state, worker_alive
+from genx_ray.store._cluster import cluster_state
+from genx_ray.store._concurrency import ConcurrencyKeys
+from genx_ray.store._concurrency import tag as concurrency_key
 from genx_ray.store._connections import (
     AsyncRedis,
     SyncRedis,
@@ -25,7 +27,16 @@ from genx_ray.store._connections import (
 from genx_ray.store._embedded import EmbeddedRedis, die_with_parent, find_redis_server, free_port
 from genx_ray.store._leases import Leases
 from genx_ray.store._outbox import notify
-from genx_ray.store._queue import QueueEntry, RunQueue, queue_state
+from genx_ray.store._queue import (
+    WORKER_DEAD_SECONDS,
+    QueueDepth,
+    QueueEntry,
+    RunQueue,
+    queue_depths,
+    queue_gauges,
+    queue_state,
+    worker_alive,
+)
 from genx_ray.store._quotas import Quotas
 from genx_ray.store._runs import MAX_DELAY_SECONDS, Claim, RunStore, check_input, start_time
 from genx_ray.store._schedules import (
@@ -62,9 +73,11 @@ __all__ = [
     "AsyncRedis",
     "BatchWriter",
     "Claim",
+    "ConcurrencyKeys",
     "EmbeddedRedis",
     "EventStore",
     "Leases",
+    "QueueDepth",
     "QueueEntry",
     "Quotas",
     "ResumePoint",
@@ -85,6 +98,7 @@ __all__ = [
     "check_event_id",
     "check_input",
     "cluster_state",
+    "concurrency_key",
     "connections",
     "die_with_parent",
     "find_redis_server",
@@ -100,6 +114,8 @@ __all__ = [
     "on_node_of",
     "parse_entries",
     "ping",
+    "queue_depths",
+    "queue_gauges",
     "queue_state",
     "resolve_redis_url",
     "resume_point",

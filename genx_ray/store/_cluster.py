@@ -18,13 +18,7 @@ from typing import Any
 
 from genx_ray.model import LLMLimit
 from genx_ray.store import _keys as keys
-from genx_ray.store._queue import queue_state
-
-WORKER_DEAD_SECONDS = 3.0  # a worker whose heartbeat is older than this is gone
-
-
-def worker_alive(entry: Mapping[str, Any], now: float) -> bool:
-    return now - float(entry.get("seen", 0)) < WORKER_DEAD_SECONDS
+from genx_ray.store._queue import queue_state, worker_alive
 
 
 async def cluster_state(redis: Any, llm_limits: Mapping[str, LLMLimit]) -> dict[str, Any]:

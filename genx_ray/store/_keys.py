@@ -17,10 +17,12 @@ from urllib.parse import quote, unquote
 
 PREFIX = "genx"
 
-# Stream: the run queue. The gateway appends run ids; workers read it through one consumer
-# group, so a queued run is delivered to exactly one worker at a time.
-QUEUE = f"{PREFIX}:queue"
-QUEUE_GROUP = "workers"
+# The run queue's keys all start with this (its hash tag: one Redis Cluster slot, so one script
+# takes a batch of runs): per priority and tenant a FIFO of entries, per priority the tenants in
+# turn, the entries taken and by whom (genx_ray.store._queue).
+QUEUE = "{" + f"{PREFIX}:queue" + "}"
+# Stream: where the run queue was before priorities (read once by a worker, and moved over).
+OLD_QUEUE = f"{PREFIX}:queue"
 
 # Sorted set: run id -> last lease renewal (unix seconds) of every run a host holds a lease on.
 # The supervisor reads its stale end; the run's lease key decides whether the run is orphaned.
@@ -77,6 +79,11 @@ def part(name: str) -> str:
     percent-encoded (``:``, ``{``, ``}``, ``%`` included). Injective, and readable for the
     names people actually use."""
     return quote(name, safe="-_.~")
+
+
+def unpart(name: str) -> str:
+    """The name :func:`part` made safe."""
+    return unquote(name)
 
 
 def run(run_id: str) -> str:

@@ -1,102 +1,267 @@
-"""The run queue: a Redis stream the gateway appends run ids to, read by workers through one
-consumer group, so each queued run is delivered to one worker at a time.
+"""The run queue: runs waiting to start, taken by workers most urgent first and, within one
+priority, fairly across tenants, weighted (``GENX_TENANT_LIMITS`` ``"weight"``), then FIFO.
 
-An entry names the run, and usually its attempt and workflow (so a host claims it in one round
-trip). It is acknowledged once its run has ended or been handed back. Entries a dead worker had
-taken stay pending, and :meth:`RunQueue.take` claims those that sat idle too long.
+Every key lives in one Redis Cluster slot (the hash tag ``{genx:queue}``), so one script takes a
+whole batch in one round trip:
+
+- per priority (1 most urgent .. 5) and tenant, a sorted set of entries by when they were
+  queued (us): the tenant's FIFO at that priority;
+- per priority, a sorted set of the tenants with entries there, by virtual time: the script takes
+  from the tenant whose virtual time is lowest, and advances it by ``1 / weight``. A tenant that
+  joins (or comes back) starts at the priority's clock, the virtual time of the last entry
+  taken: never behind the others by more than one round, never ahead of them by its history.
+  Taking an entry is O(log n) in the backlog;
+- the entries taken and not yet acknowledged, with who took each (a set per worker) and when.
+
+An entry is acknowledged once its run has been claimed (its lease covers it from then on) or
+handed back. Entries a worker took and had not started when it died stay held under its name.
+Every worker looks for such entries five times a second (:meth:`RunQueue.take`): those of a worker
+whose heartbeat in the worker table is older than ``dead_after`` (``WORKER_DEAD_SECONDS``, or
+``GENX_LEASE_SECONDS`` if shorter) are taken over at once, so a run taken by a dead worker
+starts again within the bound a started run's restart has. A live worker keeps its entries,
+however slow it is (and if two workers ever start the same entry, the run's attempt fencing lets
+one claim it). Entries held ``STALE_HELD_MS`` (a live worker whose placement failed, a process
+that never heartbeats) are taken over whoever holds them.
 """
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
-from redis.exceptions import ResponseError
-
+from genx_ray.model import DEFAULT_PRIORITY, DEFAULT_TENANT
 from genx_ray.store import _keys as keys
-from genx_ray.store._connections import is_cluster, on_node_of
+from genx_ray.store import _scripts as lua
 
-# A pending entry untouched this long belongs to a worker that died: another worker claims it.
-# Generous on purpose: the run's own status and heartbeat decide whether it is really orphaned.
-STALE_PENDING_MS = 60_000
-CLAIM_EVERY_SECONDS = 5.0  # how often a worker looks for such entries
+PRIORITIES = range(1, 6)  # 1 most urgent
+
+# An entry held this long is taken over whoever holds it. Generous on purpose: a dead worker's
+# entries are taken over as soon as it is known dead (below); the run's attempt decides.
+STALE_HELD_MS = 60_000
+STALE_EVERY_SECONDS = 5.0  # how often a worker looks for such entries
+STRANDED_EVERY_SECONDS = 0.2  # how often a worker looks for entries of dead workers
+WORKER_DEAD_SECONDS = 3.0  # a worker whose heartbeat is older than this is gone
+
+
+def worker_alive(
+    entry: Mapping[str, Any], now: float, dead_after: float = WORKER_DEAD_SECONDS
+) -> bool:
+    """Whether a worker table entry heartbeated within ``dead_after`` seconds."""
+    return now - float(entry.get("seen", 0)) < dead_after
+
+
+def _tenant_queue(priority: int, tenant: str) -> str:
+    return f"{keys.QUEUE}:q:{priority}:{keys.part(tenant)}"
+
+
+def _ready(priority: int) -> str:
+    return f"{keys.QUEUE}:ready:{priority}"
+
+
+def entry_of(
+    run_id: str, attempt: int | None, workflow: str | None, tenant: str, priority: int
+) -> str:
+    """An entry as the queue holds it (one per run attempt: queued twice, it is one)."""
+    return json.dumps([run_id, attempt, workflow, tenant, priority], separators=(",", ":"))
+
+
+_last_us = 0
+
+
+def _queued_us(now: float | None) -> int:
+    """When queued, in microseconds: the FIFO order of a tenant's entries (increasing within
+    a process; exact in a sorted set's double up to year 2255)."""
+    global _last_us
+    if now is not None:  # put back where it was
+        return int(now * 1e6)
+    _last_us = us = max(time.time_ns() // 1000, _last_us + 1)
+    return us
+
+
+def put_commands(
+    pipe: Any, run_id: str, attempt: int | None, workflow: str | None, tenant: str,
+    priority: int = DEFAULT_PRIORITY, now: float | None = None,
+) -> None:  # fmt: skip
+    """Queue a run's attempt, as two commands on ``pipe`` (one slot; the tenant is listed after
+    its entry is in: a take between the two finds it at the next one)."""
+    if priority not in PRIORITIES:
+        raise ValueError(f"priority must be 1..5, not {priority!r}")
+    entry = entry_of(run_id, attempt, workflow, tenant, priority)
+    pipe.zadd(_tenant_queue(priority, tenant), {entry: _queued_us(now)})
+    pipe.zadd(_ready(priority), {keys.part(tenant): 0}, nx=True)
 
 
 @dataclass(frozen=True, slots=True)
 class QueueEntry:
-    id: str  # the stream entry's id, to acknowledge
+    id: str  # the entry as the queue holds it, to acknowledge
     run_id: str
     attempt: int | None = None
     workflow: str | None = None
+    priority: int = DEFAULT_PRIORITY
+    tenant: str = DEFAULT_TENANT
+    queued_us: int | None = None  # when it was queued (unix us), as taken from the queue
 
     @classmethod
-    def of(cls, entry_id: str, fields: dict[str, str]) -> QueueEntry:
-        attempt = fields.get("attempt")
-        return cls(str(entry_id), fields["run"], int(attempt) if attempt else None,
-                   fields.get("workflow"))  # fmt: skip
+    def of(cls, entry: str, queued_us: int | None = None) -> QueueEntry:
+        run_id, attempt, workflow, tenant, priority = json.loads(entry)
+        return cls(entry, run_id, attempt, workflow, priority, tenant, queued_us)
 
 
 class RunQueue:
-    def __init__(self, client: Any, stream: str = keys.QUEUE) -> None:
+    def __init__(self, client: Any, *, dead_after: float = WORKER_DEAD_SECONDS) -> None:
+        """``dead_after``: seconds after its last heartbeat a worker's held entries are taken
+        over by others."""
         self.redis = client
-        self.stream = stream
-        self._claimed_at = 0.0
+        self.dead_after = dead_after
+        self._stale_at = 0.0
+        self._stranded_at = 0.0
 
-    async def ensure_group(self) -> None:
-        try:
-            await self.redis.xgroup_create(self.stream, keys.QUEUE_GROUP, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+    async def put(
+        self, run_id: str, attempt: int | None = None, workflow: str | None = None, *,
+        tenant: str, priority: int = DEFAULT_PRIORITY, queued_at: float | None = None,
+    ) -> None:  # fmt: skip
+        """Queue a run's attempt (``queued_at``: where it was, for one put back)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            put_commands(pipe, run_id, attempt, workflow, tenant, priority, queued_at)
+            await pipe.execute()
 
-    async def put(self, run_id: str, attempt: int | None = None) -> str:
-        fields = {"run": run_id} if attempt is None else {"run": run_id, "attempt": str(attempt)}
-        return str(await self.redis.xadd(self.stream, fields))
+    async def set_weights(self, weights: Mapping[str, int]) -> None:
+        """Tenants' weights (``GENX_TENANT_LIMITS`` ``"weight"``; ``"*"``'s for the others,
+        else 1), for every worker: the last worker started says."""
+        if weights:
+            mapping = {t if t == "*" else keys.part(t): w for t, w in weights.items()}
+            await self.redis.hset(f"{keys.QUEUE}:weights", mapping=mapping)
 
-    async def take(self, consumer: str, count: int, block_ms: int) -> list[QueueEntry]:
-        """Up to ``count`` entries: stale pending ones first (looked for every few seconds), then
-        new ones."""
+    async def move_old_queue(self) -> int:
+        """Runs left in the queue of a version before priorities (a stream): queued here, at
+        their tenant's default priority (once; returns how many)."""
+        entries = await self.redis.xrange(keys.OLD_QUEUE, "-", "+")
+        if not entries:
+            return 0
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for _, fields in entries:
+                pipe.hmget(keys.run(fields["run"]), "attempt", "workflow", "tenant", "priority")
+            found = await pipe.execute()
+        for (_, fields), (attempt, workflow, tenant, priority) in zip(entries, found, strict=True):
+            if attempt is not None:
+                await self.put(fields["run"], int(fields.get("attempt") or attempt), str(workflow),
+                               tenant=str(tenant or DEFAULT_TENANT),
+                               priority=int(priority or DEFAULT_PRIORITY))  # fmt: skip
+        await self.redis.delete(keys.OLD_QUEUE)
+        return len(entries)
+
+    async def take(self, consumer: str, count: int) -> list[QueueEntry]:
+        """Up to ``count`` entries (one round trip): those of dead workers first (looked for
+        five times a second), then long-held ones (every few seconds), then queued ones."""
         now = time.monotonic()
-        if now - self._claimed_at >= CLAIM_EVERY_SECONDS:
-            claimed: list[Any] = await self.redis.xautoclaim(
-                self.stream, keys.QUEUE_GROUP, consumer, STALE_PENDING_MS, "0-0", count=count
-            )
-            entries = [QueueEntry.of(i, f) for i, f in claimed[1] if f]
-            if entries:
-                return entries  # there may be more: look again next time
-            self._claimed_at = now
-        if is_cluster(self.redis):
-            resp = await on_node_of(
-                self.redis, self.stream, "XREADGROUP", "GROUP", keys.QUEUE_GROUP, consumer,
-                "COUNT", count, "BLOCK", block_ms, "STREAMS", self.stream, ">",
-            )  # fmt: skip
-        else:
-            resp = await self.redis.xreadgroup(
-                keys.QUEUE_GROUP, consumer, {self.stream: ">"}, count=count, block=block_ms
-            )
-        resp = cast(list[Any], resp)
-        return [QueueEntry.of(i, f) for i, f in resp[0][1]] if resp else []
+        if now - self._stranded_at >= STRANDED_EVERY_SECONDS:
+            self._stranded_at = now
+            stranded = await self.stranded(consumer, count)
+            if stranded:
+                return stranded
+        if now - self._stale_at >= STALE_EVERY_SECONDS:
+            stale = await self._stale(consumer, count)
+            if stale:
+                return stale  # there may be more: look again next time
+            self._stale_at = now
+        got = cast(list[Any], await lua.QUEUE_TAKE(self.redis, [keys.QUEUE],
+                                         [consumer, count, int(time.time() * 1000)]))  # fmt: skip
+        return [QueueEntry.of(str(got[i]), int(float(got[i + 1]))) for i in range(0, len(got), 4)]
+
+    async def stranded(self, consumer: str, count: int) -> list[QueueEntry]:
+        """Take over for ``consumer`` up to ``count`` entries held by workers whose heartbeat
+        is older than ``dead_after`` (one round trip when none is dead)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.smembers(f"{keys.QUEUE}:holders")
+            pipe.hgetall(keys.WORKERS)
+            holders, table = await pipe.execute()
+        now = time.time()
+        dead = [
+            str(name) for name in holders
+            if name != consumer and (raw := table.get(name)) is not None
+            and not worker_alive(json.loads(raw), now, self.dead_after)
+        ]  # fmt: skip
+        taken: list[QueueEntry] = []
+        for name in dead:
+            args = [consumer, int(now * 1000), count - len(taken), f"@{name}"]
+            got = await lua.QUEUE_TAKE_OVER(self.redis, [keys.QUEUE], args)
+            taken += [QueueEntry.of(str(e)) for e in got]
+            if len(taken) >= count:
+                break
+        return taken
+
+    async def _stale(self, consumer: str, count: int) -> list[QueueEntry]:
+        cutoff = int(time.time() * 1000) - STALE_HELD_MS
+        old = await self.redis.zrangebyscore(f"{keys.QUEUE}:taken", "-inf", cutoff, 0, count)
+        if not old:
+            return []
+        got = await lua.QUEUE_TAKE_OVER(self.redis, [keys.QUEUE],
+                              [consumer, int(time.time() * 1000), count, *old])  # fmt: skip
+        return [QueueEntry.of(str(e)) for e in got]
+
+    async def peek(self, count: int) -> list[QueueEntry]:
+        """About the next ``count`` entries to be taken, left in place."""
+        got = await lua.QUEUE_PEEK(self.redis, [keys.QUEUE], [count])
+        return [QueueEntry.of(str(e)) for e in got]
+
+    async def holding(self, workers: list[str]) -> set[str]:
+        """Those of these workers that hold entries (taken, not yet claimed or handed back)."""
+        holders = await self.redis.smembers(f"{keys.QUEUE}:holders")
+        return {str(h) for h in holders} & set(workers)
+
+    async def held(self, worker: str) -> list[QueueEntry]:
+        """The entries a worker holds."""
+        return [QueueEntry.of(str(e)) for e in await self.redis.smembers(
+            f"{keys.QUEUE}:held:{worker}")]  # fmt: skip
 
     async def ack(self, *entry_ids: str) -> None:
-        if not entry_ids:
-            return
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.xack(self.stream, keys.QUEUE_GROUP, *entry_ids)
-            pipe.xdel(self.stream, *entry_ids)
-            await pipe.execute()
+        if entry_ids:
+            await lua.QUEUE_ACK(self.redis, [keys.QUEUE], list(entry_ids))
+
+
+@dataclass(frozen=True, slots=True)
+class QueueDepth:
+    priority: int
+    tenant: str
+    depth: int
+    oldest_age: float  # seconds
+
+
+async def queue_depths(redis: Any) -> list[QueueDepth]:
+    """What waits, by priority and tenant (one round trip)."""
+    got = cast(list[Any], await lua.QUEUE_STATE(redis, [keys.QUEUE], []))
+    now = time.time()
+    return [
+        QueueDepth(
+            int(got[i]),
+            keys.unpart(str(got[i + 1])),
+            int(got[i + 2]),
+            max(0.0, now - float(got[i + 3]) / 1e6),
+        )
+        for i in range(0, len(got), 4)
+    ]
 
 
 async def queue_state(redis: Any) -> tuple[int, float]:
-    """The run queue's depth and the age of its oldest entry (seconds; its id is when it was
-    added, on Redis's clock), read now."""
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.xlen(keys.QUEUE)
-        pipe.xrange(keys.QUEUE, "-", "+", count=1)
-        depth, first = await pipe.execute()
-    if not first:
-        return int(depth), 0.0
-    entry_id = first[0][0]
-    entry_id = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
-    added = int(entry_id.partition("-")[0])
-    return int(depth), max(0.0, time.time() - added / 1000)
+    """The run queue's depth and the age of its oldest entry (seconds), read now."""
+    depths = await queue_depths(redis)
+    return sum(d.depth for d in depths), max((d.oldest_age for d in depths), default=0.0)
+
+
+async def queue_gauges(redis: Any) -> tuple[dict[str, float], dict[str, list[Any]]]:
+    """The queue's gauges for ``/metrics`` (one round trip): its depth and oldest age, and the
+    same by tenant and priority."""
+    depths = await queue_depths(redis)
+    gauges = {
+        "genx_queue_depth": float(sum(d.depth for d in depths)),
+        "genx_queue_oldest_age_seconds": max((d.oldest_age for d in depths), default=0.0),
+    }
+    by = [({"tenant": d.tenant, "priority": str(d.priority)}, d) for d in depths]
+    labelled = {
+        "genx_queue_tenant_depth": [(labels, float(d.depth)) for labels, d in by],
+        "genx_queue_tenant_oldest_age_seconds": [(labels, d.oldest_age) for labels, d in by],
+    }
+    return gauges, labelled

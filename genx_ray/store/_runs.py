@@ -23,6 +23,7 @@ from pydantic import BaseModel, JsonValue
 from redis.exceptions import NoScriptError, ResponseError
 
 from genx_ray.model import (
+    DEFAULT_PRIORITY,
     DEFAULT_TENANT,
     MAX_RERUN_LINKS,
     TERMINAL,
@@ -57,6 +58,7 @@ from genx_ray.store import _keys as keys
 from genx_ray.store import _scripts as lua
 from genx_ray.store._connections import is_cluster
 from genx_ray.store._history import read_history, read_journal
+from genx_ray.store._queue import put_commands
 from genx_ray.store._quotas import Quotas
 from genx_ray.store._search import RunFilter, count, find_all, search
 
@@ -116,6 +118,7 @@ class RunStore:
         journal: dict[str, str] | None = None,
         also: Sequence[lua.Call] = (),
         fresh: bool = False,
+        priority: int = DEFAULT_PRIORITY,
     ) -> Run:
         """Write a queued run and its ``run.queued`` event; put it on the run queue if asked.
         With ``start_at`` (unix seconds, in the future), a ``scheduled`` run instead, with its
@@ -123,6 +126,7 @@ class RunStore:
         (checked by the caller: :func:`genx_ray.model.check_tags`) index it; ``journal`` (step
         id -> entry) is what its journal starts with (a rerun's). ``also``: script calls that
         go in the same pipeline, once the run exists (a rerun's link from the run it reruns).
+        ``priority``: 1 (most urgent) .. 5, where it waits in the run queue.
         ``fresh``: ``run_id`` was just made, so it cannot exist yet (one round trip).
 
         With a ``run_id`` that exists already, nothing is written and the existing run is
@@ -136,7 +140,8 @@ class RunStore:
         fields = {
             "id": run_id, "workflow": workflow, "status": status.value,
             "input": json.dumps(input, separators=(",", ":")), "attempt": "1",
-            "created_at": repr(now), "tenant": tenant, **(extra or {}),
+            "created_at": repr(now), "tenant": tenant, "priority": str(priority),
+            **(extra or {}),
         }  # fmt: skip
         if tags:
             fields["tags"] = json.dumps(tags, separators=(",", ":"), ensure_ascii=False)
@@ -176,7 +181,7 @@ class RunStore:
             for script, script_keys, args in also:
                 pipe.execute_command("EVALSHA", script.sha, len(script_keys), *script_keys, *args)
             if enqueue:
-                pipe.xadd(keys.QUEUE, {"run": run_id, "attempt": "1", "workflow": workflow})
+                put_commands(pipe, run_id, 1, workflow, tenant, priority)
             results = await pipe.execute(raise_on_error=False)
         if one_trip and isinstance(results[0], Exception):
             if not isinstance(results[0], NoScriptError):
@@ -187,9 +192,10 @@ class RunStore:
             # dropped it; if not, the second claim of the same attempt is refused.
             await lua.CREATE(self.redis, create[1], create[2])
             if enqueue:
-                await self.redis.xadd(keys.QUEUE, {"run": run_id, "attempt": "1",
-                                                   "workflow": workflow})  # fmt: skip
-        first_also = len(results) - len(also) - int(enqueue)
+                async with self.redis.pipeline(transaction=False) as again:
+                    put_commands(again, run_id, 1, workflow, tenant, priority)
+                    await again.execute()
+        first_also = len(results) - len(also) - 2 * int(enqueue)
         for i, result in enumerate(results[1:], 1):
             if isinstance(result, NoScriptError) and first_also <= i < first_also + len(also):
                 script, script_keys, args = also[i - first_also]
@@ -210,6 +216,7 @@ class RunStore:
         extra: dict[str, str] | None = None,
         quotas: Quotas | None = None,
         tags: dict[str, str] | None = None,
+        priority: int = DEFAULT_PRIORITY,
     ) -> tuple[Run, bool]:
         """The run an ``Idempotency-Key`` made before (and True), or a new queued run under it.
 
@@ -237,7 +244,7 @@ class RunStore:
                 if young or await self.redis.exists(keys.run(run_id)):
                     return await self.create(
                         workflow, input, tenant=tenant, run_id=run_id, enqueue=True,
-                        start_at=start_at, extra=extra, tags=tags,
+                        start_at=start_at, extra=extra, tags=tags, priority=priority,
                     ), True  # fmt: skip
             if quotas is not None:
                 await quotas.admit(tenant)  # over quota: raises, nothing taken
@@ -247,7 +254,7 @@ class RunStore:
             if await lua.TAKE_IDEMPOTENCY(self.redis, [ikey], args):
                 run = await self.create(
                     workflow, input, tenant=tenant, run_id=run_id, enqueue=True,
-                    start_at=start_at, extra=extra, tags=tags,
+                    start_at=start_at, extra=extra, tags=tags, priority=priority,
                 )  # fmt: skip
                 if quotas is not None:
                     await quotas.opened(tenant, run.id)
@@ -630,11 +637,27 @@ class RunStore:
         await self.enqueue(run_id, 1, str(workflow))
         return True
 
+    async def queued_because(self, run_id: str, attempt: int | None, reason: str) -> bool:
+        """Say in the run's events why its queued attempt still waits (a ``run.queued`` with
+        ``reason``), once per attempt and reason; nothing once it left ``queued``."""
+        if attempt is None:
+            return False
+        workflow = await self.redis.hget(keys.run(run_id), "workflow")
+        if workflow is None:
+            return False
+        event = dump_event(RunQueuedEvent(run_id=run_id, workflow=str(workflow), attempt=attempt,
+                                          reason=reason))  # fmt: skip
+        args = [attempt, reason, event, self.maxlen]
+        return bool(await lua.QUEUED_BECAUSE(self.redis, [keys.run(run_id), keys.events(run_id)],
+                                             args))  # fmt: skip
+
     async def enqueue(self, run_id: str, attempt: int, workflow: str | None = None) -> None:
         """Put a queued run's attempt where it is taken from: the workers' queue, or, for a run
         of a script (``genx_ray.start``), the queue of the process that runs it, if it is
         still alive (else the run fails: workers may not have its code)."""
-        queue, runner = await self.redis.hmget(keys.run(run_id), "queue", "runner")
+        queue, runner, tenant, priority, name = await self.redis.hmget(
+            keys.run(run_id), "queue", "runner", "tenant", "priority", "workflow"
+        )
         if runner and not await self.redis.exists(keys.runner(str(runner))):
             error = ErrorInfo(
                 type="RunHostLost",
@@ -650,10 +673,20 @@ class RunStore:
                 workflow = await self.redis.hget(keys.run(run_id), "workflow")
                 observer().run_ended(str(workflow), "failed")
             return
-        fields = {"run": run_id, "attempt": str(attempt)}
-        if workflow:
-            fields["workflow"] = workflow
-        await self.redis.xadd(str(queue or keys.QUEUE), fields)
+        if queue:  # a script's own queue (a stream)
+            fields = {"run": run_id, "attempt": str(attempt)}
+            if workflow:
+                fields["workflow"] = workflow
+            await self.redis.xadd(str(queue), fields)
+            return
+        if name is None:
+            return  # gone (expired): nothing to start
+        async with self.redis.pipeline(transaction=False) as pipe:
+            put_commands(
+                pipe, run_id, attempt, workflow or str(name), str(tenant or DEFAULT_TENANT),
+                int(priority or DEFAULT_PRIORITY),
+            )  # fmt: skip
+            await pipe.execute()
 
     @staticmethod
     def _error(

@@ -36,12 +36,12 @@ async def test_async_start_then_full_replay(api: httpx.AsyncClient) -> None:
     resp = await api.post("/v1/workflows/echo/runs", json={"input": {"text": "hi"}})
     assert resp.status_code == 202
     run = resp.json()
-    assert run["status"] == "queued" and run["input"] == {"text": "hi"}
+    assert run["status"] == "queued" and run["input"] == {"text": "hi"} and run["priority"] == 3
     assert resp.headers["location"] == f"/v1/runs/{run['id']}"
     assert set(run) == {"id", "workflow", "status", "input", "output", "error", "attempt",
                         "created_at", "started_at", "finished_at", "cancel_requested", "usage",
                         "usage_by_model", "parent_id", "start_at", "schedule_id", "waiting",
-                        "trace_id", "tags", "rerun_of", "rerun_from_step", "reruns",
+                        "trace_id", "tags", "priority", "rerun_of", "rerun_from_step", "reruns",
                         "stream_token"}  # fmt: skip
     frames = await _events(api, run["id"])
     assert [f["event"] for f in frames] == [

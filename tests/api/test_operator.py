@@ -225,6 +225,27 @@ async def test_child_runs_inherit_their_parents_tags(api: httpx.AsyncClient) -> 
     assert {r["parent_id"] for r in runs} == {None, parent["id"]}
 
 
+async def test_priority_is_checked_shown_and_inherited_by_child_runs(
+    api: httpx.AsyncClient,
+) -> None:
+    for bad in (0, 6, "1", 2.5, True, [1]):
+        resp = await api.post("/v1/workflows/echo/runs", json={"input": {"text": "x"},
+                                                               "priority": bad})  # fmt: skip
+        assert resp.status_code == 422, bad
+        assert resp.json()["error"]["code"] == "invalid_input"
+        assert "priority" in resp.text
+    parent = (
+        await api.post(
+            "/v1/workflows/family/runs?wait=30",
+            json={"input": {"children": 2, "n": 1, "delay": 0}, "tags": {"team": "urgent"},
+                  "priority": 1},
+        )
+    ).json()  # fmt: skip
+    assert parent["status"] == "succeeded" and parent["priority"] == 1
+    runs = (await api.get("/v1/runs", params={"tag": "team:urgent"})).json()["runs"]
+    assert len(runs) == 3 and all(r["priority"] == 1 for r in runs)
+
+
 async def test_bulk_cancel_by_tag_cancels_exactly_the_tagged_runs_of_the_tenant(
     api: httpx.AsyncClient,
 ) -> None:

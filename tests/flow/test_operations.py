@@ -16,7 +16,7 @@ import wf_fixtures  # noqa: F401 - registers the test workflows
 from genx_ray.flow import registry
 from genx_ray.model import RunStatus, Settings
 from genx_ray.service import Worker, sign
-from genx_ray.store import EventStore, RunStore, async_redis, free_port, keys
+from genx_ray.store import EventStore, RunQueue, RunStore, async_redis, free_port, keys
 
 
 @asynccontextmanager
@@ -111,7 +111,7 @@ async def test_blue_green_old_runs_stay_on_their_deployment_until_it_drains(
     async def stamped(version: str) -> str:
         run = await runs.create("echo", {"text": version})
         await redis.hset(keys.run(run.id), "version", version)  # handed back by a `version` host
-        await redis.xadd(keys.QUEUE, {"run": run.id})
+        await RunQueue(redis).put(run.id, tenant="default")  # no attempt: the worker reads it
         return run.id
 
     def ran_on(run_id: str) -> Callable[[], Any]:
@@ -154,7 +154,7 @@ async def test_cluster_wide_cap_on_running_runs(
     # Only this test's runs count: runs earlier tests left queued, or taken by a worker they
     # killed (pending, so claimable), and leases their killed hosts left (live for 30 s here)
     # would take slots of the cap.
-    await redis.delete(keys.QUEUE, keys.LEASES)
+    await redis.delete(*[k async for k in redis.scan_iter(match="{genx:queue}*")], keys.LEASES)
     async with serving(redis_url, max_running=2) as _, serving(redis_url, max_running=2) as _:
         ids = [
             (await runs.create("ticker", {"n": 6, "delay": 0.1}, enqueue=True)).id for _ in range(6)
@@ -167,3 +167,12 @@ async def test_cluster_wide_cap_on_running_runs(
         await watcher
     assert peak == 2
     assert [(await runs.get(r)).status for r in ids] == [RunStatus.SUCCEEDED] * len(ids)
+    # The runs that waited for a slot said why, once each, before they started.
+    told = []
+    for run_id in ids[2:]:
+        seq = [(e.type, getattr(e.event, "reason", None)) for e in await events.read(run_id)]
+        assert seq[0] == ("run.queued", None) and seq.count(("run.queued", "max_running")) <= 1
+        if ("run.queued", "max_running") in seq:
+            assert seq.index(("run.queued", "max_running")) < seq.index(("run.started", None))
+            told.append(run_id)
+    assert told, "no run said it waited for GENX_MAX_RUNNING"

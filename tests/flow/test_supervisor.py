@@ -41,8 +41,8 @@ async def test_racing_supervisors_restart_an_orphan_once(
     run = await runs.get(run_id)
     assert run.status is RunStatus.QUEUED and run.attempt == 2
     assert [e.event.type for e in await events.read(run_id)].count("run.restarted") == 1
-    queued = await redis.xrange(keys.QUEUE, "-", "+")
-    assert [f for _, f in queued if f["run"] == run_id] == [{"run": run_id, "attempt": "2"}]
+    queued = [json.loads(e) for e in await redis.zrange(f"{keys.QUEUE}:q:3:default", 0, -1)]
+    assert [e[:2] for e in queued if e[0] == run_id] == [[run_id, 2]]  # queued once
     assert await redis.zscore(keys.LEASES, run_id) is None
 
 

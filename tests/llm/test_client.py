@@ -410,3 +410,38 @@ def test_a_streaming_component_relaying_an_llm_stream_emits_each_chunk_once(sim:
     text = h.result(30)
     outputs = [o.data for o in step_events(h, "output")]
     assert "".join(outputs) == text and len(outputs) == 3  # a chunk a word, no duplicates
+
+
+@component
+async def llm_burst(model: str, n: int) -> float:
+    """``n`` calls at once; how long they took, in all."""
+    client = AsyncOpenAI()
+    t0 = time.monotonic()
+    await asyncio.gather(*(client.chat.completions.create(model=model, messages=_msg(str(i)))
+                           for i in range(n)))  # fmt: skip
+    return time.monotonic() - t0
+
+
+@workflow(name="llm-burst")
+async def burst_wf(model: str, n: int) -> float:
+    return await llm_burst(model, n)
+
+
+def test_a_tenant_at_its_llm_budget_slows_only_itself(
+    sim: Sim, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = _uniq("tenant-budget")
+    sim.configure(latency_ms=200)
+    limits = {"slowco": {"llm_concurrency": 1}, "tpmco": {"llm_tokens_per_minute": 600}}
+    monkeypatch.setenv("GENX_TENANT_LIMITS", json.dumps(limits))
+    slow = start(burst_wf, {"model": model, "n": 4}, tenant="slowco")
+    fast = start(burst_wf, {"model": model, "n": 4}, tenant="fastco")
+    assert fast.result(30) < 0.6  # all four at once: its neighbour's budget is not its own
+    assert slow.result(30) >= 0.8  # one at a time
+    # Tokens per minute: each call books its tokens in the tenant's own budget (cluster-wide,
+    # in Redis), corrected from the usage the provider reported.
+    assert start(burst_wf, {"model": model, "n": 2}, tenant="tpmco").result(30) < 2
+    booked = sync_redis(os.environ["GENX_REDIS_URL"]).zrange(
+        keys.llm_budget("genx-tenant:tpmco").tokens, 0, -1
+    )
+    assert len(booked) == 2 and all(0 < int(m.rpartition(":")[2]) < 200 for m in booked)

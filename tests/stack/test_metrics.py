@@ -115,14 +115,20 @@ def _eventually(read: Callable[[], Scrape], done: Callable[[Scrape], bool]) -> S
 def test_the_queue_gauges_show_runs_no_worker_took_yet(stack: Stack) -> None:
     before = scrape(stack.api)
     assert value(before, "genx_queue_depth") == 0 and value(before, "genx_sse_clients") == 0
-    runs = [httpx.post(f"{stack.api}/v1/workflows/{WF}/runs", json={"input": {"n": 1}}).json()
-            for _ in range(2)]  # fmt: skip
+    runs = [httpx.post(f"{stack.api}/v1/workflows/{WF}/runs",
+                       json={"input": {"n": 1}, "priority": p}).json()
+            for p in (3, 1)]  # fmt: skip
     time.sleep(0.3)
     waiting = scrape(stack.api)
     # Nobody takes them. (A Redis that never ran the create script queues the first run twice:
     # see RunStore.create. The second entry is refused when claimed.)
     assert value(waiting, "genx_queue_depth") in (2, 3)
     assert 0.3 <= value(waiting, "genx_queue_oldest_age_seconds") < 30
+    # ...and by tenant and priority
+    assert value(waiting, "genx_queue_tenant_depth", tenant="default", priority="3") in (1, 2)
+    assert value(waiting, "genx_queue_tenant_depth", tenant="default", priority="1") == 1
+    assert 0.3 <= value(waiting, "genx_queue_tenant_oldest_age_seconds", tenant="default",
+                        priority="1") < 30  # fmt: skip
     assert value(waiting, "genx_runs_created_total", workflow=WF) == value(
         before, "genx_runs_created_total", workflow=WF
     ) + 2  # fmt: skip
