@@ -141,6 +141,8 @@ def _usage(h: dict[str, str]) -> dict[str, float] | None:
         for name in ("calls", "prompt_tokens", "completion_tokens", "retries")
     }
     usage["cost_usd"] = int(h.get("usage_cost_nanos", "0")) / 1e9
+    if "usage_batch_calls" in h:  # calls answered through the provider's Batch API
+        usage["batch_calls"] = int(h["usage_batch_calls"])
     return usage
 
 

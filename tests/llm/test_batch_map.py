@@ -1,0 +1,214 @@
+"""``Component.map(items, llm="batch")`` against the simulator as a separate process (``genx
+sim``): the items' LLM calls travel as one provider batch per round, the run waits holding no
+host while it runs, answers come back to the right items, failed requests retry in the next
+round, cancel cancels the batch, and a provider without batches says so."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from helpers import wait_up
+
+from genx_ray import RetryPolicy, component, start, workflow
+from genx_ray.llm import AsyncOpenAI
+from genx_ray.llm.sim import SimConfig
+from genx_ray.model import RunCancelled, RunFailed, RunStatus
+from genx_ray.service import RunHandle
+from genx_ray.store import free_port, keys, sync_redis
+
+pytestmark = pytest.mark.timeout(120)
+MODEL = "gpt-4o-mini"
+
+
+class SimProcess:
+    """``genx sim`` in a process of its own, reconfigured per test through /sim/config."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "genx_ray.cli", "sim", "--port", str(self.port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        wait_up(f"{self.url}/sim/stats", self.proc)
+
+    def configure(self, **changes: Any) -> None:
+        httpx.post(f"{self.url}/sim/reset").raise_for_status()
+        config = {**SimConfig(latency_ms=5).model_dump(), "batch_delay_ms": 300, **changes}
+        httpx.post(f"{self.url}/sim/config", json=config).raise_for_status()
+
+    def stats(self) -> dict[str, Any]:
+        result: dict[str, Any] = httpx.get(f"{self.url}/sim/stats").json()
+        return result
+
+    def batches(self) -> list[dict[str, Any]]:
+        key = {"Authorization": "Bearer sim-key"}
+        page = httpx.get(f"{self.url}/v1/batches?limit=100", headers=key).json()
+        return list(page["data"])
+
+
+@pytest.fixture(scope="module")
+def sim_process() -> Iterator[SimProcess]:
+    sim = SimProcess()
+    yield sim
+    sim.proc.kill()
+    sim.proc.wait()
+
+
+@pytest.fixture
+def sim(sim_process: SimProcess, monkeypatch: pytest.MonkeyPatch, redis_url: str) -> SimProcess:
+    sim_process.configure()
+    monkeypatch.setenv("OPENAI_API_KEY", "sim-key")
+    monkeypatch.setenv("OPENAI_BASE_URL", f"{sim_process.url}/v1")
+    monkeypatch.setenv("GENX_BATCH_POLL_MS", "200")
+    monkeypatch.setenv("GENX_BATCH_POLL_MAX_MS", "400")
+    monkeypatch.delenv("GENX_LLM_LIMITS", raising=False)
+    return sim_process
+
+
+def _sentence(i: int) -> str:
+    return f"Item {i} is number {i}."
+
+
+async def _ask(text: str) -> str:
+    client = AsyncOpenAI()
+    response = await client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": text}]
+    )
+    return str(response.choices[0].message.content)
+
+
+@component(retry=RetryPolicy(max_attempts=2, initial_interval=5.0))
+async def summarize(i: int) -> dict[str, Any]:
+    return {"i": i, "answer": await _ask(_sentence(i))}
+
+
+@component
+async def twice(i: int) -> list[str]:
+    first = await _ask(_sentence(i))
+    return [first, await _ask(f"{first} Then {i} again.")]
+
+
+@workflow(name="batch-summaries")
+async def batch_summaries(n: int, window: str = "24h") -> list[Any]:
+    out = await summarize.map(range(n), llm="batch", completion_window=window)
+    return [r if isinstance(r, dict) else {"error": str(r)} for r in out]
+
+
+@workflow(name="batch-twice")
+async def batch_twice(n: int) -> list[Any]:
+    return await twice.map(range(n), llm="batch")
+
+
+def _wait_status(h: RunHandle, status: RunStatus, within: float = 30) -> None:
+    deadline = time.monotonic() + within
+    while h.status is not status:
+        assert time.monotonic() < deadline, f"{h.id} is {h.status}, never {status}"
+        time.sleep(0.02)
+
+
+def _map_batches(h: RunHandle) -> list[dict[str, Any]]:
+    return [
+        e.event.data["batch"]  # type: ignore[union-attr,index]
+        for e in h.events(follow=False)
+        if e.event.type == "progress" and e.event.kind == "map"  # type: ignore[union-attr]
+        and e.event.data.get("batch")  # type: ignore[union-attr]
+    ]  # fmt: skip
+
+
+def test_a_300_item_map_goes_as_one_batch_at_the_batch_price_holding_no_host(
+    sim: SimProcess,
+) -> None:
+    sim.configure(batch_delay_ms=1500)
+    h = start(batch_summaries, {"n": 300, "window": "24h"})
+    _wait_status(h, RunStatus.WAITING)
+    run = h.get()
+    assert run.waiting is not None and run.waiting.kind == "batch"
+    lease = sync_redis(os.environ["GENX_REDIS_URL"]).exists(keys.lease(h.id))
+    assert not lease  # parked: no host holds it while the batch runs
+    out = h.result(60)
+    assert out == [{"i": i, "answer": _sentence(i)} for i in range(300)]
+    stats = sim.stats()
+    assert stats["batches_created"] == 1 and stats["batch_requests_served"] == 300
+    assert stats["served"] == 0  # no online chat call
+    (batch,) = sim.batches()
+    assert batch["request_counts"]["total"] == 300 and batch["completion_window"] == "24h"
+    assert batch["metadata"]["genx_run"] == h.id and batch["metadata"]["genx_round"] == "1"
+    usage = h.get().usage
+    assert usage is not None and usage["calls"] == 300 and usage["batch_calls"] == 300
+    online_price = (usage["prompt_tokens"] * 0.15 + usage["completion_tokens"] * 0.6) / 1e6
+    assert usage["cost_usd"] == pytest.approx(online_price * 0.5, rel=1e-6)  # batch_discount
+    shown = _map_batches(h)
+    assert shown[0]["round"] == 1 and shown[0]["ids"] == [batch["id"]]
+    assert shown[-1]["status"] == "completed"
+    assert shown[-1]["request_counts"] == {"total": 300, "completed": 300, "failed": 0}
+    waits = [e.event for e in h.events(follow=False) if e.event.type == "run.waiting"]
+    assert waits and all(w.reason == "batch" for w in waits)  # type: ignore[attr-defined]
+
+
+def test_failed_requests_are_retried_in_a_second_round(sim: SimProcess) -> None:
+    sim.configure(batch_fail_next=10)
+    h = start(batch_summaries, {"n": 300})
+    out = h.result(60)
+    assert out == [{"i": i, "answer": _sentence(i)} for i in range(300)]
+    stats = sim.stats()
+    assert stats["batches_created"] == 2 and stats["batch_requests_failed"] == 10
+    assert stats["batch_requests_served"] == 300 and stats["served"] == 0  # 290 + 10 retried
+    second, first = sim.batches()  # newest first
+    assert first["request_counts"]["total"] == 300 and second["request_counts"]["total"] == 10
+    assert second["metadata"]["genx_round"] == "2"
+    retried = [e for e in h.events(follow=False) if e.event.type == "step.retrying"]
+    assert len(retried) == 10
+
+
+def test_failed_requests_past_the_retry_policy_are_errors_in_place(sim: SimProcess) -> None:
+    sim.configure(batch_error_rate=1.0)  # every batch request fails
+    h = start(batch_summaries, {"n": 5})
+    out = h.result(60)
+    assert [r["error"] for r in out] == [
+        f"step /0:summarize.map/{i}:summarize failed after 2 attempt(s): InternalServerError: "
+        "Error code: 500 - injected failure" for i in range(5)
+    ]  # fmt: skip
+    assert sim.stats()["batches_created"] == 2  # the first try, then the retry: two rounds
+    assert sim.stats()["served"] == 0
+
+
+def test_an_item_making_two_sequential_calls_takes_two_rounds(sim: SimProcess) -> None:
+    h = start(batch_twice, {"n": 20})
+    out = h.result(60)
+    assert [o[0] for o in out] == [_sentence(i) for i in range(20)]
+    assert all(o[1] for o in out)
+    stats = sim.stats()
+    assert stats["batches_created"] == 2 and stats["batch_requests_served"] == 40
+    assert [b["request_counts"]["total"] for b in sim.batches()] == [20, 20]
+
+
+def test_cancel_cancels_the_open_batch(sim: SimProcess) -> None:
+    sim.configure(batch_delay_ms=20_000)
+    h = start(batch_summaries, {"n": 30})
+    _wait_status(h, RunStatus.WAITING)
+    assert h.cancel() is RunStatus.CANCELLED
+    with pytest.raises(RunCancelled):
+        h.result(5)
+    deadline = time.monotonic() + 10
+    while sim.batches()[0]["status"] not in ("cancelling", "cancelled"):
+        assert time.monotonic() < deadline, sim.batches()[0]["status"]
+        time.sleep(0.05)
+
+
+def test_a_provider_without_batches_gives_one_clear_error(sim: SimProcess) -> None:
+    sim.configure(batches=False)
+    h = start(batch_summaries, {"n": 3})
+    with pytest.raises(RunFailed) as failed:
+        h.result(30)
+    message = str(failed.value)
+    assert "no Batch API" in message and MODEL in message and 'llm="batch"' in message
+    assert h.get().error.type == "BatchUnsupported"  # type: ignore[union-attr]
+    assert sim.stats()["served"] == 0  # no online call instead
