@@ -5,61 +5,30 @@ round, cancel cancels the batch, and a provider without batches says so."""
 
 from __future__ import annotations
 
+import json
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import pytest
-from helpers import wait_up
+from helpers import SimProcess
 
 from genx_ray import RetryPolicy, component, start, workflow
 from genx_ray.llm import AsyncOpenAI
-from genx_ray.llm.sim import SimConfig
 from genx_ray.model import RunCancelled, RunFailed, RunStatus
 from genx_ray.service import RunHandle
-from genx_ray.store import free_port, keys, sync_redis
+from genx_ray.store import keys, sync_redis
 
 pytestmark = pytest.mark.timeout(120)
 MODEL = "gpt-4o-mini"
-
-
-class SimProcess:
-    """``genx sim`` in a process of its own, reconfigured per test through /sim/config."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "genx_ray.cli", "sim", "--port", str(self.port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        wait_up(f"{self.url}/sim/stats", self.proc)
-
-    def configure(self, **changes: Any) -> None:
-        httpx.post(f"{self.url}/sim/reset").raise_for_status()
-        config = {**SimConfig(latency_ms=5).model_dump(), "batch_delay_ms": 300, **changes}
-        httpx.post(f"{self.url}/sim/config", json=config).raise_for_status()
-
-    def stats(self) -> dict[str, Any]:
-        result: dict[str, Any] = httpx.get(f"{self.url}/sim/stats").json()
-        return result
-
-    def batches(self) -> list[dict[str, Any]]:
-        key = {"Authorization": "Bearer sim-key"}
-        page = httpx.get(f"{self.url}/v1/batches?limit=100", headers=key).json()
-        return list(page["data"])
 
 
 @pytest.fixture(scope="module")
 def sim_process() -> Iterator[SimProcess]:
     sim = SimProcess()
     yield sim
-    sim.proc.kill()
-    sim.proc.wait()
+    sim.stop()
 
 
 @pytest.fixture
@@ -212,3 +181,25 @@ def test_a_provider_without_batches_gives_one_clear_error(sim: SimProcess) -> No
     assert "no Batch API" in message and MODEL in message and 'llm="batch"' in message
     assert h.get().error.type == "BatchUnsupported"  # type: ignore[union-attr]
     assert sim.stats()["served"] == 0  # no online call instead
+
+
+def test_a_restart_that_finds_the_round_still_creating_looks_the_batch_up_not_again(
+    sim: SimProcess,
+) -> None:
+    """What a crash between ``batches.create`` and noting its id leaves: the round's record
+    still ``creating``, its part without an id. The next attempt finds the batch by its
+    metadata (batches.list) and makes no other."""
+    sim.configure(batch_delay_ms=1500)
+    h = start(batch_summaries, {"n": 40})
+    _wait_status(h, RunStatus.WAITING)
+    redis = sync_redis(os.environ["GENX_REDIS_URL"])
+    field = "round:/0:summarize.map"
+    record = json.loads(redis.hget(keys.batches(h.id), field))  # type: ignore[arg-type]
+    assert record["state"] == "open" and len(record["parts"]) == 1
+    redis.hset(keys.batches(h.id), field, json.dumps({**record, "state": "creating",
+                                                      "parts": [{}]}))  # fmt: skip
+    out = h.result(60)
+    assert out == [{"i": i, "answer": _sentence(i)} for i in range(40)]
+    assert sim.stats()["batches_created"] == 1 and sim.stats()["batch_requests_served"] == 40
+    again = json.loads(redis.hget(keys.batches(h.id), field))  # type: ignore[arg-type]
+    assert again["state"] == "read" and again["parts"][0]["id"] == record["parts"][0]["id"]
