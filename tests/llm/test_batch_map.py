@@ -203,3 +203,14 @@ def test_a_restart_that_finds_the_round_still_creating_looks_the_batch_up_not_ag
     assert sim.stats()["batches_created"] == 1 and sim.stats()["batch_requests_served"] == 40
     again = json.loads(redis.hget(keys.batches(h.id), field))  # type: ignore[arg-type]
     assert again["state"] == "read" and again["parts"][0]["id"] == record["parts"][0]["id"]
+
+
+def test_the_onboarding_example_enriches_through_the_batch_api(sim: SimProcess) -> None:
+    from genx_ray.examples.onboard import onboard
+
+    h = start(onboard, {"max_pages": 3, "questions_per_page": 4, "enrich_via": "batch"})
+    report = h.result(60)
+    assert report.pages == 3 and report.enrichments == 12 and report.failed == 0
+    stats = sim.stats()
+    assert stats["batches_created"] == 1 and stats["batch_requests_served"] == 12
+    assert stats["served"] == 3 + 1  # only the extractions and the write-up went online
