@@ -13,6 +13,7 @@ from genx_ray.flow._batching import (
     BatchRound,
     batches,
     cancel_batches,
+    key_hash,
     use_batches,
 )
 from genx_ray.flow._children import ChildRun, outcome_entry
@@ -62,6 +63,7 @@ __all__ = [
     "in_streaming_step",
     "item_error",
     "item_scope",
+    "key_hash",
     "outcome_entry",
     "placement",
     "publish",

@@ -117,6 +117,17 @@ class Batches(Protocol):
         """What the results cost their run, at the batch price: run record counters to add."""
         ...
 
+    def key_for(self, key_hash: str) -> str | None:
+        """The API key this process has whose :func:`key_hash` is ``key_hash``, if any (a
+        round's record keeps only the hash of the key its calls used, never the key)."""
+        ...
+
+
+def key_hash(api_key: str) -> str:
+    """What a round's record keeps of the API key its calls used: enough to know the key
+    again, nothing to use it with."""
+    return hashlib.sha256(b"genx-batch-key\n" + api_key.encode()).hexdigest()[:32]
+
 
 _batches: Batches | Callable[[], Batches] | None = None
 
@@ -268,43 +279,55 @@ async def _rounds(
 ) -> None:  # fmt: skip
     remaining = list(left)
     fresh: set[str] = set()
+    if remaining and record is not None and record.state == "open":
+        # A poll: with the key this process has (its own OPENAI_API_KEY, if it is the one the
+        # calls used), the batches are looked at before any item runs again.
+        keys_here = {p["base_url"]: api.key_for(p.get("key_hash", "")) for p in record.parts}
+        if all(k is not None for k in keys_here.values()):
+            creds = {b: str(k) for b, k in keys_here.items()}
+            await _look(ctx, spec, map_id, api, record, creds, report, answers, fresh)
     while remaining:
         rnd = await _pass(spec, ctx, map_id, todo, remaining, settle, answers, fresh)
         remaining = sorted(rnd.waiting)
         await ctx.writer.flush()  # the items that ended: journaled before the run parks
         if not rnd.calls:
             return
-        creds = {c.base_url: c.api_key for c in rnd.calls.values()}
         if record is not None and record.state == "open":
-            try:
-                infos = [
-                    await api.retrieve(p["base_url"], creds.get(p["base_url"], ""), p["id"])
-                    for p in record.parts
-                ]  # fmt: skip
-            except (asyncio.CancelledError, RunCancelled):
-                raise
-            report(_shown(record, infos))
-            failed = [i for i in infos if i.get("status") == "failed"]
-            if failed:
-                raise UserError(f"the provider failed batch {failed[0].get('id')}: "
-                                f"{_errors(failed[0])}")  # fmt: skip
-            if not all(i.get("status") in DONE for i in infos):
-                record.polls += 1
-                await _save(ctx, map_id, record)
-                raise _parked(ctx, spec, map_id, record)
-            results: dict[str, dict[str, Any]] = {}
-            for part, info in zip(record.parts, infos, strict=True):
-                api_key = creds.get(part["base_url"], "")
-                results.update(await api.results(part["base_url"], api_key, info))
-            record.state = "read"
-            await _read(ctx, map_id, record, results, api.usage(results))
-            answers.update(results)
-            fresh.update(results)
+            creds = {c.base_url: c.api_key for c in rnd.calls.values()}
+            await _look(ctx, spec, map_id, api, record, creds, report, answers, fresh)
             continue  # the waiting items again, with their answers
         record = await _create(ctx, api, map_id, list(rnd.calls.values()), record,
                                completion_window)  # fmt: skip
         report(_shown(record, [{"id": p["id"], "status": "validating"} for p in record.parts]))
         raise _parked(ctx, spec, map_id, record)
+
+
+async def _look(
+    ctx: RunContext, spec: StepSpec, map_id: str, api: Batches, record: Record,
+    creds: Mapping[str, str], report: Callable[[dict[str, Any]], None],
+    answers: dict[str, dict[str, Any]], fresh: set[str],
+) -> None:  # fmt: skip
+    """Look at an open round's batches: park again while they run; once done, read their
+    output and error files (the record ``read`` with the responses, in one transaction)."""
+    infos = [
+        await api.retrieve(p["base_url"], creds.get(p["base_url"], ""), p["id"])
+        for p in record.parts
+    ]  # fmt: skip
+    report(_shown(record, infos))
+    failed = [i for i in infos if i.get("status") == "failed"]
+    if failed:
+        raise UserError(f"the provider failed batch {failed[0].get('id')}: {_errors(failed[0])}")
+    if not all(i.get("status") in DONE for i in infos):
+        record.polls += 1
+        await _save(ctx, map_id, record)
+        raise _parked(ctx, spec, map_id, record)
+    results: dict[str, dict[str, Any]] = {}
+    for part, info in zip(record.parts, infos, strict=True):
+        results.update(await api.results(part["base_url"], creds.get(part["base_url"], ""), info))
+    record.state = "read"
+    await _read(ctx, map_id, record, results, api.usage(results))
+    answers.update(results)
+    fresh.update(results)
 
 
 async def _pass(
@@ -380,7 +403,10 @@ async def _create(
             batch_id = await api.find(first.base_url, first.api_key, metadata)
         if batch_id is None:
             batch_id = await api.create(part, metadata=metadata, completion_window=window)
-        record.parts[p] = {"id": batch_id, "base_url": first.base_url, "requests": len(part)}
+        record.parts[p] = {
+            "id": batch_id, "base_url": first.base_url, "requests": len(part),
+            "key_hash": key_hash(first.api_key),
+        }  # fmt: skip
         await _save(ctx, map_id, record)
     record.state = "open"
     await _save(ctx, map_id, record)

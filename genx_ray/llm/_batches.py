@@ -17,7 +17,7 @@ from typing import Any
 import httpx2 as httpx
 import openai
 
-from genx_ray.flow import BatchCall, current_batch
+from genx_ray.flow import BatchCall, current_batch, key_hash
 from genx_ray.llm._usage import batch_usage
 from genx_ray.model import BatchUnsupported, UserError
 
@@ -92,6 +92,10 @@ class ProviderBatches:
 
     def usage(self, results: Mapping[str, Mapping[str, Any]]) -> dict[str, int]:
         return batch_usage(results.values())
+
+    def key_for(self, hashed: str) -> str | None:
+        own = os.environ.get("OPENAI_API_KEY")
+        return own if own and hashed and key_hash(own) == hashed else None
 
 
 def _result(line: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
