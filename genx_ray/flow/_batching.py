@@ -55,6 +55,7 @@ from genx_ray.model import (
     item_step_id,
 )
 from genx_ray.store import keys
+from genx_ray.store import scripts as lua
 
 if TYPE_CHECKING:
     from genx_ray.flow._steps import StepSpec
@@ -418,15 +419,12 @@ async def _read(
     usage: Mapping[str, int],
 ) -> None:  # fmt: skip
     """The round's responses, its usage and its record ``read``: all or nothing."""
-    key = keys.batches(ctx.run_id)
-    async with ctx.redis.pipeline(transaction=True) as pipe:
-        if results:
-            pipe.hset(key, mapping={f"r:{k}": json.dumps(v) for k, v in results.items()})
-        for name, amount in usage.items():
-            pipe.hincrby(keys.run(ctx.run_id), name, amount)
-        pipe.hset(key, f"round:{map_id}", record.dumps())
-        pipe.expire(key, KEEP_SECONDS)
-        await pipe.execute()
+    args: list[Any] = [f"round:{map_id}", record.dumps(), KEEP_SECONDS, len(results)]
+    for k, v in results.items():
+        args += [f"r:{k}", json.dumps(v)]
+    for name, amount in usage.items():
+        args += [name, amount]
+    await lua.BATCH_READ(ctx.redis, [keys.batches(ctx.run_id), keys.run(ctx.run_id)], args)
 
 
 def _parked(ctx: RunContext, spec: StepSpec, map_id: str, record: Record) -> Parked:
