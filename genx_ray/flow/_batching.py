@@ -29,9 +29,9 @@ it (:func:`use_batches`), as it is given its :class:`~genx_ray.flow.Placement`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -60,6 +60,7 @@ from genx_ray.store import scripts as lua
 if TYPE_CHECKING:
     from genx_ray.flow._steps import StepSpec
 
+log = logging.getLogger("genx_ray.batching")
 REQUESTS_PER_FILE = 50_000  # the provider's limits on one batch's input file
 BYTES_PER_FILE = 200 * 1024 * 1024
 ENDPOINTS = ("/chat/completions", "/embeddings", "/completions", "/responses")
@@ -110,8 +111,8 @@ class Batches(Protocol):
         output and error files (a request in neither was not run)."""
         ...
 
-    async def cancel(self, base_url: str, api_key: str | None, batch_id: str) -> None:
-        """Cancel a batch (``api_key`` None: the process's own)."""
+    async def cancel(self, base_url: str, api_key: str, batch_id: str) -> None:
+        """Cancel a batch."""
         ...
 
     def usage(self, results: Mapping[str, Mapping[str, Any]]) -> dict[str, int]:
@@ -212,7 +213,7 @@ def _in_round(rnd: BatchRound) -> Iterator[None]:
 @dataclass
 class Record:
     round: int
-    state: str  # creating | open | read
+    state: str  # creating | open | read | cancelled
     parts: list[dict[str, Any]]  # {"id", "base_url", "requests"}
     polls: int = 0
 
@@ -456,21 +457,33 @@ def _errors(info: Mapping[str, Any]) -> str:
     return "; ".join(str(e.get("message")) for e in data[:3]) or "no reason given"
 
 
-async def cancel_batches(redis: Any, run_id: str, api_key: str | None = None) -> int:
-    """Cancel the open batches of a run's batch maps (a cancelled run); how many."""
+async def cancel_batches(redis: Any, run_id: str) -> int:
+    """Cancel the open batches of a run's batch maps (a cancelled run); how many were. A batch
+    this process cannot cancel (it has not the API key its calls used, or the provider refused)
+    is logged with the reason, and left to its completion window."""
     raw = cast(dict[str, str], await redis.hgetall(keys.batches(run_id)))
+    api = batches()
     n = 0
     for field, value in raw.items():
         if not field.startswith("round:"):
             continue
         record = Record(**json.loads(value))
-        if record.state == "read":
+        if record.state in ("read", "cancelled"):
             continue
         for part in record.parts:
-            if part.get("id"):
-                with contextlib.suppress(Exception):  # gone, or ended already
-                    await batches().cancel(part["base_url"], api_key, part["id"])
-                    n += 1
-        record.state = "read"
+            if not part.get("id"):
+                continue
+            api_key = api.key_for(part.get("key_hash", ""))
+            if api_key is None:
+                log.warning("run %s was cancelled; its batch %s is not: this process has not "
+                            "the API key its calls used", run_id, part["id"])  # fmt: skip
+                continue
+            try:
+                await api.cancel(part["base_url"], api_key, part["id"])
+                n += 1
+            except Exception as exc:  # ended already, or the provider refused: said, not hidden
+                log.warning("run %s was cancelled; cancelling its batch %s failed: %s: %s",
+                            run_id, part["id"], type(exc).__name__, exc)  # fmt: skip
+        record.state = "cancelled"
         await redis.hset(keys.batches(run_id), field, record.dumps())
     return n

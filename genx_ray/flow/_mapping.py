@@ -327,6 +327,7 @@ class MapTracker:
             step=self.ref.id, done=self.done, failed=self.failed, total=self.total,
             rate=round(rate, 2), eta=eta, batch=self.batch,
         )  # fmt: skip
+        shown = data.model_dump(exclude=None if self.batch else {"batch"})  # batch maps only
         self.ctx.writer.emit(
-            ProgressEvent(run_id=self.ctx.run_id, kind="map", data=data.model_dump(), step=self.ref)
+            ProgressEvent(run_id=self.ctx.run_id, kind="map", data=shown, step=self.ref)
         )

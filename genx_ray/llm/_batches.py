@@ -25,9 +25,8 @@ LIST_PAGES = 100  # how far back batches.list is searched for a batch made befor
 EXPIRED_STATUS = 408  # a request the batch never ran in its window
 
 
-def _client(base_url: str, api_key: str | None) -> openai.AsyncOpenAI:
-    key = api_key or os.environ.get("OPENAI_API_KEY") or "none"
-    return openai.AsyncOpenAI(base_url=base_url, api_key=key, max_retries=4)
+def _client(base_url: str, api_key: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=base_url, api_key=api_key or "none", max_retries=4)
 
 
 class ProviderBatches:
@@ -86,7 +85,7 @@ class ProviderBatches:
                         out[custom_id] = result
         return out
 
-    async def cancel(self, base_url: str, api_key: str | None, batch_id: str) -> None:
+    async def cancel(self, base_url: str, api_key: str, batch_id: str) -> None:
         async with _client(base_url, api_key) as client:
             await client.batches.cancel(batch_id)
 

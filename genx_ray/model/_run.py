@@ -30,7 +30,7 @@ MAX_RERUN_LINKS = 100  # the newest reruns a run lists (``reruns``)
 class Wait(BaseModel):
     """What a ``waiting`` run waits for."""
 
-    kind: str  # input | sleep | child
+    kind: str  # input | sleep | child | batch
     step: str
     input_id: str | None = None
     input_schema: dict[str, Any] | None = None

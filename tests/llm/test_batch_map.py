@@ -215,8 +215,10 @@ def test_a_restart_that_finds_the_round_still_creating_looks_the_batch_up_not_ag
 
 
 def test_the_onboarding_example_enriches_through_the_batch_api(sim: SimProcess) -> None:
-    from genx_ray.examples.onboard import onboard
+    from genx_ray.examples import onboard as example
 
+    example._clients.clear()  # its LLM client per loop: one an earlier test made points elsewhere
+    onboard = example.onboard
     h = start(onboard, {"max_pages": 3, "questions_per_page": 4, "enrich_via": "batch"})
     report = h.result(60)
     assert report.pages == 3 and report.enrichments == 12 and report.failed == 0
