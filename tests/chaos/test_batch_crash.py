@@ -37,7 +37,7 @@ def sim(monkeypatch: pytest.MonkeyPatch) -> Iterator[SimProcess]:
 async def test_workers_killed_waiting_for_the_batch_and_reading_it_leave_one_batch(
     spawn_worker: WorkerFactory, runs: RunStore, events: EventStore, sim: SimProcess
 ) -> None:
-    sim.configure(batch_delay_ms=4000)
+    sim.configure(batch_delay_ms=4000, file_delay_ms=3000)  # the output takes 3 s to read
     first = spawn_worker()
     await _ready(runs, first)
     run = await runs.create("batch-enrich", {"n": N}, enqueue=True)
@@ -54,11 +54,11 @@ async def test_workers_killed_waiting_for_the_batch_and_reading_it_leave_one_bat
 
     await _until(batch_done, within=60, every=0.05)
 
-    async def reading() -> bool:  # the attempt that found the batch done: reading its output
-        return (await runs.status(run.id)) is RunStatus.RUNNING
+    async def reading() -> bool:  # the attempt that found the batch done downloads its output
+        return bool(sim.stats()["files_read"] >= 1)
 
-    await _until(reading, within=30, every=0.005)
-    _kill(second)  # killed in the attempt that reads the output, before it was journaled:
+    await _until(reading, within=30, every=0.02)
+    _kill(second)  # killed while it reads the output: nothing of it was journaled
     record = json.loads(await runs.redis.hget(keys.batches(run.id), "round:/0:batch_summary.map"))
     assert record["state"] == "open"
     spawn_worker()
@@ -68,4 +68,5 @@ async def test_workers_killed_waiting_for_the_batch_and_reading_it_leave_one_bat
     stats = sim.stats()
     assert stats["batches_created"] == 1 and stats["batch_requests_served"] == N
     assert stats["served"] == 0  # never an online call
+    assert stats["files_read"] == 2  # the output read again by the next worker, once
     assert done.usage is not None and done.usage["batch_calls"] == N  # booked once
