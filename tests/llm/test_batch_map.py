@@ -5,6 +5,7 @@ round, cancel cancels the batch, and a provider without batches says so."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -12,12 +13,14 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 from helpers import SimProcess
 
 from genx_ray import RetryPolicy, component, start, workflow
 from genx_ray.llm import AsyncOpenAI
-from genx_ray.model import RunCancelled, RunFailed, RunStatus
+from genx_ray.llm.sim import SimConfig
+from genx_ray.model import RunCancelled, RunFailed, RunStatus, UserError
 from genx_ray.service import RunHandle
 from genx_ray.store import keys, sync_redis
 
@@ -225,3 +228,67 @@ def test_the_onboarding_example_enriches_through_the_batch_api(sim: SimProcess) 
     stats = sim.stats()
     assert stats["batches_created"] == 1 and stats["batch_requests_served"] == 12
     assert stats["served"] == 3 + 1  # only the extractions and the write-up went online
+
+
+@component(retry=RetryPolicy(max_attempts=2))
+async def streamed(i: int) -> str:
+    stream = await AsyncOpenAI().chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": _sentence(i)}], stream=True
+    )
+    return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+
+@workflow(name="batch-streamed")
+async def batch_streamed(n: int) -> list[str]:
+    return [str(r) for r in await streamed.map(range(n), llm="batch")]
+
+
+@workflow(name="batch-misused")
+async def batch_misused(how: str) -> str:
+    try:
+        if how == "placed":
+            await summarize.with_resources(num_cpus=1).map(range(2), llm="batch")
+        else:
+            await summarize.map(range(2), llm=how)  # type: ignore[arg-type]
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "no error"
+
+
+def test_a_streamed_call_cannot_travel_in_a_batch_and_says_so(sim: SimProcess) -> None:
+    out = start(batch_streamed, {"n": 2}).result(30)
+    assert all("a streamed call cannot travel in a batch" in o for o in out), out
+    assert sim.stats()["served"] == 0 and sim.stats()["batches_created"] == 0
+
+
+def test_misuse_of_llm_batch_is_a_clear_error(sim: SimProcess) -> None:
+    assert start(batch_misused, {"how": "placed"}).result(30) == (
+        'UserError: summarize.map(llm="batch"): its items run on the run\'s own loop (they '
+        "mostly wait for the batch); a placed component or spread=True cannot map in batch mode"
+    )
+    assert start(batch_misused, {"how": "bulk"}).result(30) == (
+        "UserError: map llm must be 'online' or 'batch', not 'bulk'"
+    )
+    with pytest.raises(UserError, match=r'map\(llm="batch"\) works inside a workflow run'):
+        asyncio.run(summarize.map(range(2), llm="batch"))
+    assert sim.stats()["served"] == 0
+
+
+def test_requests_a_batch_never_ran_before_it_expired_are_retried_in_the_next_round(
+    sim: SimProcess,
+) -> None:
+    sim.configure(batch_delay_ms=2000, batch_expire_ms=300)  # the first batch expires unrun
+    h = start(batch_summaries, {"n": 10})
+    _wait_status(h, RunStatus.WAITING)
+    deadline = time.monotonic() + 20
+    while sim.batches()[0]["status"] != "expired":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    httpx.post(f"{sim.url}/sim/config", json={**SimConfig(latency_ms=5).model_dump(),
+                                              "batch_delay_ms": 300})  # fmt: skip
+    out = h.result(60)
+    assert out == [{"i": i, "answer": _sentence(i)} for i in range(10)]
+    second, first = sim.batches()
+    assert first["status"] == "expired" and second["status"] == "completed"
+    ran_before = first["request_counts"]["completed"]  # answered before it expired: kept
+    assert ran_before < 10 and second["request_counts"]["total"] == 10 - ran_before
