@@ -292,3 +292,12 @@ def test_requests_a_batch_never_ran_before_it_expired_are_retried_in_the_next_ro
     assert first["status"] == "expired" and second["status"] == "completed"
     ran_before = first["request_counts"]["completed"]  # answered before it expired: kept
     assert ran_before < 10 and second["request_counts"]["total"] == 10 - ran_before
+
+
+def test_a_batch_the_provider_refuses_fails_the_run_with_its_reasons(sim: SimProcess) -> None:
+    sim.configure(batch_max_requests=5)  # a provider with a smaller limit per file
+    h = start(batch_summaries, {"n": 8})
+    with pytest.raises(RunFailed, match=r"the provider failed batch batch_\w+: .*5") as failed:
+        h.result(30)
+    assert "UserError" in str(failed.value)
+    assert sim.stats()["batches_created"] == 1 and sim.stats()["served"] == 0
