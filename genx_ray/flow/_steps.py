@@ -333,7 +333,8 @@ async def _attempt(
 
 
 async def _with_timeout(spec: StepSpec, coro: Awaitable[Any]) -> Any:
-    if spec.timeout is None:
+    # A batch map's item waits for its round's batch (hours, maybe): no timeout of its own.
+    if spec.timeout is None or current_batch() is not None:
         return await coro
     async with asyncio.timeout(spec.timeout):
         return await coro

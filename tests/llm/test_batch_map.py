@@ -301,3 +301,20 @@ def test_a_batch_the_provider_refuses_fails_the_run_with_its_reasons(sim: SimPro
         h.result(30)
     assert "UserError" in str(failed.value)
     assert sim.stats()["batches_created"] == 1 and sim.stats()["served"] == 0
+
+
+@component(timeout=0.3)
+async def quick(i: int) -> str:
+    await asyncio.sleep(0.1 * i)  # the last item calls 0.4 s after the first waits
+    return await _ask(_sentence(i))
+
+
+@workflow(name="batch-quick")
+async def batch_quick(n: int) -> list[str]:
+    return [str(r) for r in await quick.map(range(n), llm="batch")]
+
+
+def test_a_component_timeout_does_not_cut_an_item_waiting_for_its_batch(sim: SimProcess) -> None:
+    sim.configure(batch_delay_ms=1000)  # the batch, and the round, last beyond the timeout
+    assert start(batch_quick, {"n": 5}).result(30) == [_sentence(i) for i in range(5)]
+    assert sim.stats()["batches_created"] == 1
