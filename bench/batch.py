@@ -6,7 +6,9 @@ median of 3, interleaved with plain asyncio + the openai SDK + a semaphore (one 
 simulator), beside the ideal (calls / cap x latency):
 
 1. 1000 calls x 100 ms, cap 64; 2. 640 calls x 1 s, cap 64; 3. 10,000 calls x 100 ms, cap 256,
-   with every process's peak memory at 1,000 and at 10,000 calls.
+   with every process's peak memory at 1,000 and at 10,000 calls; 4. 10,000 items with
+   ``map(llm="batch")`` (the provider's Batch API, the simulator's batch 3 s in progress) beside
+   the same map online: rounds, requests per file, wall time, CPU per item.
 
 For each: the map a user writes first (an unplaced ``@component``: a large map of it goes to the
 map actors when there is a Ray cluster, see genx_ray.flow._mapping), the same forced onto the
@@ -79,6 +81,13 @@ async def batch(n: int, model: str, path: str) -> int:
     return await _count(await ask.map(items, concurrency=cap, spread=spread))
 
 
+@workflow(name="bench-batch-api")
+async def batch_api(n: int, model: str) -> int:
+    """The default map's component, its calls through the provider's Batch API."""
+    items = [{"model": model, "i": i} for i in range(n)]
+    return await _count(await ask.map(items, llm="batch"))
+
+
 @component(remote=True)
 async def double(i: int) -> int:
     return 2 * i
@@ -115,7 +124,7 @@ def through_gateway(api: Client, name: str, body: dict[str, Any], n: int) -> flo
     for entry in api.events(run["id"]):
         last = entry
     elapsed = time.perf_counter() - t0
-    assert last is not None and last.type == "run.succeeded", last
+    assert last is not None and last.type == "run.succeeded", api.get(run["id"]).get("error")
     assert api.get(run["id"])["output"] == n
     return elapsed
 
@@ -168,6 +177,36 @@ def scenario(
     return out
 
 
+def batch_api_scenario(
+    api: Client, procs: dict[str, Any], sim: Any, sim_port: int, n: int, delay_ms: int
+) -> None:
+    """``map(llm="batch")`` of n items beside the same map online: rounds, requests per
+    file, wall time (the simulator's batch takes ``delay_ms``), CPU per item."""
+    sim_url = f"http://127.0.0.1:{sim_port}"
+    httpx.post(f"{sim_url}/sim/config", json={"latency_ms": 100, "batch_delay_ms": delay_ms})
+    print(f"  {n:,} items, the provider's Batch API (the simulator's batch: {delay_ms} ms in "
+          "progress) beside the same map online, cap 256:")  # fmt: skip
+    for name, body in (("bench-batch", {"n": n, "model": "gpt-4o", "path": "auto"}),
+                       ("bench-batch-api", {"n": n, "model": "gpt-4o"})):  # fmt: skip
+        httpx.post(f"{sim_url}/sim/reset")
+        roles = _roles(procs, sim)
+        before = {r: sum(map(cpu_seconds, p)) for r, p in roles.items()}
+        wall = through_gateway(api, name, body, n)
+        spent = {r: (sum(map(cpu_seconds, p)) - before[r]) / n * 1e3 for r, p in roles.items()}
+        cpu = ", ".join(f"{r} {v:.3f}" for r, v in spent.items() if v > 0.0005)
+        if name == "bench-batch":
+            print(f"    online (the default map)          {wall:6.2f} s   CPU ms/item: {cpu}")
+            continue
+        key = {"Authorization": "Bearer sim"}
+        batches = httpx.get(f"{sim_url}/v1/batches?limit=100", headers=key).json()["data"]
+        per_file = [b["request_counts"]["total"] for b in batches]
+        stats = httpx.get(f"{sim_url}/sim/stats").json()
+        print(f'    llm="batch"                       {wall:6.2f} s   CPU ms/item: {cpu}')
+        print(f"      rounds {len(batches)}, requests per file {per_file}, online calls "
+              f"{stats['served']}, batch requests {stats['batch_requests_served']}; wall "
+              f"beyond the batch's own {delay_ms} ms: {wall - delay_ms / 1e3:.2f} s")  # fmt: skip
+
+
 def peaks(procs: dict[str, Any]) -> dict[str, float]:
     return {
         "gateway": peak_mb(procs["gateway"].pid), "worker": peak_mb(procs["worker"].pid),
@@ -181,9 +220,11 @@ def main() -> None:
     sim_port = free_port()
     base_url = f"http://127.0.0.1:{sim_port}/v1"
     env = bench_env(redis_url, "bench.batch", OPENAI_BASE_URL=base_url, OPENAI_API_KEY="sim",
-                    GENX_LLM_LIMITS=json.dumps(LIMITS))  # fmt: skip
-    # GENX_BENCH_ONLY=100ms,1s,10k,items: a subset of the scenarios.
-    only = set(filter(None, os.environ.get("GENX_BENCH_ONLY", "100ms,1s,10k,items").split(",")))
+                    GENX_LLM_LIMITS=json.dumps(LIMITS), GENX_BATCH_POLL_MS="250",
+                    GENX_BATCH_POLL_MAX_MS="1000")  # fmt: skip
+    # GENX_BENCH_ONLY=100ms,1s,10k,items,batchapi: a subset of the scenarios.
+    only = set(filter(None, os.environ.get(
+        "GENX_BENCH_ONLY", "100ms,1s,10k,items,batchapi").split(",")))  # fmt: skip
     try:
         with simulator(env, sim_port) as sim, stack(env) as (base, procs):
             api = Client(base, timeout=120)
@@ -202,6 +243,9 @@ def main() -> None:
                 httpx.post(f"http://127.0.0.1:{sim_port}/sim/config",
                            json={"latency_ms": 1000})  # fmt: skip
                 scenario(api, base_url, procs, sim, 640, "gpt-4o-mini", 1.0)
+            if "batchapi" in only:
+                batch_api_scenario(api, procs, sim, sim_port, 10_000, 3000)
+                httpx.post(f"http://127.0.0.1:{sim_port}/sim/config", json={"latency_ms": 100})
             if "items" in only:
                 for n in (10_000, 100_000):
                     elapsed = through_gateway(api, "bench-batch-items", {"n": n}, n)

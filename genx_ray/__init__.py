@@ -23,6 +23,8 @@ Importing this package never imports Ray: the gateway depends on it and must sta
 
 __version__ = "0.2.0"  # the one place: pyproject.toml and the API read it from here
 
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+
 from genx_ray.flow import (
     ChildRun,
     Component,
@@ -55,15 +57,25 @@ from genx_ray.model import (
 )
 from genx_ray.service import RunHandle, run, start
 
+if _TYPE_CHECKING:
+    from genx_ray.flow import Batches as _Batches
+
 
 def _compose() -> None:
     """Wire the rooms together, once per process."""
     from genx_ray.compute import RayPlacement
-    from genx_ray.flow import use_placement
+    from genx_ray.flow import use_batches, use_placement
     from genx_ray.observe import install_log_masking
 
     use_placement(RayPlacement())  # placed work runs on Ray: the flow is given it
+    use_batches(_provider_batches)  # map(llm="batch") goes through the openai SDK (on first use)
     install_log_masking()  # every process that runs genx-ray masks secrets in its log records
+
+
+def _provider_batches() -> "_Batches":
+    from genx_ray.llm import ProviderBatches
+
+    return ProviderBatches()
 
 
 _compose()

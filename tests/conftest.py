@@ -44,6 +44,7 @@ ON_CLUSTER_TOO: dict[str, tuple[str, ...]] = {
     # The schedule, quota and idempotency scripts (a tenant's index, its quota keys, a key).
     "test_schedule_isolation": ("no_next_tick", "pay_their_quota", "overlap", "key_layout"),
     "test_waits": ("children_set",),  # a run's children set expires with it (its scripts)
+    "test_batch_map": ("300_item", "still_creating"),  # a batch round's record and its read
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 import time
 from typing import Any
 
@@ -55,3 +56,39 @@ async def execute(
         return await rt.execute(run_id, "test")
     finally:
         await rt.close()
+
+
+class SimProcess:
+    """``genx sim`` in a process of its own, reconfigured per test through /sim/config."""
+
+    def __init__(self) -> None:
+        from genx_ray.store import free_port
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "genx_ray.cli", "sim", "--port", str(self.port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        wait_up(f"{self.url}/sim/stats", self.proc)
+
+    def configure(self, **changes: Any) -> None:
+        from genx_ray.llm.sim import SimConfig
+
+        httpx.post(f"{self.url}/sim/reset").raise_for_status()
+        config = {**SimConfig(latency_ms=5).model_dump(), "batch_delay_ms": 300, **changes}
+        httpx.post(f"{self.url}/sim/config", json=config).raise_for_status()
+
+    def stats(self) -> dict[str, Any]:
+        result: dict[str, Any] = httpx.get(f"{self.url}/sim/stats").json()
+        return result
+
+    def batches(self) -> list[dict[str, Any]]:
+        """The simulator's batches, newest first."""
+        key = {"Authorization": "Bearer sim-key"}
+        page = httpx.get(f"{self.url}/v1/batches?limit=100", headers=key).json()
+        return list(page["data"])
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()

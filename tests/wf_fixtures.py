@@ -235,3 +235,21 @@ async def keyed(user: str, hold: float = 0.5, park: float = 0.0) -> int:
     finally:
         await r.aclose()
     return peak
+
+
+@component(retry=RetryPolicy(max_attempts=2, initial_interval=5.0))
+async def batch_summary(i: int) -> str:
+    """One LLM call through genx_ray.llm (a batch map's request)."""
+    from genx_ray.llm import AsyncOpenAI
+
+    response = await AsyncOpenAI().chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": f"Item {i} is number {i}."}]
+    )
+    return str(response.choices[0].message.content)
+
+
+@workflow(name="batch-enrich")
+async def batch_enrich(n: int) -> list[Any]:
+    """A map whose calls travel in provider batches (tests/chaos/test_batch_crash.py)."""
+    out = await batch_summary.map(range(n), llm="batch")
+    return [r if isinstance(r, str) else {"error": str(r)} for r in out]

@@ -179,6 +179,12 @@ function showMap(event) {
   if (d.failed) parts.push(`${d.failed} failed`);
   if (d.rate !== undefined) parts.push(`${Number(d.rate).toFixed(1)}/s`);
   if (d.eta !== null && d.eta !== undefined && d.done < d.total) parts.push(`ETA ${seconds(d.eta)}`);
+  if (d.batch) {  // map(llm="batch"): the round's provider batches
+    const counts = d.batch.request_counts ?? {};
+    parts.push(`batch round ${d.batch.round} ${d.batch.status}` +
+      (counts.total ? ` ${counts.completed ?? 0}/${counts.total}` : "") +
+      ` (${(d.batch.ids ?? []).join(", ")})`);
+  }
   bar.numbers.textContent = parts.join(" · ");
   bar.numbers.classList.toggle("bad", Boolean(d.failed));
 }

@@ -55,6 +55,7 @@ def follow(client: Client, run_id: str) -> str:
     err = Console(stderr=True)
     out = Console()
     bars: dict[str, Any] = {}
+    shown: dict[str, Any] = {}  # each map's batch, as last shown
     live = err.is_terminal  # off a terminal (a file, a pipe), a line per map, once it ended
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -66,6 +67,14 @@ def follow(client: Client, run_id: str) -> str:
             if e.type == "progress" and e.kind == "map" and isinstance(e.data, dict):
                 step = e.data.get("step", "map")
                 name = e.step.name if e.step else step
+                batch = e.data.get("batch")
+                if isinstance(batch, dict) and batch != shown.get(step):  # map(llm="batch")
+                    shown[step] = batch
+                    counts = batch.get("request_counts") or {}
+                    ids = ",".join(batch.get("ids") or [])
+                    done = f"{counts.get('completed', 0)}/{counts.get('total', 0)}"
+                    what = f"{name} batch round {batch.get('round')}"
+                    lines.line(what, f"{batch.get('status')} {done} {ids}")
                 if live:
                     if step not in bars:
                         bars[step] = progress.add_task(name, total=e.data["total"])

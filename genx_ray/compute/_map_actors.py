@@ -5,7 +5,8 @@ placed component's map goes to *map actors* instead: detached async actors, one 
 node (up to four), shared by every run, each running many items at once. The run host plans how
 many items each node may run at a time (its share of ``concurrency``, capped by what the node's
 resources allow for the component's ``resources``/``num_cpus``, only on nodes with its
-``node_labels``), then keeps that many in flight per node in small chunks. The map actors also
+``node_labels``), then keeps that many running per node, in small chunks, and as many more
+waiting at the actors' gates: a slot that frees takes the next item at once. The map actors also
 hold each node's resources as a shared budget (split evenly between them), so maps of different
 runs on the same node never exceed the node's capacity together. The run host journals every
 finished item, so a restarted run does not redo it.
@@ -379,7 +380,10 @@ async def map_on_cluster(
             for index in range(actors):  # the node's slots, shared out between its actors
                 slots = node_slots // actors + (1 if index < node_slots % actors else 0)
                 chunk = max(1, min(CHUNK_MAX, slots // 4))
-                for _ in range(math.ceil(slots / chunk) + 1):  # +1: the next chunk waits there
+                # Twice the lanes its slots take: a whole next wave of items waits at the
+                # actor's gate, so a slot that frees starts the next item at once, not after
+                # its chunk's round trip to the run host (the chunk boundary).
+                for _ in range(2 * math.ceil(slots / chunk)):
                     tg.create_task(lane(node_id, index, slots, resources, chunk))
     if pending:
         raise UserError(f"{spec.name}.map: every node that could run it was lost")

@@ -7,10 +7,20 @@ many items, durable waits (sleep, input, child runs). Placement on a Ray cluster
 flow asks the :class:`Placement` it is given (see :mod:`genx_ray.compute`).
 """
 
+from genx_ray.flow._batching import (
+    BatchCall,
+    Batches,
+    BatchRound,
+    batches,
+    cancel_batches,
+    key_hash,
+    use_batches,
+)
 from genx_ray.flow._children import ChildRun, outcome_entry
 from genx_ray.flow._component import Component, component
 from genx_ray.flow._context import (
     RunContext,
+    current_batch,
     current_run,
     current_scope,
     current_step,
@@ -28,6 +38,9 @@ from genx_ray.flow._workflow import Registry, Workflow, registry, workflow
 __all__ = [
     "CHILD_CHECK_SECONDS",
     "NO_RETRY",
+    "BatchCall",
+    "BatchRound",
+    "Batches",
     "ChildRun",
     "Component",
     "Parked",
@@ -38,15 +51,19 @@ __all__ = [
     "Settle",
     "StepSpec",
     "Workflow",
+    "batches",
     "cache_key",
     "call_direct",
+    "cancel_batches",
     "component",
+    "current_batch",
     "current_run",
     "current_scope",
     "current_step",
     "in_streaming_step",
     "item_error",
     "item_scope",
+    "key_hash",
     "outcome_entry",
     "placement",
     "publish",
@@ -54,6 +71,7 @@ __all__ = [
     "run_scope",
     "sleep",
     "sleep_until",
+    "use_batches",
     "use_placement",
     "wait_for_input",
     "workflow",

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from typing import Any, Generic, ParamSpec, TypeVar, overload
+from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
 
 from genx_ray.flow._context import current_run, current_scope
 from genx_ray.flow._mapping import map_component
@@ -185,6 +185,8 @@ class Component(Generic[P, R]):
         concurrency: int | None = None,
         fail_fast: bool = False,
         spread: bool | None = None,
+        llm: Literal["online", "batch"] = "online",
+        completion_window: str = "24h",
     ) -> list[R | StepError]:
         """Call the component on every item, at most ``concurrency`` at a time: by default the
         largest concurrency budget of ``GENX_LLM_LIMITS`` (the limiter still holds each model to
@@ -201,10 +203,20 @@ class Component(Generic[P, R]):
         ``concurrency`` spread over the nodes within what each node's resources allow
         (see :mod:`genx_ray.compute._map_actors`). Any other component maps on the run's own
         event loop.
+
+        ``llm="batch"`` (in a run) sends the items' LLM calls (through :mod:`genx_ray.llm`)
+        through the provider's Batch API, at its batch price, in rounds: every item runs until
+        it ends or makes a call; the round's calls go as one batch (``completion_window``), and
+        the run waits holding no host until the batch is done; then the items carry on with
+        their answers, a second call going in the next round. A failed request fails its call
+        (the component's retry policy retries the item in the next round). Each batch is
+        created once and each answer journaled, whatever restarts the run. See
+        :mod:`genx_ray.flow._batching`.
         """
         return await map_component(
-            self.spec, items, concurrency=concurrency, fail_fast=fail_fast, spread=spread
-        )
+            self.spec, items, concurrency=concurrency, fail_fast=fail_fast, spread=spread,
+            llm=llm, completion_window=completion_window,
+        )  # fmt: skip
 
 
 @overload

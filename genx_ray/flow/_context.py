@@ -13,13 +13,16 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import JsonValue
 
 from genx_ray.model import JournalEntry, NondeterminismError, ProgressEvent, StepRef, ids
 from genx_ray.observe import Observer, observer
 from genx_ray.store import AsyncRedis, RunWriter
+
+if TYPE_CHECKING:
+    from genx_ray.flow._batching import BatchRound
 
 
 @dataclass
@@ -90,6 +93,13 @@ _step: ContextVar[StepRef | None] = ContextVar("genx_step", default=None)
 # True inside a streaming component: what it yields is its output, so nothing under it (an LLM
 # stream it relays) emits the same chunks again.
 _streaming: ContextVar[bool] = ContextVar("genx_streaming", default=False)
+# The batch round of an llm="batch" map's item: its LLM calls are collected, not sent.
+_batch_round: ContextVar[BatchRound | None] = ContextVar("genx_batch_round", default=None)
+
+
+def current_batch() -> BatchRound | None:
+    """The batch round an LLM call belongs to (in a ``llm="batch"`` map's item), or None."""
+    return _batch_round.get()
 
 
 def current_run() -> RunContext | None:

@@ -22,6 +22,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any
 
+from genx_ray.flow._batching import map_batched
 from genx_ray.flow._context import RunContext, current_run, current_scope, step_scope
 from genx_ray.flow._placement import Settle, placement
 from genx_ray.flow._steps import StepSpec, call_direct, call_step, item_error
@@ -59,8 +60,12 @@ async def map_component(
     concurrency: int | None,
     fail_fast: bool,
     spread: bool | None = None,
+    llm: str = "online",
+    completion_window: str = "24h",
 ) -> list[Any]:
     """``Component.map``: see its docstring."""
+    if llm not in ("online", "batch"):
+        raise UserError(f"map llm must be 'online' or 'batch', not {llm!r}")
     if concurrency is None:
         concurrency = default_map_concurrency()
     if concurrency < 1:
@@ -70,12 +75,27 @@ async def map_component(
     ctx = current_run() if scope is not None else None  # a run, and a place in it
     map_name = f"{spec.name}.map"
     map_id = scope.next_step_id(map_name) if scope is not None else map_name
+    if llm == "batch" and ctx is None:
+        raise UserError(
+            'map(llm="batch") works inside a workflow run: its run waits for the provider\'s '
+            "batch holding no host (outside a run, map with llm='online')"
+        )
+    if llm == "batch" and (spec.placed or spread):
+        raise UserError(
+            f'{spec.name}.map(llm="batch"): its items run on the run\'s own loop (they mostly '
+            "wait for the batch); a placed component or spread=True cannot map in batch mode"
+        )
     if ctx is None:
         return await map_direct(
             spec, todo, map_id, concurrency=concurrency, fail_fast=fail_fast, spread=spread
         )
     with ctx.observer.map(spec.name, map_id, len(todo), concurrency) as observed:
         try:
+            if llm == "batch":
+                return await _map_step(
+                    spec, ctx, map_id, todo, concurrency, fail_fast, False, observed,
+                    completion_window,
+                )  # fmt: skip
             return await _map_step(
                 spec, ctx, map_id, todo, concurrency, fail_fast, spread, observed
             )
@@ -86,7 +106,7 @@ async def map_component(
 
 async def _map_step(
     spec: StepSpec, ctx: RunContext, map_id: str, todo: list[Any], concurrency: int,
-    fail_fast: bool, spread: bool | None, observed: Observation,
+    fail_fast: bool, spread: bool | None, observed: Observation, batch_window: str | None = None,
 ) -> list[Any]:  # fmt: skip
     """A map in a run: a step of its own, its items journaled (see :func:`map_component`)."""
     map_name = f"{spec.name}.map"
@@ -103,7 +123,14 @@ async def _map_step(
             raise value
 
     left = replay_items(spec, ctx, map_id, todo, settle)
-    on_cluster = spreads(spec, len(left), spread)
+    replayed = len(todo) - len(left)
+    if batch_window is not None:
+        with step_scope(ref):
+            await map_batched(
+                spec, ctx, map_id, todo, left, settle, tracker.show_batch, batch_window
+            )
+        left = []  # ran, in rounds
+    on_cluster = bool(left) and spreads(spec, len(left), spread)
     if on_cluster:
         try:
             await _first_error(
@@ -117,13 +144,13 @@ async def _map_step(
                 raise
             _stays_here(spec, exc)
             on_cluster = False
-    if not on_cluster:
+    if not on_cluster and left:
         with step_scope(ref):
             await map_in_run(spec, ctx, map_id, todo, left, concurrency=concurrency, settle=settle)
     tracker.publish(final=True)
     seconds = time.perf_counter() - started
     observed.ended(
-        failed=tracker.failed, replayed=len(todo) - len(left), seconds=seconds,
+        failed=tracker.failed, replayed=replayed, seconds=seconds,
         where="cluster" if on_cluster else "loop",
     )  # fmt: skip
     duration = round(seconds * 1e3, 3)
@@ -279,6 +306,11 @@ class MapTracker:
         self.ctx, self.ref, self.total = ctx, ref, total
         self.done = self.failed = 0
         self.started = self._last = time.monotonic()
+        self.batch: dict[str, Any] | None = None  # llm="batch": the round's batches
+
+    def show_batch(self, batch: dict[str, Any]) -> None:
+        self.batch = batch
+        self.publish()
 
     def add(self, *, ok: bool) -> None:
         self.done += 1
@@ -293,8 +325,9 @@ class MapTracker:
         eta = 0.0 if final else round((self.total - self.done) / rate, 2) if rate else None
         data = MapProgress(
             step=self.ref.id, done=self.done, failed=self.failed, total=self.total,
-            rate=round(rate, 2), eta=eta,
+            rate=round(rate, 2), eta=eta, batch=self.batch,
         )  # fmt: skip
+        shown = data.model_dump(exclude=None if self.batch else {"batch"})  # batch maps only
         self.ctx.writer.emit(
-            ProgressEvent(run_id=self.ctx.run_id, kind="map", data=data.model_dump(), step=self.ref)
+            ProgressEvent(run_id=self.ctx.run_id, kind="map", data=shown, step=self.ref)
         )

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
-from genx_ray.flow._context import RunContext, step_scope, streaming_step
+from genx_ray.flow._context import RunContext, current_batch, step_scope, streaming_step
 from genx_ray.flow._placement import placement
 from genx_ray.flow._retry import NO_RETRY, RetryPolicy
 from genx_ray.model import (
@@ -141,7 +141,8 @@ async def with_retries(
             delay = spec.retry.delay(n, exc)
             if on_retry is not None:
                 on_retry(n, exc, delay)
-            await asyncio.sleep(delay)
+            if current_batch() is None:  # in a batch map, the next round is the delay
+                await asyncio.sleep(delay)
             n += 1
 
 
@@ -222,6 +223,9 @@ async def _execute(
         )
 
     def retrying(n: int, exc: BaseException, delay: float) -> None:
+        rnd = current_batch()
+        if rnd is not None and not rnd.announces(ids.attempt_scope_id(step_id, n)):
+            return  # a batch map's item replaying a failure it told of when it was read
         observed.retried(n, exc, delay)
         ctx.writer.emit(
             StepRetryingEvent(
@@ -329,7 +333,8 @@ async def _attempt(
 
 
 async def _with_timeout(spec: StepSpec, coro: Awaitable[Any]) -> Any:
-    if spec.timeout is None:
+    # A batch map's item waits for its round's batch (hours, maybe): no timeout of its own.
+    if spec.timeout is None or current_batch() is not None:
         return await coro
     async with asyncio.timeout(spec.timeout):
         return await coro

@@ -54,7 +54,7 @@ class Parked(BaseException):
     body's ``except Exception`` lets it through)."""
 
     step: str
-    kind: str  # input | sleep | child
+    kind: str  # input | sleep | child | batch
     events: list[Any] = field(default_factory=list)
     fields: dict[str, str] = field(default_factory=dict)
     due: float | None = None  # when the timer service looks at it

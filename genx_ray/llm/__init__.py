@@ -17,12 +17,13 @@ from typing import Any
 
 import openai
 
+from genx_ray.llm._batches import ProviderBatches
 from genx_ray.llm._bridge import SyncBridge
 from genx_ray.llm._policy import Policy
 from genx_ray.llm._transport import GenxTransport
 from genx_ray.model import ConfigError, Settings
 
-__all__ = ["AsyncOpenAI", "OpenAI", "Policy"]
+__all__ = ["AsyncOpenAI", "OpenAI", "Policy", "ProviderBatches"]
 
 
 def _transport(

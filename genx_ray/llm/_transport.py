@@ -22,8 +22,9 @@ from typing import Any
 
 import httpx2 as httpx  # the HTTP client openai >= 3 is built on
 
-from genx_ray.flow import current_run, current_step, in_streaming_step
+from genx_ray.flow import current_batch, current_run, current_step, in_streaming_step
 from genx_ray.llm import _policy as breakers
+from genx_ray.llm._batches import batched
 from genx_ray.llm._limits import Limiter, Slot
 from genx_ray.llm._policy import Policy
 from genx_ray.llm._shared import Shared, shared_state
@@ -82,6 +83,8 @@ class GenxTransport(httpx.AsyncBaseTransport):
             body = None
         if not isinstance(body, dict) or "model" not in body:
             return await shared.inner.handle_async_request(request)
+        if current_batch() is not None:  # an item of a map(llm="batch"): into its batch
+            return await batched(request, body)
         await self._check_fallback(request)
         cache_key = None
         ttl = self.policy.cache_ttl

@@ -4,7 +4,8 @@ run's record (``usage`` in the run object) and reported in ``llm.usage`` events.
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from genx_ray.flow import current_run, current_step
@@ -12,8 +13,11 @@ from genx_ray.llm._limits import Booking
 from genx_ray.model import ProgressEvent
 from genx_ray.store import keys
 
-# Rough public prices (USD per million tokens: input, output) for the cost estimate.
+# Rough public prices (USD per million tokens: input, output) for the cost estimate, and the
+# share of them a call through the provider's Batch API pays (batch_discount: 0.5 is half).
 PRICES = {"gpt-4o": (2.5, 10.0), "gpt-4o-mini": (0.15, 0.6)}
+BATCH_DISCOUNT: dict[str, float] = {}  # model -> batch_discount; DEFAULT_BATCH_DISCOUNT else
+DEFAULT_BATCH_DISCOUNT = 0.5
 USAGE_FIELDS = ("calls", "prompt_tokens", "completion_tokens", "retries")
 MODEL_PREFIX = "usage_m:"  # run hash fields usage_m:<model>:<counter>
 REPORT_EVERY = 1.0  # seconds between a run's llm.usage events from one process
@@ -24,11 +28,36 @@ _totals: OrderedDict[str, tuple[dict[str, int], float]] = OrderedDict()
 _KEEP = 4096
 
 
-def cost_nanos(model: str, prompt: int, completion: int) -> int:
+def cost_nanos(model: str, prompt: int, completion: int, *, batch: bool = False) -> int:
     """The estimated cost in nano-USD: whole numbers (HINCRBY), fine enough that thousands of
-    small calls add up without drift. Prices are USD per 1M tokens, i.e. micro-USD per token."""
+    small calls add up without drift. Prices are USD per 1M tokens, i.e. micro-USD per token.
+    ``batch``: at the model's batch price (its ``batch_discount`` of the online one)."""
     price_in, price_out = PRICES.get(model, (0.0, 0.0))
-    return round((prompt * price_in + completion * price_out) * 1000)
+    share = BATCH_DISCOUNT.get(model, DEFAULT_BATCH_DISCOUNT) if batch else 1.0
+    return round((prompt * price_in + completion * price_out) * 1000 * share)
+
+
+def batch_usage(results: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+    """What answered batch requests cost their run, at the batch price: the run record's
+    counters to add (as :func:`account` books an online call's)."""
+    fields: Counter[str] = Counter()
+    for result in results:
+        body = result.get("body")
+        if result.get("status") != 200 or not isinstance(body, dict):
+            continue
+        usage = body.get("usage") or {}
+        model = str(body.get("model") or "")
+        prompt = int(usage.get("prompt_tokens") or 0)
+        completion = int(usage.get("completion_tokens") or 0)
+        cost = cost_nanos(model, prompt, completion, batch=True)
+        by_model = f"{MODEL_PREFIX}{model}:"
+        for name, value in (("calls", 1), ("prompt_tokens", prompt),
+                            ("completion_tokens", completion), ("cost_nanos", cost)):  # fmt: skip
+            fields[f"usage_{name}"] += value
+            fields[by_model + name] += value
+        fields[by_model + "batch_calls"] += 1
+        fields["usage_batch_calls"] += 1
+    return dict(fields)
 
 
 def account(model: str, prompt: int, completion: int, retries: int) -> Booking | None:

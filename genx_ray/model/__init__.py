@@ -14,6 +14,7 @@ from genx_ray.model import _redaction as redaction
 from genx_ray.model import _settings as settings_module
 from genx_ray.model._concurrency import Concurrency
 from genx_ray.model._errors import (
+    BatchUnsupported,
     ChildFailed,
     ConfigError,
     Conflict,
@@ -165,6 +166,7 @@ __all__ = [
     "TERMINAL_TYPES",
     "WHERE_IT_STOPPED",
     "BaseEvent",
+    "BatchUnsupported",
     "ChildFailed",
     "ChildFinishedEvent",
     "ChildStartedEvent",

@@ -56,6 +56,17 @@ class UserError(GenxError):
     code = "invalid_request"
 
 
+class BatchUnsupported(UserError):
+    """``map(llm="batch")`` against a provider without the Batch API (404/405 on its files or
+    batches): ``model`` names the model whose calls could not travel in a batch."""
+
+    code = "batch_unsupported"
+
+    def __init__(self, model: str, message: str) -> None:
+        super().__init__(message)
+        self.model = model
+
+
 class ConfigError(UserError):
     """A setting is missing or malformed: ``setting`` names it (an environment variable, or an
     argument such as ``fallback``). Raised when a process starts, never an hour into a run."""

@@ -59,6 +59,8 @@ class MapProgress(BaseModel):
     total: int
     rate: float  # items per second since the map started
     eta: float | None = None  # seconds left at that rate (0 once done; None before any item)
+    # llm="batch": the round, its provider batches (ids), their status and request_counts
+    batch: dict[str, Any] | None = None
 
 
 class BaseEvent(BaseModel):
@@ -106,7 +108,7 @@ class RunWaitingEvent(BaseEvent):
     """The run parked itself: no host holds it until it is resumed."""
 
     type: Literal["run.waiting"] = "run.waiting"
-    reason: Literal["input", "sleep", "child"]
+    reason: Literal["input", "sleep", "child", "batch"]
     until: float | None = None  # the deadline or wake-up time, unix seconds
     step: StepRef | None = None
 

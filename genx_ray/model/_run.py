@@ -40,7 +40,7 @@ MAX_RERUN_LINKS = 100  # the newest reruns a run lists (``reruns``)
 class Wait(BaseModel):
     """What a ``waiting`` run waits for."""
 
-    kind: str  # input | sleep | child
+    kind: str  # input | sleep | child | batch
     step: str
     input_id: str | None = None
     input_schema: dict[str, Any] | None = None
@@ -154,6 +154,8 @@ def _usage(h: dict[str, str]) -> dict[str, float] | None:
         for name in ("calls", "prompt_tokens", "completion_tokens", "retries")
     }
     usage["cost_usd"] = int(h.get("usage_cost_nanos", "0")) / 1e9
+    if "usage_batch_calls" in h:  # calls answered through the provider's Batch API
+        usage["batch_calls"] = int(h["usage_batch_calls"])
     return usage
 
 

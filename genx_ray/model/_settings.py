@@ -129,6 +129,10 @@ class Settings(BaseSettings):
     schedule_min_interval: int = _var("GENX_SCHEDULE_MIN_INTERVAL", 60)
     # Event streams (SSE or NDJSON) open at once per tenant, per gateway.
     max_streams_per_tenant: int = _var("GENX_MAX_STREAMS_PER_TENANT", 1000)
+    # A map with llm="batch" waits this long before it first looks at its batch, then twice as
+    # long each time, up to batch_poll_max_ms (milliseconds).
+    batch_poll_ms: int = _var("GENX_BATCH_POLL_MS", 5000)
+    batch_poll_max_ms: int = _var("GENX_BATCH_POLL_MAX_MS", 300_000)
 
     # -- parsing: each variable's own rules and messages ------------------------------------------
 
@@ -403,6 +407,8 @@ _PARSERS: dict[str, tuple[str, Parse]] = {
     "host_max_runs": ("GENX_HOST_MAX_RUNS", _positive),
     "schedule_min_interval": ("GENX_SCHEDULE_MIN_INTERVAL", _positive),
     "max_streams_per_tenant": ("GENX_MAX_STREAMS_PER_TENANT", _positive),
+    "batch_poll_ms": ("GENX_BATCH_POLL_MS", _positive),
+    "batch_poll_max_ms": ("GENX_BATCH_POLL_MAX_MS", _positive),
 }
 _VERBATIM = frozenset({"webhook_secret"})  # a secret is taken as given, spaces included
 

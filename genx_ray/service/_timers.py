@@ -6,6 +6,8 @@ that checks the run first). It looks at ``keys.TIMERS`` (run id -> due time):
 - a ``scheduled`` run whose time came is queued;
 - a run ``waiting`` in ``genx_ray.sleep`` wakes up (the sleep's end journaled, the run queued);
 - a run waiting for input past its deadline is resumed with ``InputTimeout`` journaled;
+- a run waiting on its ``map(llm="batch")``'s batches is resumed to look at them (it parks
+  again while they run); one cancelled meanwhile has its open batches cancelled;
 - a run waiting for a child run checks the child, in case it ended without telling its parent
   (failed by the supervisor, cancelled): its outcome is delivered, or the check is set again;
 
@@ -26,7 +28,7 @@ import time
 from datetime import UTC, datetime
 from typing import cast
 
-from genx_ray.flow import CHILD_CHECK_SECONDS
+from genx_ray.flow import CHILD_CHECK_SECONDS, cancel_batches
 from genx_ray.model import (
     TERMINAL,
     GenxError,
@@ -125,6 +127,10 @@ class Timers:
         status, kind, step = h.get("status"), h.get("wait_kind"), h.get("wait_step", "")
         if status == "scheduled":
             return "started" if await self.runs.start_scheduled(run_id) else "gone"
+        if status == "cancelled" and await self.redis.exists(keys.batches(run_id)):
+            # a run cancelled while its map(llm="batch") waited: its batches are cancelled too
+            await cancel_batches(self.redis, run_id)
+            return "gone"
         if status != "waiting":
             return "gone"
         attempt = int(h.get("attempt", "0"))
@@ -132,6 +138,10 @@ class Timers:
             entry = JournalEntry("sleep", "", value=float(h["wait_until"])).dumps()
             resumed = RunResumedEvent(run_id=run_id, attempt=attempt, reason="woke up")
             return "woke" if await self.runs.resume(run_id, step, entry, [resumed]) else "raced"
+        if kind == "batch" and float(h.get("wait_until") or 0) <= now:
+            # the map looks at its batches (and parks again while they run)
+            resumed = RunResumedEvent(run_id=run_id, attempt=attempt, reason="batch poll")
+            return "polled" if await self.runs.resume(run_id, step, "", [resumed]) else "raced"
         if kind == "input" and h.get("wait_deadline") and float(h["wait_deadline"]) <= now:
             error = {"type": "InputTimeout", "message": "no input by the deadline",
                      "deadline": float(h["wait_deadline"])}  # fmt: skip

@@ -101,6 +101,12 @@ def journal(run_id: str) -> str:
     return f"{PREFIX}:run:{{{run_id}}}:journal"
 
 
+def batches(run_id: str) -> str:
+    """Hash: a run's ``llm="batch"`` maps: each round's record (``round:<map step>``: the
+    provider batches it created) and each answered request (``r:<request key>``: the response)."""
+    return f"{PREFIX}:run:{{{run_id}}}:batches"
+
+
 def lease(run_id: str) -> str:
     """String with a TTL: the attempt whose host is alive. Gone = the host stopped heartbeating."""
     return f"{PREFIX}:run:{{{run_id}}}:lease"

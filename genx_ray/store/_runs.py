@@ -543,8 +543,8 @@ class RunStore:
         Returns the status after the call."""
         event = dump_event(RunCancelledEvent(run_id=run_id, reason=reason))
         args = [event, self.maxlen, repr(time.time()), self.retention_seconds]
-        before, workflow, tenant = await self.redis.hmget(
-            keys.run(run_id), "status", "workflow", "tenant"
+        before, workflow, tenant, wait_kind = await self.redis.hmget(
+            keys.run(run_id), "status", "workflow", "tenant", "wait_kind"
         )
         if before is not None and before not in TERMINAL:  # it may end now (or in its host,
             # which indexes it again): in the index before its status is written
@@ -555,6 +555,8 @@ class RunStore:
             raise self._error(exc, run_id, RunStatus.CANCELLED, None) from None
         if status is RunStatus.CANCELLED and before in _CANCELLABLE:  # it ends here, no host
             await self._ended(run_id, str(tenant or DEFAULT_TENANT))
+            if before == "waiting" and wait_kind == "batch":  # the timer service cancels its
+                await self.redis.zadd(keys.TIMERS, {run_id: time.time()})  # batches now
             observer().run_ended(str(workflow), "cancelled")
         if status is RunStatus.RUNNING:
             await self.redis.xadd(

@@ -814,3 +814,18 @@ if room > 0 then
 end
 return out
 """)
+
+
+# KEYS: a run's batches hash, its run hash.
+# ARGV: the round's field, its record (JSON), ttl seconds, n responses, then n (field, JSON)
+# pairs, then (run hash counter, amount) pairs.
+# A map(llm="batch") round read: its responses, their usage and its record together, or
+# nothing (an attempt that dies while reading leaves the round to read again).
+BATCH_READ = Script("""
+local n = tonumber(ARGV[4])
+for i = 5, 4 + 2 * n, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 5 + 2 * n, #ARGV, 2 do redis.call('HINCRBY', KEYS[2], ARGV[i], ARGV[i + 1]) end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return n
+""")

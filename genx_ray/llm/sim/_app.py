@@ -57,6 +57,7 @@ class SimConfig(BaseModel):
     )
     batch_max_requests: int = Field(default=50_000, ge=1, description="per input file")
     batch_max_bytes: int = Field(default=200 * 1024 * 1024, ge=1, description="per input file")
+    file_delay_ms: float = Field(default=0.0, ge=0, description="to serve a file's content")
 
 
 class SimStats(BaseModel):
@@ -68,6 +69,7 @@ class SimStats(BaseModel):
     by_model: dict[str, int] = Field(default_factory=dict)
     connections: int = Field(default=0, description="distinct client connections seen")
     files_uploaded: int = 0
+    files_read: int = Field(default=0, description="file contents served")
     batches_created: int = 0
     batch_requests_served: int = 0
     batch_requests_failed: int = Field(default=0, description="error-file lines")

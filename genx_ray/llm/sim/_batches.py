@@ -387,7 +387,11 @@ class Batches:
 
         @r.get("/files/{file_id}/content")
         async def file_content(file_id: str) -> Response:
-            return Response(self.file(file_id).data, media_type="application/octet-stream")
+            data = self.file(file_id).data
+            self.stats().files_read += 1
+            if self.conf().file_delay_ms:  # as a large file takes its time to come
+                await asyncio.sleep(self.conf().file_delay_ms / 1000)
+            return Response(data, media_type="application/octet-stream")
 
         @r.delete("/files/{file_id}")
         async def delete_file(file_id: str) -> dict[str, Any]:
