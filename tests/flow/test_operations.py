@@ -39,14 +39,26 @@ async def _finish(events: EventStore, run_id: str) -> None:
 
 
 class _Receiver(BaseHTTPRequestHandler):
-    replies: list[int] = []
+    """Records every delivery; answers 500 to the first delivery of each run in ``fail_first``
+    (the worker may also end runs other tests left queued in this session's Redis: their
+    notices arrive here too, and must not take the 500 meant for the run under test)."""
+
+    fail_first: set[str] = set()
     got: list[tuple[dict[str, str], bytes]] = []
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))
         type(self).got.append((dict(self.headers), body))
-        self.send_response(type(self).replies.pop(0) if type(self).replies else 200)
+        run_id = json.loads(body).get("id")
+        failing = run_id in type(self).fail_first
+        type(self).fail_first.discard(run_id)
+        self.send_response(500 if failing else 200)
         self.end_headers()
+
+    @classmethod
+    def of(cls, run_id: str) -> list[tuple[dict[str, str], bytes]]:
+        """The deliveries of one run."""
+        return [(h, b) for h, b in cls.got if json.loads(b).get("id") == run_id]
 
     def log_message(self, *args: Any) -> None:
         pass
@@ -58,20 +70,22 @@ async def test_webhook_is_signed_and_retried(
     port = free_port()
     server = HTTPServer(("127.0.0.1", port), _Receiver)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    _Receiver.replies, _Receiver.got = [500], []
+    _Receiver.got = []
     try:
         async with serving(redis_url, webhook_url=f"http://127.0.0.1:{port}/hook",
                            webhook_secret="s3cret") as w:  # fmt: skip
             w.webhooks.initial_delay = 0.05
-            run = await runs.create("echo", {"text": "hook"}, enqueue=True)
+            run = await runs.create("echo", {"text": "hook"}, enqueue=False)
+            _Receiver.fail_first = {run.id}
+            await runs.enqueue(run.id, 1, "echo")
             await _finish(events, run.id)
             deadline = time.monotonic() + 10
-            while len(_Receiver.got) < 2 and time.monotonic() < deadline:  # noqa: ASYNC110
+            while len(_Receiver.of(run.id)) < 2 and time.monotonic() < deadline:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
     finally:
         server.shutdown()
-    assert len(_Receiver.got) == 2  # a 500, then delivered
-    headers, body = _Receiver.got[-1]
+    assert len(_Receiver.of(run.id)) == 2  # a 500, then delivered
+    headers, body = _Receiver.of(run.id)[-1]
     assert headers["X-Genx-Signature"] == sign("s3cret", headers["X-Genx-Timestamp"], body)
     assert headers["X-Genx-Event"] == "run.succeeded"
     sent = json.loads(body)
@@ -85,7 +99,7 @@ async def test_a_malformed_outbox_entry_is_dropped_and_the_sender_goes_on(
     port = free_port()
     server = HTTPServer(("127.0.0.1", port), _Receiver)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    _Receiver.replies, _Receiver.got = [], []
+    _Receiver.fail_first, _Receiver.got = set(), []
     try:
         async with serving(redis_url, webhook_url=f"http://127.0.0.1:{port}/hook",
                            webhook_secret="s3cret") as w:  # fmt: skip
