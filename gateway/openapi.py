@@ -223,6 +223,11 @@ def _start_run(wf: Workflow[Any, Any], generic: Any, schemas: dict[str, Any]) ->
                                   "description": "start this many seconds from now"},
                 "priority": {"type": ["integer", "null"], "minimum": 1, "maximum": 5,
                              "description": "1 most urgent .. 5; default 3"},
+                "tags": {"type": ["object", "null"], "maxProperties": MAX_TAGS,
+                         "propertyNames": {"minLength": 1, "maxLength": MAX_TAG_KEY,
+                                           "pattern": "^[^:\\u0000-\\u001f\\u007f-\\u009f]+$"},
+                         "additionalProperties": {"type": "string", "maxLength": MAX_TAG_VALUE},
+                         "description": "key: value labels to find the run by (?tag=key:value)"},
             },
         }}},
     }  # fmt: skip

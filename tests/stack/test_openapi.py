@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+import wf_fixtures  # noqa: F401 - registers the test workflows the document types
 
 from gateway.app import create_app
 from genx_ray.flow import registry
@@ -40,7 +41,7 @@ async def test_the_document_types_each_workflow_and_every_answer(redis_url: str)
     assert "/v1/workflows/{name}/runs" not in paths  # a typed route per workflow instead
     start = paths["/v1/workflows/review/runs"]["post"]
     body = start["requestBody"]["content"]["application/json"]["schema"]
-    assert set(body["properties"]) == {"input", "start_at", "delay_seconds"}
+    assert set(body["properties"]) == {"input", "start_at", "delay_seconds", "priority", "tags"}
     assert body["properties"]["input"]["properties"]["n"]["type"] == "integer"
     created = start["responses"]["202"]["content"]["application/json"]["schema"]["$ref"]
     assert created == "#/components/schemas/ReviewRun"
