@@ -62,7 +62,8 @@ class Supervisor:
         )
         self._trimmed_at = 0.0
         self._old_queue_at = 0.0
-        self.concurrency = ConcurrencyKeys(client)
+        # Set by a worker: the keys whose waiting runs this supervisor lets go as places free.
+        self.concurrency: ConcurrencyKeys | None = None
         self.timers = Timers(self.runs, Quotas(client, settings.tenant_limits))
         self._failing: set[str] = set()  # duties whose failure was logged (one line per outage)
 
@@ -204,7 +205,8 @@ class Supervisor:
             now = time.monotonic()
             await self._duty("timers", self.timers.tick)
             await self._duty("worker sweep", self.sweep_workers)
-            await self._duty("concurrency keys", self.concurrency.release)
+            if self.concurrency is not None:  # a worker's (runs it takes may have keys)
+                await self._duty("concurrency keys", self.concurrency.release)
             if now >= self._old_queue_at + OLD_QUEUE_EVERY_SECONDS:
                 self._old_queue_at = now
                 await self._duty("old run queue", RunQueue(self.redis).move_old_queue)
