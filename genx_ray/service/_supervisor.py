@@ -50,6 +50,7 @@ log = logging.getLogger("genx_ray.supervisor")
 
 WORKER_BEAT_SECONDS = 0.5  # how often a worker writes its entry in the worker table
 TRIM_EVERY_SECONDS = 60.0
+OLD_QUEUE_EVERY_SECONDS = 5.0  # runs an older version queued on the stream, moved to the queue
 
 
 class Supervisor:
@@ -60,7 +61,9 @@ class Supervisor:
             client, maxlen=settings.stream_maxlen, retention_seconds=settings.retention_seconds
         )
         self._trimmed_at = 0.0
-        self.concurrency = ConcurrencyKeys(client)
+        self._old_queue_at = 0.0
+        # Set by a worker: the keys whose waiting runs this supervisor lets go as places free.
+        self.concurrency: ConcurrencyKeys | None = None
         self.timers = Timers(self.runs, Quotas(client, settings.tenant_limits))
         self._failing: set[str] = set()  # duties whose failure was logged (one line per outage)
 
@@ -202,7 +205,11 @@ class Supervisor:
             now = time.monotonic()
             await self._duty("timers", self.timers.tick)
             await self._duty("worker sweep", self.sweep_workers)
-            await self._duty("concurrency keys", self.concurrency.release)
+            if self.concurrency is not None:  # a worker's (runs it takes may have keys)
+                await self._duty("concurrency keys", self.concurrency.release)
+            if now >= self._old_queue_at + OLD_QUEUE_EVERY_SECONDS:
+                self._old_queue_at = now
+                await self._duty("old run queue", RunQueue(self.redis).move_old_queue)
             if now >= next_lease_sweep:
                 await self._duty("lease sweep", self.sweep)
                 next_lease_sweep = now + lease_every

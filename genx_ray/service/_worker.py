@@ -178,7 +178,6 @@ class Worker:
         await self.queue.set_weights(
             {t: lim.weight for t, lim in self.settings.tenant_limits.items() if lim.weight}
         )
-        await self.queue.move_old_queue()
         if self.host_mode == "ray":
             assert self.redis_url is not None
             self.run_hosts = RunHosts(

@@ -136,9 +136,10 @@ class RunQueue:
             await self.redis.hset(f"{keys.QUEUE}:weights", mapping=mapping)
 
     async def move_old_queue(self) -> int:
-        """Runs left in the queue of a version before priorities (a stream): queued here, at
-        their tenant's default priority (once; returns how many)."""
-        entries = await self.redis.xrange(keys.OLD_QUEUE, "-", "+")
+        """Runs in the queue of a version before priorities (a stream: what older gateways or
+        supervisors still queue during an upgrade), queued here at their run's priority;
+        returns how many. Supervisors call it every few seconds."""
+        entries = await self.redis.xrange(keys.OLD_QUEUE, "-", "+", count=1000)
         if not entries:
             return 0
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -150,7 +151,8 @@ class RunQueue:
                 await self.put(fields["run"], int(fields.get("attempt") or attempt), str(workflow),
                                tenant=str(tenant or DEFAULT_TENANT),
                                priority=int(priority or DEFAULT_PRIORITY))  # fmt: skip
-        await self.redis.delete(keys.OLD_QUEUE)
+        # Only what was read: an older gateway may still be adding to it.
+        await self.redis.xdel(keys.OLD_QUEUE, *(entry_id for entry_id, _ in entries))
         return len(entries)
 
     async def take(self, consumer: str, count: int) -> list[QueueEntry]:

@@ -369,6 +369,7 @@ class RunStore:
         run = await self.create(
             original.workflow, input, tenant=original.tenant, run_id=RunId(run_id), enqueue=True,
             extra=extra, tags=original.tags, journal=journal, also=[link], fresh=key is None,
+            priority=original.priority,  # a rerun waits as its original did
         )  # fmt: skip
         return run, replayed
 

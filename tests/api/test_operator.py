@@ -244,6 +244,9 @@ async def test_priority_is_checked_shown_and_inherited_by_child_runs(
     assert parent["status"] == "succeeded" and parent["priority"] == 1
     runs = (await api.get("/v1/runs", params={"tag": "team:urgent"})).json()["runs"]
     assert len(runs) == 3 and all(r["priority"] == 1 for r in runs)
+    rerun = await api.post(f"/v1/runs/{parent['id']}/rerun", json={})
+    assert rerun.status_code == 202, rerun.text
+    assert rerun.json()["priority"] == 1  # a rerun waits as its original did
 
 
 async def test_bulk_cancel_by_tag_cancels_exactly_the_tagged_runs_of_the_tenant(

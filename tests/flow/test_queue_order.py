@@ -125,3 +125,15 @@ async def test_a_worker_starts_urgent_runs_first(redis_url: str, runs: RunStore)
         await client.aclose()
     started = sorted(done, key=lambda r: r.started_at)  # type: ignore[arg-type,return-value]
     assert [r.id for r in started] == urgent + mid + low
+
+
+async def test_runs_an_older_version_queued_on_the_stream_are_moved_over(
+    redis: Any, runs: RunStore
+) -> None:
+    run = await runs.create("echo", {"text": "x"}, tenant="q-old", priority=2)
+    await redis.xadd(keys.OLD_QUEUE, {"run": run.id, "attempt": "1", "workflow": "echo"})
+    queue = RunQueue(redis)
+    assert await queue.move_old_queue() == 1
+    assert await queue.move_old_queue() == 0  # moved once
+    (entry,) = await queue.take("w", 10)
+    assert (entry.run_id, entry.attempt, entry.priority, entry.tenant) == (run.id, 1, 2, "q-old")

@@ -4,10 +4,12 @@ the runs a filter chooses (a dry run first, and never without a yes)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -118,3 +120,27 @@ def test_cancel_by_filter_says_how_many_and_needs_a_yes(stack: dict[str, str]) -
         assert httpx.get(f"{api}/v1/runs/{run_id}").json()["cancel_requested"] is True
     assert httpx.get(f"{api}/v1/runs/{other}").json()["cancel_requested"] is False
     assert genx(stack, "runs", "cancel", other).returncode == 0
+
+
+def test_genx_run_priority_and_the_queued_runs_with_theirs(stack: dict[str, str]) -> None:
+    """Three runs of a key with room for two: the third waits queued, its priority listed."""
+    user = f"cli-{os.getpid()}"
+    ids = []
+    for _ in range(3):
+        made = genx(stack, "run", "keyed", "--input", f'{{"user": "{user}", "hold": 4}}',
+                    "--priority", "1", "--detach")  # fmt: skip
+        assert made.returncode == 0, made.stderr[-2000:]
+        ids.append(json.loads(made.stdout)["id"])
+    assert json.loads(made.stdout)["priority"] == 1
+    deadline = time.monotonic() + 20
+    while True:
+        listed = genx(stack, "runs", "ls", "--status", "queued")
+        rows = [line.split("\t") for line in listed.stdout.splitlines()]
+        mine = [r for r in rows if r[0] in ids]
+        if len(mine) == 1 and mine[0][0] == ids[2]:  # the first two run
+            break
+        assert time.monotonic() < deadline, listed.stdout
+        time.sleep(0.2)
+    assert mine[0][2] == "queued" and mine[0][-1] == "1"  # the priority column
+    bad = genx(stack, "run", "keyed", "--input", '{"user": "x"}', "--priority", "7", "--detach")
+    assert bad.returncode != 0 and "priority" in bad.stderr
