@@ -108,9 +108,13 @@ async def napper(seconds: float = 3.0) -> str:
 
 
 @workflow(name="family")
-async def family(children: int = 2, n: int = 10, delay: float = 0.2) -> list[int]:
-    """Start ``children`` runs of ``phases`` at once, then wait for each."""
-    kids = [await phases.start_child(n=n, delay=delay) for _ in range(children)]
+async def family(
+    children: int = 2, n: int = 10, delay: float = 0.2, child_priority: int | None = None
+) -> list[int]:
+    """Start ``children`` runs of ``phases`` at once (at ``child_priority`` if given, else at
+    the parent's), then wait for each."""
+    kid = phases.with_priority(child_priority) if child_priority else phases
+    kids = [await kid.start_child(n=n, delay=delay) for _ in range(children)]
     publish("phase", {"i": 0})
     return [await kid.result() for kid in kids]
 

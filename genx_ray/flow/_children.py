@@ -104,7 +104,7 @@ async def start_child(workflow: Workflow[Any, R], raw_input: Any) -> ChildRun[R]
     await store.create(
         workflow.name, payload, tenant=ctx.tenant, run_id=child_id,  # type: ignore[arg-type]
         enqueue=not here, extra=extra, tags=ctx.tags,
-        priority=int(priority or DEFAULT_PRIORITY),  # its parent's
+        priority=workflow.child_priority or int(priority or DEFAULT_PRIORITY),  # or its parent's
     )  # fmt: skip
     await ctx.redis.sadd(keys.children(ctx.run_id), child_id)
     if here and ctx.start_here is not None:

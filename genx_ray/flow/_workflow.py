@@ -7,6 +7,7 @@ Its output is whatever the return annotation says. Both give the JSON schemas th
 
 from __future__ import annotations
 
+import copy
 import importlib
 import inspect
 from collections.abc import Awaitable, Callable, Iterable
@@ -20,6 +21,7 @@ from genx_ray.model import (
     InputInvalid,
     UserError,
     WorkflowNotFound,
+    check_priority,
     type_hints,
 )
 
@@ -46,6 +48,7 @@ class Workflow(Generic[P, R]):
             raise UserError(f"@workflow needs an async function; {fn.__qualname__} is not one")
         self.fn = fn
         self.concurrency = concurrency
+        self.child_priority: int | None = None  # None: a child run takes its parent's
         self.name = name or fn.__name__.replace("_", "-")
         if not self.name.replace("-", "").replace("_", "").replace(".", "").isalnum():
             raise UserError(f"workflow name {self.name!r}: use letters, digits, '-', '_', '.'")
@@ -111,6 +114,15 @@ class Workflow(Generic[P, R]):
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Awaitable[R]:
         """Call the body directly: as a sub-workflow inside a run its steps join the run."""
         return self.fn(*args, **kwargs)
+
+    def with_priority(self, priority: int) -> Workflow[P, R]:
+        """This workflow, whose child runs (:meth:`start_child`, :meth:`run_child`) wait in the
+        run queue at ``priority`` (1 most urgent .. 5) instead of their parent's:
+        ``await digest.with_priority(1).run_child(...)``. :class:`InputInvalid` for another
+        value."""
+        told = copy.copy(self)
+        told.child_priority = check_priority(priority)
+        return told
 
     def start_child(self, *args: Any, **kwargs: Any) -> Awaitable[ChildRun[R]]:
         """Inside a run: start this workflow as a child run of its own (own id and stream,

@@ -247,6 +247,17 @@ async def test_priority_is_checked_shown_and_inherited_by_child_runs(
     rerun = await api.post(f"/v1/runs/{parent['id']}/rerun", json={})
     assert rerun.status_code == 202, rerun.text
     assert rerun.json()["priority"] == 1  # a rerun waits as its original did
+    # Told otherwise (phases.with_priority(2)), the children wait at that priority instead.
+    told = (
+        await api.post(
+            "/v1/workflows/family/runs?wait=30",
+            json={"input": {"children": 2, "n": 1, "delay": 0, "child_priority": 2},
+                  "tags": {"team": "told"}, "priority": 4},
+        )
+    ).json()  # fmt: skip
+    assert told["status"] == "succeeded" and told["priority"] == 4
+    runs = (await api.get("/v1/runs", params={"tag": "team:told"})).json()["runs"]
+    assert sorted(r["priority"] for r in runs) == [2, 2, 4]
 
 
 async def test_bulk_cancel_by_tag_cancels_exactly_the_tagged_runs_of_the_tenant(

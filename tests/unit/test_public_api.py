@@ -6,7 +6,10 @@ import subprocess
 import sys
 import types
 
+import pytest
+
 import genx_ray
+from genx_ray.model import InputInvalid
 
 PINNED = [
     "Component", "GenxError", "NonRetryable", "RetryAfter", "RetryPolicy", "RunCancelled",
@@ -45,3 +48,16 @@ def test_every_public_name_is_documented() -> None:
 def test_importing_genx_ray_does_not_import_ray() -> None:
     code = "import sys, genx_ray, genx_ray.examples; assert 'ray' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+def test_a_child_priority_is_checked_and_leaves_the_workflow_as_it_was() -> None:
+    async def body(x: int) -> int:
+        return x
+
+    child = genx_ray.Workflow(body, name="unit-child-priority")  # not registered
+    urgent = child.with_priority(1)
+    assert urgent.child_priority == 1 and urgent.name == child.name
+    assert child.child_priority is None  # the registered workflow is not changed
+    for bad in (0, 6, 2.5, True):
+        with pytest.raises(InputInvalid, match="priority"):
+            child.with_priority(bad)  # type: ignore[arg-type]
