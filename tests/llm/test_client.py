@@ -413,18 +413,20 @@ def test_a_streaming_component_relaying_an_llm_stream_emits_each_chunk_once(sim:
 
 
 @component
-async def llm_burst(model: str, n: int) -> float:
+async def llm_burst(model: str, n: int, max_tokens: int | None = None) -> float:
     """``n`` calls at once; how long they took, in all."""
     client = AsyncOpenAI()
+    extra = {} if max_tokens is None else {"max_tokens": max_tokens}
     t0 = time.monotonic()
-    await asyncio.gather(*(client.chat.completions.create(model=model, messages=_msg(str(i)))
+    await asyncio.gather(*(client.chat.completions.create(model=model, messages=_msg(str(i)),
+                                                          **extra)
                            for i in range(n)))  # fmt: skip
     return time.monotonic() - t0
 
 
 @workflow(name="llm-burst")
-async def burst_wf(model: str, n: int) -> float:
-    return await llm_burst(model, n)
+async def burst_wf(model: str, n: int, max_tokens: int | None = None) -> float:
+    return await llm_burst(model, n, max_tokens)
 
 
 def test_a_tenant_at_its_llm_budget_slows_only_itself(
@@ -445,3 +447,20 @@ def test_a_tenant_at_its_llm_budget_slows_only_itself(
         keys.llm_budget("genx-tenant:tpmco").tokens, 0, -1
     )
     assert len(booked) == 2 and all(0 < int(m.rpartition(":")[2]) < 200 for m in booked)
+
+
+def test_a_tenant_at_its_tokens_per_minute_slows_only_itself(
+    sim: Sim, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each call is booked at ~100 tokens before it is sent (max_tokens): a budget of 150 a
+    minute lets one call at a time through for that tenant, and none of its neighbour's."""
+    model = _uniq("tenant-tpm")
+    sim.configure(latency_ms=400)
+    monkeypatch.setenv(
+        "GENX_TENANT_LIMITS", json.dumps({"tpm-slow": {"llm_tokens_per_minute": 150}})
+    )
+    burst = {"model": model, "n": 2, "max_tokens": 100}
+    slow = start(burst_wf, burst, tenant="tpm-slow")
+    free = start(burst_wf, burst, tenant="tpm-free")
+    assert free.result(30) < 0.75  # both at once
+    assert slow.result(30) >= 0.8  # one, then the other once the first's real use is booked
