@@ -116,9 +116,9 @@ def _sdk_provider(role: str, exporter: str) -> Any:
     if exporter == "console":
         provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
     else:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from genx_ray.observe._otlp import LeanOTLPSpanExporter
 
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        provider.add_span_processor(BatchSpanProcessor(LeanOTLPSpanExporter()))
     return provider
 
 
