@@ -17,7 +17,6 @@ from typing import Any
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExportResult
-from opentelemetry.trace import SpanContext
 
 log = logging.getLogger(__name__)
 
@@ -114,30 +113,37 @@ def _attributes(tag: int, attributes: Mapping[str, Any] | None) -> bytes:
     return b"".join(parts)
 
 
-def _flags(parent: SpanContext | None) -> bytes:
-    flags = _HAS_IS_REMOTE | (_IS_REMOTE if parent is not None and parent.is_remote else 0)
-    return b"\x85\x01" + _pack_fixed32(flags)
+_FLAGS_LOCAL = b"\x85\x01" + _pack_fixed32(_HAS_IS_REMOTE)
+_FLAGS_REMOTE = b"\x85\x01" + _pack_fixed32(_HAS_IS_REMOTE | _IS_REMOTE)
+_UNSET = b"\x7a\x00"  # a status with no code and no message: the field, empty
+_pack_times = struct.Struct("<BQBQ").pack
+_names: dict[tuple[str, int], bytes] = {}
 
 
 def _span(span: ReadableSpan) -> bytes:
     ctx = span.context
     assert ctx is not None  # an SDK span always has one
     parent = span.parent
-    parts = [
-        b"\x0a\x10" + ctx.trace_id.to_bytes(16, "big"),
-        b"\x12\x08" + ctx.span_id.to_bytes(8, "big"),
-    ]
+    parts = [b"\x0a\x10" + ctx.trace_id.to_bytes(16, "big") + b"\x12\x08"
+             + ctx.span_id.to_bytes(8, "big")]  # fmt: skip
     if ctx.trace_state:
         parts.append(_text(0x1A, ",".join(f"{k}={v}" for k, v in ctx.trace_state.items())))
     if parent is not None:
         parts.append(b"\x22\x08" + parent.span_id.to_bytes(8, "big"))
-    parts.append(_text(0x2A, span.name))
     kind = span.kind.value + 1  # the proto's SpanKind counts UNSPECIFIED first
-    parts.append(b"\x30" + bytes((kind,)))
-    if span.start_time:
-        parts.append(b"\x39" + _pack_fixed64(span.start_time))
-    if span.end_time:
-        parts.append(b"\x41" + _pack_fixed64(span.end_time))
+    named = _names.get((span.name, kind))
+    if named is None:
+        if len(_names) >= _CACHE_MAX:
+            _names.clear()
+        named = _names[(span.name, kind)] = _text(0x2A, span.name) + b"\x30" + bytes((kind,))
+    parts.append(named)
+    start, end = span.start_time, span.end_time
+    if start and end:
+        parts.append(_pack_times(0x39, start, 0x41, end))
+    elif start:
+        parts.append(b"\x39" + _pack_fixed64(start))
+    elif end:
+        parts.append(b"\x41" + _pack_fixed64(end))
     parts.append(_attributes(0x4A, span.attributes))
     parts.append(_count(0x50, span.dropped_attributes))
     for event in span.events:
@@ -161,11 +167,12 @@ def _span(span: ReadableSpan) -> bytes:
         parts.append(_field(0x6A, body))
     parts.append(_count(0x70, span.dropped_links))
     status = span.status
-    parts.append(
-        b"\x7a"
-        + _varint_field(_text(0x12, status.description) + _count(0x18, status.status_code.value))
-    )
-    parts.append(_flags(parent))
+    code = status.status_code.value
+    if code or status.description:
+        parts.append(b"\x7a" + _varint_field(_text(0x12, status.description) + _count(0x18, code)))
+    else:
+        parts.append(_UNSET)
+    parts.append(_FLAGS_REMOTE if parent is not None and parent.is_remote else _FLAGS_LOCAL)
     return b"".join(parts)
 
 
@@ -177,12 +184,19 @@ def _varint_field(payload: bytes) -> bytes:
 def encode_spans(spans: Sequence[ReadableSpan]) -> bytes:
     """The ``ExportTraceServiceRequest`` of ``spans``, serialized: grouped by resource, then by
     instrumentation scope, as the SDK's encoder groups them."""
-    grouped: dict[Any, dict[Any, list[bytes]]] = {}
+    # By the resource object, not its value: hashing a Resource dumps its attributes to JSON
+    # (the spans of one provider share one object).
+    resources: dict[int, Any] = {}
+    grouped: dict[int, dict[Any, list[bytes]]] = {}
     for span in spans:
-        by_scope = grouped.setdefault(span.resource, {})
+        key = id(span.resource)
+        if key not in grouped:
+            resources[key], grouped[key] = span.resource, {}
+        by_scope = grouped[key]
         by_scope.setdefault(span.instrumentation_scope or None, []).append(_span(span))
     out = []
-    for resource, by_scope in grouped.items():
+    for key, by_scope in grouped.items():
+        resource = resources[key]
         body = _field(0x0A, _attributes(0x0A, resource.attributes))
         for scope, encoded in by_scope.items():
             if scope is None:
