@@ -2,7 +2,11 @@
 through the whole stack with tracing off, then with every process exporting its spans over
 OTLP/HTTP to a local collector (the default sampler: every span). Each stack's figure is taken
 against plain asyncio in the same stretch of time (median of 5, interleaved), so drift between
-the two stretches cancels out; the cost is the ratio of the two ratios.
+the two stretches cancels out; the cost is the ratio of the two ratios. Besides, the CPU the
+stack's processes spent per map (the gateway, the worker and every process under it: run hosts,
+map actors, Ray's own), off and on: on this 2-core machine shared with other work, wall times
+move by +-10% with the load, CPU seconds much less, so the CPU figure shows what tracing costs
+even when the wall-time one drowns in noise.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from bench.batch import LIMITS, plain, through_gateway
-from bench.stack import bench_env, simulator, stack
+from bench.stack import bench_env, cpu_seconds, simulator, stack
 from genx_ray.client import Client
 from genx_ray.store import free_port, resolve_redis_url
 
@@ -54,19 +58,43 @@ def collector() -> Iterator[str]:
         server.shutdown()
 
 
-def stretch(env: dict[str, str], base_url: str) -> tuple[float, float]:
-    """Median wall time of the map through the stack, and of plain asyncio meanwhile."""
+def _tree(roots: list[int]) -> list[int]:
+    """``roots`` and every process under them (Ray's processes are the worker's children)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], list(roots)
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo += children.get(pid, [])
+    return found
+
+
+def stretch(env: dict[str, str], base_url: str) -> tuple[float, float, float]:
+    """Median wall time of the map through the stack, of plain asyncio meanwhile, and the
+    median CPU seconds the stack's processes spent on one map."""
     ours: list[float] = []
     baseline: list[float] = []
-    with stack(env) as (base, _):
+    cpu: list[float] = []
+    with stack(env) as (base, procs):
         api = Client(base, timeout=120)
         through_gateway(api, "bench-batch", {"n": 64, "model": "gpt-4o-mini", "path": "auto"}, 64)
         for _ in range(ROUNDS):
             baseline.append(asyncio.run(plain(base_url, CALLS, "gpt-4o-mini")))
             body = {"n": CALLS, "model": "gpt-4o-mini", "path": "auto"}
+            pids = _tree([p.pid for p in procs.values()])
+            before = sum(map(cpu_seconds, pids))
             ours.append(through_gateway(api, "bench-batch", body, CALLS))
+            cpu.append(sum(map(cpu_seconds, pids)) - before)
         api.close()
-    return statistics.median(ours), statistics.median(baseline)
+    return statistics.median(ours), statistics.median(baseline), statistics.median(cpu)
 
 
 def main() -> None:
@@ -78,10 +106,10 @@ def main() -> None:
     for name in [k for k in env if k.startswith("OTEL_")]:
         del env[name]
     with simulator(env, sim_port):
-        off, plain_off = stretch(env, base_url)
+        off, plain_off, cpu_off = stretch(env, base_url)
         with collector() as endpoint:
             traced = {**env, "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint}
-            on, plain_on = stretch(traced, base_url)
+            on, plain_on, cpu_on = stretch(traced, base_url)
     os.environ.pop("OPENAI_BASE_URL", None)
     cost = (on / plain_on) / (off / plain_off) - 1
     print(f"  {CALLS} calls x 100 ms, cap 64, the default map, median of {ROUNDS}:")
@@ -90,6 +118,9 @@ def main() -> None:
     print(f"    tracing on    {on:6.2f} s   (plain asyncio meanwhile {plain_on:5.2f} s)"
           f"  x{on / plain_on:.3f} plain   {_Collector.exports} exports,"
           f" {_Collector.received / 1e6:.1f} MB of spans")  # fmt: skip
+    print(f"    CPU of the stack's processes per map: off {cpu_off:.2f} s, on {cpu_on:.2f} s"
+          f" ({(cpu_on / cpu_off - 1) * 100:+.1f}%, {(cpu_on - cpu_off) / CALLS * 1e6:.0f} us"
+          " per call)")  # fmt: skip
     print(f"    cost of tracing: {cost * 100:+.1f}% (goal <= 3%)")
 
 
