@@ -110,14 +110,17 @@ class _Html(HTMLParser):
             self.text.append(data.strip())
 
 
-_clients: dict[int, object] = {}
+_clients: dict[tuple[int, str | None, int], object] = {}
 
 
 def llm() -> object:
-    """One LLM client per event loop: a client holds connection pools bound to its loop."""
+    """One LLM client per event loop (a client holds connection pools bound to its loop) and per
+    provider: the SDK reads ``OPENAI_BASE_URL`` and ``OPENAI_API_KEY`` when a client is made, so
+    a process that points them elsewhere (a notebook, a test) gets a client for the new one."""
     from genx_ray.llm import AsyncOpenAI
 
-    key = id(asyncio.get_running_loop())
+    provider = os.environ.get("OPENAI_BASE_URL"), hash(os.environ.get("OPENAI_API_KEY"))
+    key = (id(asyncio.get_running_loop()), *provider)
     if key not in _clients:
         _clients[key] = AsyncOpenAI()
     return _clients[key]
