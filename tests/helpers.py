@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
 
-from genx_ray.service import RunHandle
+from genx_ray.flow import registry
+from genx_ray.model import Settings
+from genx_ray.service import RunHandle, Worker
+from genx_ray.store import async_redis
 
 
 def wait_up(url: str, proc: subprocess.Popen[Any], timeout: float = 60) -> None:
@@ -92,3 +98,19 @@ class SimProcess:
     def stop(self) -> None:
         self.proc.kill()
         self.proc.wait()
+
+
+@asynccontextmanager
+async def serving(redis_url: str, **settings: Any) -> AsyncIterator[Worker]:
+    """A worker in this process (the registered test workflows, ``settings`` as given) while
+    the block runs; stopped and its Redis client closed after."""
+    client = async_redis(redis_url)
+    w = Worker(client, registry=registry, settings=Settings(**settings), drain_timeout=1,
+               redis_url=redis_url, name=f"w-{time.monotonic_ns()}")  # fmt: skip
+    task = asyncio.create_task(w.serve())
+    try:
+        yield w
+    finally:
+        w.stop()
+        await task
+        await client.aclose()

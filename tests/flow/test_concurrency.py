@@ -6,30 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import wf_fixtures  # noqa: F401 - registers the test workflows
+from helpers import serving
 
-from genx_ray.flow import registry
-from genx_ray.model import RunStatus, Settings
-from genx_ray.service import Worker
-from genx_ray.store import ConcurrencyKeys, EventStore, RunStore, async_redis
-
-
-@asynccontextmanager
-async def serving(redis_url: str) -> AsyncIterator[Worker]:
-    client = async_redis(redis_url)
-    w = Worker(client, registry=registry, settings=Settings(), drain_timeout=1,
-               redis_url=redis_url, name=f"w-{time.monotonic_ns()}")  # fmt: skip
-    task = asyncio.create_task(w.serve())
-    try:
-        yield w
-    finally:
-        w.stop()
-        await task
-        await client.aclose()
+from genx_ray.model import RunStatus
+from genx_ray.store import ConcurrencyKeys, EventStore, RunStore
 
 
 async def _done(runs: RunStore, ids: list[str], within: float = 30) -> list[Any]:

@@ -6,31 +6,16 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
 import wf_fixtures  # noqa: F401 - registers the test workflows
+from helpers import serving
 
-from genx_ray.flow import registry
-from genx_ray.model import RunStatus, Settings
-from genx_ray.service import Worker, sign
-from genx_ray.store import EventStore, RunQueue, RunStore, async_redis, free_port, keys
-
-
-@asynccontextmanager
-async def serving(redis_url: str, **settings: Any) -> AsyncIterator[Worker]:
-    client = async_redis(redis_url)
-    w = Worker(client, registry=registry, settings=Settings(**settings), drain_timeout=1,
-               redis_url=redis_url, name=f"w-{time.monotonic_ns()}")  # fmt: skip
-    task = asyncio.create_task(w.serve())
-    try:
-        yield w
-    finally:
-        w.stop()
-        await task
-        await client.aclose()
+from genx_ray.model import RunStatus
+from genx_ray.service import sign
+from genx_ray.store import EventStore, RunQueue, RunStore, free_port, keys
 
 
 async def _finish(events: EventStore, run_id: str) -> None:
