@@ -21,7 +21,7 @@ from datetime import datetime
 from typing import Any, TypeVar, cast
 
 from pydantic import BaseModel
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from genx_ray.engine import Executor
 from genx_ray.flow import Registry, Workflow, registry
@@ -51,6 +51,8 @@ from genx_ray.store import (
 )
 
 T = TypeVar("T")
+# A Redis out of reach, single or cluster (the cluster's own error is no RedisError).
+_UNREACHABLE = (RedisError, RedisClusterException, OSError)
 RUNNER_TTL = 15.0  # a script's process silent this long is gone (its resumed runs fail)
 
 
@@ -157,10 +159,10 @@ class _LocalRunner:
     def _alive(self) -> None:
         client = sync_redis(self.redis_url)
         while not self._closed.is_set():
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(*_UNREACHABLE):
                 client.set(keys.runner(self.id), "1", px=int(RUNNER_TTL * 1000))
             self._closed.wait(RUNNER_TTL / 3)
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(*_UNREACHABLE):  # closed: its Redis may be gone already
             client.delete(keys.runner(self.id))
         client.close()
 
@@ -197,7 +199,7 @@ class _LocalRunner:
         while True:
             try:
                 resp = await client.xread({self.queue: last}, count=100, block=1000)
-            except (RedisError, OSError):
+            except _UNREACHABLE:
                 await asyncio.sleep(1)
                 continue
             for _, entries in resp or ():

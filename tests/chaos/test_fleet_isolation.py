@@ -23,7 +23,7 @@ from genx_ray.store import EventStore, RunStore, ScheduleStore, keys
 
 from .conftest import WorkerFactory
 
-pytestmark = [pytest.mark.chaos, pytest.mark.timeout(300)]
+pytestmark = pytest.mark.timeout(300)
 
 
 async def _until(predicate: Any, within: float, every: float = 0.1) -> None:
