@@ -23,7 +23,7 @@ import time
 from typing import Any, cast
 
 from genx_ray.store import _keys as keys
-from genx_ray.store import _scripts as lua
+from genx_ray.store import _queue_scripts as queue_lua
 from genx_ray.store._queue import QueueEntry, RunQueue
 
 # Hash: key tag -> limit, for every key with waiting runs (the supervisors' work list).
@@ -50,7 +50,7 @@ class ConcurrencyKeys:
         await self.recount(key)
         queued = entry.queued_us if entry.queued_us is not None else time.time_ns() // 1000
         args = [f"{run_id}:{attempt}", limit, int(time.time() * 1000), entry.id, queued]
-        if await lua.CONC_ADMIT(self.redis, [f"{key}:holders", f"{key}:waiting"], args):
+        if await queue_lua.CONC_ADMIT(self.redis, [f"{key}:holders", f"{key}:waiting"], args):
             return True
         await self.redis.hset(WAITING_KEYS, key, limit)
         return False
@@ -88,7 +88,7 @@ class ConcurrencyKeys:
         for key, limit in (await self.redis.hgetall(WAITING_KEYS)).items():
             await self.recount(str(key))
             sets = [f"{key}:holders", f"{key}:waiting"]
-            got = cast(list[Any], await lua.CONC_ROOM(self.redis, sets, [int(limit)]))
+            got = cast(list[Any], await queue_lua.CONC_ROOM(self.redis, sets, [int(limit)]))
             waiting, heads = int(got[0]), got[1:]
             entries = [(str(heads[i]), float(heads[i + 1])) for i in range(0, len(heads), 2)]
             for entry, queued_us in entries:

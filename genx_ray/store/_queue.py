@@ -34,7 +34,7 @@ from typing import Any, cast
 
 from genx_ray.model import DEFAULT_PRIORITY, DEFAULT_TENANT
 from genx_ray.store import _keys as keys
-from genx_ray.store import _scripts as lua
+from genx_ray.store import _queue_scripts as queue_lua
 
 PRIORITIES = range(1, 6)  # 1 most urgent
 
@@ -169,7 +169,7 @@ class RunQueue:
             if stale:
                 return stale  # there may be more: look again next time
             self._stale_at = now
-        got = cast(list[Any], await lua.QUEUE_TAKE(self.redis, [keys.QUEUE],
+        got = cast(list[Any], await queue_lua.QUEUE_TAKE(self.redis, [keys.QUEUE],
                                          [consumer, count, int(time.time() * 1000)]))  # fmt: skip
         return [QueueEntry.of(str(got[i]), int(float(got[i + 1]))) for i in range(0, len(got), 4)]
 
@@ -189,7 +189,7 @@ class RunQueue:
         taken: list[QueueEntry] = []
         for name in dead:
             args = [consumer, int(now * 1000), count - len(taken), f"@{name}"]
-            got = await lua.QUEUE_TAKE_OVER(self.redis, [keys.QUEUE], args)
+            got = await queue_lua.QUEUE_TAKE_OVER(self.redis, [keys.QUEUE], args)
             taken += [QueueEntry.of(str(e)) for e in got]
             if len(taken) >= count:
                 break
@@ -200,13 +200,13 @@ class RunQueue:
         old = await self.redis.zrangebyscore(f"{keys.QUEUE}:taken", "-inf", cutoff, 0, count)
         if not old:
             return []
-        got = await lua.QUEUE_TAKE_OVER(self.redis, [keys.QUEUE],
+        got = await queue_lua.QUEUE_TAKE_OVER(self.redis, [keys.QUEUE],
                               [consumer, int(time.time() * 1000), count, *old])  # fmt: skip
         return [QueueEntry.of(str(e)) for e in got]
 
     async def peek(self, count: int) -> list[QueueEntry]:
         """About the next ``count`` entries to be taken, left in place."""
-        got = await lua.QUEUE_PEEK(self.redis, [keys.QUEUE], [count])
+        got = await queue_lua.QUEUE_PEEK(self.redis, [keys.QUEUE], [count])
         return [QueueEntry.of(str(e)) for e in got]
 
     async def holding(self, workers: list[str]) -> set[str]:
@@ -221,7 +221,7 @@ class RunQueue:
 
     async def ack(self, *entry_ids: str) -> None:
         if entry_ids:
-            await lua.QUEUE_ACK(self.redis, [keys.QUEUE], list(entry_ids))
+            await queue_lua.QUEUE_ACK(self.redis, [keys.QUEUE], list(entry_ids))
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,7 +234,7 @@ class QueueDepth:
 
 async def queue_depths(redis: Any) -> list[QueueDepth]:
     """What waits, by priority and tenant (one round trip)."""
-    got = cast(list[Any], await lua.QUEUE_STATE(redis, [keys.QUEUE], []))
+    got = cast(list[Any], await queue_lua.QUEUE_STATE(redis, [keys.QUEUE], []))
     now = time.time()
     return [
         QueueDepth(
